@@ -1,0 +1,3 @@
+from qroar_gguf.cli import main
+
+main()

@@ -1,0 +1,127 @@
+"""Command line: parses options and delegates. `qroar-gguf MODEL -o OUT` means `convert`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from qroar_gguf import __version__
+from qroar_gguf.errors import QroarError
+
+QTYPES = ["Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
+METHODS = ["none", "linear", "ntk", "yarn", "llama3", "qroar"]
+DEFAULT_METHOD = "linear"
+
+
+class DefaultToConvert(click.Group):
+    """A group whose first argument, when it is not a subcommand, is the model to convert."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["convert", *args]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except QroarError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+@click.group(cls=DefaultToConvert, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qroar-gguf")
+def main() -> None:
+    """Turn a Hugging Face Llama-family checkpoint into a quantized GGUF that stock llama.cpp,
+    Ollama and llama-cpp-python run beyond its trained context: per-pair RoPE factors are written
+    as the tensor rope_freqs.weight, so no runtime flags are needed.
+
+    \b
+    qroar-gguf model.safetensors -o model.Q4_K_M.gguf --ctx 32768
+    qroar-gguf inspect model.Q4_K_M.gguf
+    qroar-gguf demo
+    """
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="GGUF file to write (appears only when complete).")
+@click.option("--ctx", "target_ctx", type=click.IntRange(min=1), default=None,
+              help="Target context length in tokens. Default: 4x the trained context (1x for --method none).")
+@click.option("--scale", type=click.FloatRange(min=1.0), default=None,
+              help="Target context as a multiple of the trained one (instead of --ctx).")
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
+              help="RoPE plan: none, linear (position interpolation), ntk, yarn, llama3, or qroar "
+                   "(outlier-protecting factors measured from W_Q/W_K).")
+@click.option("--qtype", type=click.Choice(QTYPES, case_sensitive=False), default="Q4_K_M", show_default=True,
+              help="Quantization, done by llama.cpp's own quantizer.")
+@click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
+              help="Threads for quantization.")
+@click.option("--keep-f16", type=click.Path(path_type=Path), default=None,
+              help="Also keep the unquantized intermediate GGUF at this path.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
+def convert(model: Path, output: Path, target_ctx: int | None, scale: float | None, method: str, qtype: str,
+            threads: int, keep_f16: Path | None, force: bool, quiet: bool) -> None:
+    """Convert MODEL (a .safetensors file with config.json and tokenizer beside it, a
+    model.safetensors.index.json, or the checkpoint directory) to a GGUF file."""
+    from qroar_gguf.convert import ConvertOptions, convert as run_convert
+
+    options = ConvertOptions(method=method, target_ctx=target_ctx, scale=scale, qtype=qtype.upper(),
+                             threads=threads, keep_f16=keep_f16, force=force, progress=_show_progress(quiet))
+    result = run_convert(model, output, options)
+    if not quiet:
+        f = result.factors
+        click.echo(f"wrote {result.output} ({result.qtype}, {result.output.stat().st_size / 2**20:.1f} MiB) "
+                   f"in {result.seconds:.1f} s")
+        click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, "
+                   f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs, "
+                   f"attention scale {result.plan.attn_scale:.4g}")
+        if result.intermediate is not None:
+            click.echo(f"kept unquantized {result.intermediate}")
+
+
+@main.command()
+@click.argument("gguf_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(gguf_file: Path, as_json: bool) -> None:
+    """Show a GGUF file's context, rope_freqs factors and qroar provenance."""
+    from qroar_gguf.gguf_io.provenance import read_summary
+
+    summary = read_summary(gguf_file)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{summary['file']}: {summary['architecture']} '{summary['name']}', {summary['file_type']}, "
+               f"{summary['n_tensors']} tensors {summary['tensor_types']}")
+    click.echo(f"context length {summary['context_length']}, rope base {summary['rope_freq_base']}, "
+               f"{summary['rope_dimension_count']} rotary dims")
+    factors = summary["rope_freqs"]
+    if factors is None:
+        click.echo("no rope_freqs.weight: positions are not rescaled by the file")
+    else:
+        click.echo(f"rope_freqs.weight ({summary['rope_freqs_type']}, {len(factors)} pairs): "
+                   + " ".join(f"{v:.3g}" for v in factors))
+    prov = summary["qroar"]
+    if prov is None:
+        click.echo("not made by qroar-gguf (no qroar.* keys)")
+        return
+    click.echo(f"made by qroar-gguf {prov.get('version')}: method {prov.get('method')} "
+               f"{json.dumps(prov.get('params'))}, context {prov.get('trained_context')} -> "
+               f"{prov.get('target_context')}, attention scale folded {prov.get('attention_scale_folded'):.4g}, "
+               f"source {prov.get('source')}")
+
+
+if __name__ == "__main__":
+    main()

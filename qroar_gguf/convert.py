@@ -1,0 +1,225 @@
+"""HF checkpoint -> unquantized GGUF with rope_freqs -> llama.cpp quantizer -> final file.
+
+Each step fails with one QroarError line before or while writing; the final file appears only when
+complete (written under a hidden temporary name, then renamed), and temporaries are removed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from qroar_gguf import __version__
+from qroar_gguf.arch import llama
+from qroar_gguf.arch.vocab import read_vocab, write_vocab
+from qroar_gguf.errors import QroarError
+from qroar_gguf.gguf_io import provenance
+from qroar_gguf.gguf_io.quantize import FTYPES, UNQUANTIZED, quantize_gguf
+from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
+from qroar_gguf.rope.plans import RopeFacts, RopePlan, make_plan, source_factors
+from qroar_gguf.source.checkpoint import Checkpoint, open_checkpoint
+
+Q = gguf.GGMLQuantizationType
+ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+_FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+               "BF16": gguf.LlamaFileType.MOSTLY_BF16}
+DEFAULT_SCALE = 4
+
+
+@dataclass
+class ConvertOptions:
+    method: str = "linear"
+    target_ctx: int | None = None  # None: `scale` x trained context (DEFAULT_SCALE when both are None)
+    scale: float | None = None
+    qtype: str = "Q4_K_M"
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    keep_f16: Path | None = None
+    force: bool = False
+    progress: bool = True
+    plan_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    plan: RopePlan
+    factors: np.ndarray  # what rope_freqs.weight holds (plan x source factors)
+    trained_ctx: int
+    target_ctx: int
+    qtype: str
+    intermediate: Path | None
+    seconds: float
+
+
+def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> ConvertResult:
+    start = time.monotonic()
+    output = Path(output)
+    if options.qtype not in FTYPES:
+        raise QroarError(f"unknown --qtype {options.qtype}; choose one of {', '.join(FTYPES)}")
+    ckpt = open_checkpoint(source)
+    try:
+        hp = llama.read_hparams(ckpt.config)
+        _check_destination(output, ckpt, options.force, "output")
+        if options.keep_f16 is not None:
+            _check_destination(Path(options.keep_f16), ckpt, options.force, "--keep-f16")
+            if Path(options.keep_f16).resolve() == output.resolve():
+                raise QroarError("--keep-f16 must name a different file than the output")
+        vocab = read_vocab(ckpt.directory, hp.vocab_size)
+        facts, existing = _rope_facts(ckpt.config, hp, options)
+        plan = _make_plan(options, facts, ckpt, hp)
+        factors = plan.factors.astype(np.float32)
+        if existing is not None:
+            factors = (factors.astype(np.float64) * existing).astype(np.float32)
+
+        unquantized = options.qtype in UNQUANTIZED
+        store = options.qtype if unquantized else ("BF16" if ckpt.source_dtype == "BF16" else "F16")
+        final_tmp = _hidden(output, "partial")
+        if unquantized:
+            first = final_tmp
+        elif options.keep_f16 is not None:
+            first = _hidden(Path(options.keep_f16), "partial")
+        else:
+            first = _hidden(output, f"{store.lower()}.tmp")
+
+        writer = gguf.GGUFWriter(path=None, arch=llama.GGUF_ARCH_NAME)
+        _add_metadata(writer, ckpt, hp, facts, plan, factors, existing, store)
+        write_vocab(writer, vocab)
+        tensors = _plan_tensors(ckpt, hp, plan.attn_scale, factors, Q[store])
+        try:
+            write_streaming(first, writer, tensors, progress=options.progress)
+            if not unquantized:
+                quantize_gguf(first, final_tmp, options.qtype, options.threads, progress=options.progress)
+            os.replace(final_tmp, output)
+            if options.keep_f16 is not None and not unquantized:
+                os.replace(first, options.keep_f16)
+        except OSError as exc:
+            raise QroarError(f"could not write {exc.filename or output}: {exc.strerror}") from None
+        finally:
+            for leftover in (first, final_tmp):
+                leftover.unlink(missing_ok=True)
+        return ConvertResult(output=output, plan=plan, factors=factors, trained_ctx=facts.trained_ctx,
+                             target_ctx=facts.target_ctx, qtype=options.qtype,
+                             intermediate=None if options.keep_f16 is None else Path(options.keep_f16),
+                             seconds=time.monotonic() - start)
+    finally:
+        ckpt.close()
+
+
+def _hidden(path: Path, tag: str) -> Path:
+    return path.with_name(f".{path.name}.{tag}")
+
+
+def _check_destination(path: Path, ckpt: Checkpoint, force: bool, what: str) -> None:
+    resolved = path.resolve()
+    if any(resolved == f.resolve() for f in ckpt.source_files):
+        raise QroarError(f"{what} {path} is one of the input files: choose another output path")
+    if path.is_dir():
+        raise QroarError(f"{what} {path} is a directory: give a file name such as {path / 'model.gguf'}")
+    if path.exists() and not force:
+        raise QroarError(f"{what} {path} already exists: pass --force to overwrite it")
+    parent = resolved.parent
+    if not parent.is_dir():
+        raise QroarError(f"{what} directory {parent} does not exist: create it first")
+    try:  # os.access says yes to root even on read-only mounts: try for real
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise QroarError(f"{what} directory {parent} is not writable ({exc.strerror}): choose another "
+                         "output path") from None
+
+
+def _rope_facts(config: dict, hp: llama.LlamaHparams, options: ConvertOptions) -> tuple[RopeFacts, np.ndarray | None]:
+    existing, _original_ctx = source_factors(config, hp.n_rot)
+    # The trained context is what the checkpoint supports as shipped: for a Llama 3.1 config with
+    # llama3 factors that is max_position_embeddings (131072), not the pre-extension 8192; our factors
+    # then multiply into the existing ones.
+    trained = hp.context_length
+    if options.target_ctx is not None and options.scale is not None:
+        raise QroarError("give either --ctx or --scale, not both")
+    if options.target_ctx is not None:
+        target = int(options.target_ctx)
+    elif options.scale is not None:
+        target = int(round(trained * float(options.scale)))
+    else:
+        target = trained if options.method == "none" else trained * DEFAULT_SCALE
+    if options.method != "none" and target <= trained:
+        raise QroarError(f"target context {target} must be larger than the trained context {trained} "
+                         "(use --method none to keep it)")
+    return RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=trained, target_ctx=target), existing
+
+
+def _make_plan(options: ConvertOptions, facts: RopeFacts, ckpt: Checkpoint, hp: llama.LlamaHparams) -> RopePlan:
+    plan_options = dict(options.plan_options)
+    if options.method == "qroar" and "sensitivity" not in plan_options:
+        from qroar_gguf.rope.measure import measure_sensitivity
+
+        agg = plan_options.pop("agg", "max")
+        plan_options["sensitivity"] = measure_sensitivity(ckpt, hp, agg=agg, progress=options.progress).sensitivity
+        plan_options["agg"] = agg
+    return make_plan(options.method, facts, **plan_options)
+
+
+def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, hp: llama.LlamaHparams, facts: RopeFacts,
+                  plan: RopePlan, factors: np.ndarray, existing: np.ndarray | None, store: str) -> None:
+    name = ckpt.config.get("_name_or_path") or ckpt.directory.name
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(str(name).rstrip("/").split("/")[-1])
+    writer.add_file_type(_FILE_TYPES[store])
+    writer.add_vocab_size(hp.vocab_size)
+    writer.add_context_length(facts.target_ctx)
+    writer.add_embedding_length(hp.n_embd)
+    writer.add_block_count(hp.n_layer)
+    writer.add_feed_forward_length(hp.n_ff)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_kv_head)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    writer.add_rope_dimension_count(hp.n_rot)
+    if "head_dim" in ckpt.config and hp.head_dim != hp.n_embd // hp.n_head:
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+    provenance.add_provenance(
+        writer, version=__version__, method=plan.method, params=plan.params, trained_ctx=facts.trained_ctx,
+        target_ctx=facts.target_ctx, factors=factors, source_factors=existing, attn_scale=plan.attn_scale,
+        source=str(ckpt.config.get("_name_or_path") or ckpt.directory.name))
+
+
+def _plan_tensors(ckpt: Checkpoint, hp: llama.LlamaHparams, attn_scale: float, factors: np.ndarray,
+                  store: gguf.GGMLQuantizationType) -> list[PlannedTensor]:
+    names = llama.TensorNames(hp.n_layer)
+    planned = [PlannedTensor(ROPE_FREQS, factors.shape, Q.F32, lambda: factors)]
+    for hf_name in ckpt.names:
+        gguf_name = names.gguf_name(hf_name)
+        if gguf_name is None:
+            if hf_name.endswith(".rotary_emb.inv_freq"):
+                continue
+            raise QroarError(f"tensor {hf_name!r} has no llama.cpp counterpart; is this really a "
+                             f"{hp.architecture} checkpoint?")
+        shape = ckpt.info(hf_name).shape
+        qtype = store if len(shape) >= 2 else Q.F32  # norms and biases stay F32, as llama.cpp expects
+        planned.append(PlannedTensor(gguf_name, shape, qtype, _producer(ckpt, hf_name, hp, attn_scale)))
+    return planned
+
+
+def _producer(ckpt: Checkpoint, hf_name: str, hp: llama.LlamaHparams, attn_scale: float):
+    n_head = hp.n_head if llama.is_query(hf_name) else hp.n_kv_head if llama.is_key(hf_name) else None
+
+    def produce() -> np.ndarray:
+        values = ckpt.load(hf_name)
+        if n_head is None:
+            return values
+        if not np.isfinite(values).all():
+            raise QroarError(f"{hf_name} contains NaN or Inf values: the checkpoint is damaged")
+        values = llama.permute_for_gguf(values, n_head)
+        if attn_scale != 1.0:
+            # Folding the attention scale into both W_Q and W_K multiplies q.k by its square, which is
+            # how transformers and llama.cpp apply YaRN's mscale (to cos and sin of both q and k).
+            values = values.astype(np.float32) * np.float32(attn_scale)
+        return values
+
+    return produce

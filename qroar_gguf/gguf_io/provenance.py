@@ -1,0 +1,100 @@
+"""The `qroar.*` metadata keys that record how a file was made, and reading a GGUF back for `inspect`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from qroar_gguf.errors import QroarError
+
+PREFIX = "qroar."
+VERSION = "qroar.version"
+METHOD = "qroar.method"
+PARAMS = "qroar.params"  # JSON object: the plan's options
+TRAINED_CTX = "qroar.trained_context"
+TARGET_CTX = "qroar.target_context"
+FACTORS = "qroar.factors"  # float32 array: the rope_freqs.weight values written
+SOURCE_FACTORS = "qroar.source_factors"  # float32 array: factors the source already had (llama3), if any
+ATTN_SCALE = "qroar.attention_scale_folded"  # the scale multiplied into W_Q and W_K (1 = none)
+SOURCE = "qroar.source"  # the checkpoint's name
+
+
+def add_provenance(writer: gguf.GGUFWriter, *, version: str, method: str, params: dict, trained_ctx: int,
+                   target_ctx: int, factors: np.ndarray, source_factors: np.ndarray | None, attn_scale: float,
+                   source: str) -> None:
+    writer.add_string(VERSION, version)
+    writer.add_string(METHOD, method)
+    writer.add_string(PARAMS, json.dumps(params, sort_keys=True))
+    writer.add_uint32(TRAINED_CTX, trained_ctx)
+    writer.add_uint32(TARGET_CTX, target_ctx)
+    writer.add_array(FACTORS, [float(f) for f in factors])
+    if source_factors is not None:
+        writer.add_array(SOURCE_FACTORS, [float(f) for f in source_factors])
+    writer.add_float32(ATTN_SCALE, float(attn_scale))
+    writer.add_string(SOURCE, source)
+
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    path = Path(path)
+    if not path.is_file():
+        raise QroarError(f"{path} does not exist")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # GGUFReader raises ValueError/struct errors on non-GGUF input
+        raise QroarError(f"{path} is not a readable GGUF file ({exc})") from None
+
+
+def field_value(reader: gguf.GGUFReader, key: str):
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    value = field.contents()
+    return value
+
+
+def read_summary(path: str | Path) -> dict:
+    """Everything `inspect` reports, as plain JSON-ready values."""
+    reader = open_gguf(path)
+    arch = field_value(reader, "general.architecture")
+    summary: dict = {
+        "file": str(path),
+        "architecture": arch,
+        "name": field_value(reader, "general.name"),
+        "file_type": _file_type_name(field_value(reader, "general.file_type")),
+        "context_length": field_value(reader, f"{arch}.context_length"),
+        "rope_freq_base": field_value(reader, f"{arch}.rope.freq_base"),
+        "rope_dimension_count": field_value(reader, f"{arch}.rope.dimension_count"),
+        "n_tensors": len(reader.tensors),
+        "tensor_types": _count_types(reader),
+    }
+    rope = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    summary["rope_freqs"] = None if rope is None else [float(v) for v in np.asarray(rope.data, dtype=np.float32)]
+    summary["rope_freqs_type"] = None if rope is None else rope.tensor_type.name
+    provenance = {}
+    for key in reader.fields:
+        if key.startswith(PREFIX):
+            value = field_value(reader, key)
+            if key == PARAMS:
+                value = json.loads(value)
+            provenance[key[len(PREFIX):]] = value
+    summary["qroar"] = provenance or None
+    return summary
+
+
+def _count_types(reader: gguf.GGUFReader) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _file_type_name(value) -> str | None:
+    if value is None:
+        return None
+    try:
+        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return str(value)
