@@ -3,7 +3,8 @@
 We parse the format ourselves (8-byte little-endian header length, JSON header, raw data) rather
 than use `safetensors.safe_open`: numpy has no bfloat16, and reading the header ourselves lets us
 check every offset against the file size up front, so a truncated or corrupt file fails with one
-clear message before anything is written. Tensors are memory-mapped and read one at a time.
+clear message before anything is written. Tensors are read one at a time with plain file reads (not a memory map: pages of a map count
+towards the process's resident memory until unmapped, so peak RSS would grow to the model's size).
 """
 
 from __future__ import annotations
@@ -55,25 +56,23 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.tensors, self.metadata = _read_header(self.path)
-        self._mmap: np.memmap | None = None
-
-    def _data(self) -> np.memmap:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mmap
 
     def load(self, name: str) -> np.ndarray:
         """The tensor as a numpy array: float16/float32 as stored, bfloat16 widened exactly to float32."""
         info = self.tensors[name]
-        raw = self._data()[info.begin : info.end]
+        stored = _STORED_DTYPES[info.dtype]
+        with open(self.path, "rb") as f:
+            f.seek(info.begin)
+            values = np.fromfile(f, dtype=stored, count=info.nbytes // stored.itemsize)
+        if values.nbytes != info.nbytes:
+            raise QroarError(f"{self.path}: tensor {name!r} could not be read in full; the file changed or is "
+                             "truncated")
         if info.dtype == "BF16":
-            widened = raw.view("<u2").astype(np.uint32) << 16
-            return widened.view(np.float32).reshape(info.shape)
-        return np.array(raw.view(_STORED_DTYPES[info.dtype]).reshape(info.shape))
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        return values.reshape(info.shape)
 
     def close(self) -> None:
-        # np.memmap has no close(); dropping the last reference unmaps the file.
-        self._mmap = None
+        """Nothing is held open between reads; kept so callers can release sources uniformly."""
 
 
 def _read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
