@@ -70,16 +70,31 @@ def main() -> None:
               help="Threads for quantization.")
 @click.option("--keep-f16", type=click.Path(path_type=Path), default=None,
               help="Also keep the unquantized intermediate GGUF at this path.")
+@click.option("--beta", type=click.FloatRange(min=0.0), default=None,
+              help="qroar: protection strength for outlier pairs (0 = the base plan exactly). Default 8.")
+@click.option("--agg", type=click.Choice(["max", "mean"]), default=None,
+              help="qroar: how pair sensitivity is aggregated over layers. Default max.")
+@click.option("--base", type=click.Choice(["linear", "yarn", "llama3"]), default=None,
+              help="qroar: the plan whose interpolation is softened on protected pairs. Default yarn.")
+@click.option("--attn-scale/--no-attn-scale", default=None,
+              help="yarn (and qroar on a yarn base): fold YaRN's attention scale 0.1*ln(r)+1 into W_Q and "
+                   "W_K. Default on.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def convert(model: Path, output: Path, target_ctx: int | None, scale: float | None, method: str, qtype: str,
-            threads: int, keep_f16: Path | None, force: bool, quiet: bool) -> None:
+            threads: int, keep_f16: Path | None, beta: float | None, agg: str | None, base: str | None,
+            attn_scale: bool | None, force: bool, quiet: bool) -> None:
     """Convert MODEL (a .safetensors file with config.json and tokenizer beside it, a
     model.safetensors.index.json, or the checkpoint directory) to a GGUF file."""
     from qroar_gguf.convert import ConvertOptions, convert as run_convert
 
+    plan_options = {k: v for k, v in {"beta": beta, "agg": agg, "base": base, "attn_scale": attn_scale}.items()
+                    if v is not None}
+    if method != "qroar" and set(plan_options) - {"attn_scale"}:
+        raise click.UsageError(f"--beta, --agg and --base apply to --method qroar only (got --method {method})")
     options = ConvertOptions(method=method, target_ctx=target_ctx, scale=scale, qtype=qtype.upper(),
-                             threads=threads, keep_f16=keep_f16, force=force, progress=_show_progress(quiet))
+                             threads=threads, keep_f16=keep_f16, force=force, progress=_show_progress(quiet),
+                             plan_options=plan_options)
     result = run_convert(model, output, options)
     if not quiet:
         f = result.factors
@@ -113,12 +128,21 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
     else:
         click.echo(f"rope_freqs.weight ({summary['rope_freqs_type']}, {len(factors)} pairs): "
                    + " ".join(f"{v:.3g}" for v in factors))
+    if summary["bands"]:
+        click.echo("band                                            pairs   rotations      S/mean   "
+                   "factors       pressure")
+        for b in summary["bands"]:
+            z = "   -  " if b["sensitivity_z_mean"] is None else f"{b['sensitivity_z_mean']:6.3f}"
+            click.echo(f"{b['label']:<46} {b['pairs'][0]:>2}-{b['pairs'][1]:<2}  "
+                       f"{b['rotations'][0]:8.3g}-{b['rotations'][1]:<8.3g} {z}   "
+                       f"{b['factor_min']:5.3g}-{b['factor_max']:<5.3g}   {b['pressure']:.3f}")
     prov = summary["qroar"]
     if prov is None:
         click.echo("not made by qroar-gguf (no qroar.* keys)")
         return
+    params = {k: v for k, v in (prov.get("params") or {}).items() if k not in ("sensitivity", "base_params")}
     click.echo(f"made by qroar-gguf {prov.get('version')}: method {prov.get('method')} "
-               f"{json.dumps(prov.get('params'))}, context {prov.get('trained_context')} -> "
+               f"{json.dumps(params)}, context {prov.get('trained_context')} -> "
                f"{prov.get('target_context')}, attention scale folded {prov.get('attention_scale_folded'):.4g}, "
                f"source {prov.get('source')}")
 

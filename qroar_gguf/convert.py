@@ -155,13 +155,15 @@ def _rope_facts(config: dict, hp: llama.LlamaHparams, options: ConvertOptions) -
 
 def _make_plan(options: ConvertOptions, facts: RopeFacts, ckpt: Checkpoint, hp: llama.LlamaHparams) -> RopePlan:
     plan_options = dict(options.plan_options)
+    agg = plan_options.pop("agg", "max")
     if options.method == "qroar" and "sensitivity" not in plan_options:
         from qroar_gguf.rope.measure import measure_sensitivity
 
-        agg = plan_options.pop("agg", "max")
         plan_options["sensitivity"] = measure_sensitivity(ckpt, hp, agg=agg, progress=options.progress).sensitivity
-        plan_options["agg"] = agg
-    return make_plan(options.method, facts, **plan_options)
+    plan = make_plan(options.method, facts, **plan_options)
+    if options.method == "qroar":
+        plan.params["agg"] = agg  # how S was aggregated: part of what reproduces the factors
+    return plan
 
 
 def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, hp: llama.LlamaHparams, facts: RopeFacts,

@@ -81,7 +81,30 @@ def read_summary(path: str | Path) -> dict:
                 value = json.loads(value)
             provenance[key[len(PREFIX):]] = value
     summary["qroar"] = provenance or None
+    summary["bands"] = _bands(path, summary, provenance)
     return summary
+
+
+def _bands(path: str | Path, summary: dict, provenance: dict) -> list[dict] | None:
+    """Per-band diagnostics; sensitivity from the provenance (qroar files) or measured from attn_q/attn_k."""
+    from qroar_gguf.rope.diagnostics import band_report
+    from qroar_gguf.rope.measure import measure_gguf_sensitivity
+    from qroar_gguf.rope.plans import RopeFacts
+
+    n_rot, theta = summary["rope_dimension_count"], summary["rope_freq_base"]
+    if summary["architecture"] is None or n_rot is None or theta is None:
+        return None
+    trained = provenance.get("trained_context") or summary["context_length"]
+    target = provenance.get("target_context") or summary["context_length"]
+    facts = RopeFacts(n_rot=int(n_rot), theta=float(theta), trained_ctx=int(trained), target_ctx=int(target))
+    factors = summary["rope_freqs"] or [1.0] * facts.n_pairs
+    sensitivity = (provenance.get("params") or {}).get("sensitivity")
+    if sensitivity is None:
+        try:
+            sensitivity = measure_gguf_sensitivity(path).sensitivity
+        except (QroarError, NotImplementedError, KeyError, ValueError):
+            sensitivity = None  # e.g. a quantization gguf-py cannot dequantize: report without it
+    return band_report(facts, np.asarray(factors), sensitivity)
 
 
 def _count_types(reader: gguf.GGUFReader) -> dict[str, int]:
