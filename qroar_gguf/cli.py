@@ -20,9 +20,15 @@ DEFAULT_METHOD = "linear"
 class DefaultToConvert(click.Group):
     """A group whose first argument, when it is not a subcommand, is the model to convert."""
 
+    # Options of these commands take several values at once (`--ctx 16384 32768`): click wants the
+    # option repeated, so the values are spread over repeated options before parsing.
+    LIST_OPTIONS = {"bench": ("--ctx", "--qtype", "--plans")}
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["convert", *args]
+        if args and args[0] in self.LIST_OPTIONS:
+            args = _spread_lists(args, self.LIST_OPTIONS[args[0]])
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
@@ -33,6 +39,20 @@ class DefaultToConvert(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+def _spread_lists(args: list[str], options: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    current = None
+    for arg in args:
+        if arg.startswith("-"):
+            current = arg if arg in options else None
+            out.append(arg)
+        elif current is not None and out[-1] != current:
+            out += [current, arg]
+        else:
+            out.append(arg)
+    return out
 
 
 def _show_progress(quiet: bool) -> bool:
@@ -145,6 +165,83 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
                f"{json.dumps(params)}, context {prov.get('trained_context')} -> "
                f"{prov.get('target_context')}, attention scale folded {prov.get('attention_scale_folded'):.4g}, "
                f"source {prov.get('source')}")
+
+
+@main.command(name="eval")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="UTF-8 text to measure on.")
+@click.option("--ctx", type=click.IntRange(min=8), required=True, help="Window (context) length in tokens.")
+@click.option("--chunks", type=click.IntRange(min=1), default=None, help="At most this many windows. Default: all.")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Also report KL divergence against this GGUF (e.g. the unquantized file of the same plan).")
+@click.option("--passkey", is_flag=True, help="Also measure passkey retrieval at the full context.")
+@click.option("--passkey-trials", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Keys per depth (depths 10%..90%).")
+@click.option("--type-k", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="KV cache type of keys (llama.cpp type_k).")
+@click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write all results to this JSON file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, reference: Path | None, passkey: bool,
+                 passkey_trials: int, type_k: str, threads: int, json_out: Path | None, quiet: bool) -> None:
+    """Perplexity of MODEL (a GGUF) on a text as llama.cpp's llama-perplexity computes it, and
+    optionally KL divergence against a reference GGUF and passkey retrieval."""
+    from qroar_gguf.evaluate.report import evaluate_file
+
+    result = evaluate_file(model, text_path, ctx, chunks=chunks, reference=reference, passkey_trials=passkey_trials
+                           if passkey else 0, type_k=type_k, threads=threads, progress=_show_progress(quiet))
+    for line in result["lines"]:
+        click.echo(line)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result["json"], indent=2) + "\n")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--ctx", "ctxs", type=click.IntRange(min=8), multiple=True, required=True,
+              help="Context(s) to evaluate at; repeat or list: --ctx 8192 16384 32768.")
+@click.option("--qtype", "qtypes", multiple=True, default=["Q4_0", "Q4_K_M"], show_default=True,
+              help="Quantization(s); every plan's F16 file is the KL reference.")
+@click.option("--plans", "plans", multiple=True, default=["none", "linear", "ntk", "yarn", "llama3", "qroar"],
+              show_default=True, help="Plans, each `method[:key=value,...]`, e.g. yarn:attn_scale=false qroar:beta=4.")
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--chunks", type=click.IntRange(min=1), default=1, show_default=True, help="Windows per context.")
+@click.option("--type-k", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True)
+@click.option("--passkey-trials", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Passkey keys per depth (0: no passkey test).")
+@click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for results.json, results.md, ppl_vs_ctx.png and the cached files.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tuple[str, ...], text_path: Path,
+          chunks: int, type_k: str, passkey_trials: int, threads: int, out: Path, quiet: bool) -> None:
+    """Build every plan's GGUF from MODEL (HF checkpoint) and compare them all on the same chunks."""
+    from qroar_gguf.evaluate.bench import run_bench
+
+    run_bench(model, list(ctxs), list(qtypes), list(plans), text_path, out, chunks=chunks, type_k=type_k,
+              passkey_trials=passkey_trials, threads=threads, progress=_show_progress(quiet))
+    click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ppl_vs_ctx.png'}")
+    click.echo((out / "results.md").read_text())
+
+
+@main.command()
+@click.option("--method", type=click.Choice(METHODS[1:]), default=DEFAULT_METHOD, show_default=True,
+              help="RoPE plan to demonstrate.")
+@click.option("--ctx", "target_ctx", type=click.IntRange(min=1), default=None,
+              help="Target context. Default: 2x the trained context (16384 for SmolLM2).")
+@click.option("--qtype", type=click.Choice(QTYPES, case_sensitive=False), default="Q4_K_M", show_default=True)
+@click.option("--text", "text_title", default="Emma", show_default=True,
+              help="Which Jane Austen novel to measure on.")
+@click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def demo(method: str, target_ctx: int | None, qtype: str, text_title: str, threads: int, quiet: bool) -> None:
+    """Convert the embedded SmolLM2-135M model and show it working beyond its trained context
+    (perplexity in llama.cpp on a Jane Austen novel; a few minutes on two cores)."""
+    from qroar_gguf.demo import run_demo
+
+    run_demo(method, target_ctx, qtype.upper(), text_title, threads, _show_progress(quiet))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def quantize_gguf(source: Path, target: Path, qtype: str, threads: int, progress
 
 
 def _restore_default_log() -> None:
-    import llama_cpp
-    from llama_cpp import _logger
+    """Back to the process-wide setting the evaluators use (quiet unless asked)."""
+    from qroar_gguf.evaluate import runtime
 
-    llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    runtime._log_verbose = None  # our callback replaced theirs: make set_llama_logging apply it again
+    runtime.set_llama_logging(False)

@@ -1,0 +1,265 @@
+"""`qroar-gguf bench`: every plan x quantization x context on the same chunks, in one run, cached.
+
+For each (plan, ctx) the unquantized F16 GGUF is built once and is the KL reference of that plan's
+quantized files (so KLD isolates what quantization costs under that plan). Each quantized file is
+evaluated in lockstep with its reference on the same chunks, which yields both perplexities, the KL
+divergence and per-token NLLs for paired comparisons between plans. Built files and finished
+evaluations are cached under OUT/models and OUT/runs, keyed by everything that determines them, so a
+rerun (or an interrupted run) redoes nothing already measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from qroar_gguf import __version__
+from qroar_gguf.errors import QroarError
+
+REFERENCE_QTYPE = "F16"
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """`name[:key=value,...]`, e.g. `yarn`, `yarn:attn_scale=false`, `qroar:beta=4,base=yarn`."""
+
+    label: str
+    method: str
+    options: dict
+
+    @classmethod
+    def parse(cls, text: str) -> "PlanSpec":
+        method, _, rest = text.partition(":")
+        options: dict = {}
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise QroarError(f"plan {text!r}: options are key=value, e.g. qroar:beta=4")
+            options[key.strip()] = _parse_value(value.strip())
+        from qroar_gguf.rope.plans import PLANS
+
+        if method not in PLANS:
+            raise QroarError(f"unknown plan {method!r} in {text!r}; choose from {', '.join(PLANS)}")
+        return cls(label=text, method=method, options=options)
+
+
+def _parse_value(value: str):
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return float(value) if any(c in value for c in ".e") else int(value)
+    except ValueError:
+        return value
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _source_fingerprint(model: Path) -> list:
+    files = sorted(p for p in (model.iterdir() if model.is_dir() else [model]) if p.is_file())
+    return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class Bench:
+    def __init__(self, model: Path, text: Path, out: Path, threads: int, progress: bool, chunks: int,
+                 type_k: str, passkey_trials: int):
+        self.model, self.text_path, self.out = model, text, out
+        self.threads, self.progress, self.chunks, self.type_k = threads, progress, chunks, type_k
+        self.passkey_trials = passkey_trials
+        self.text = text.read_text(encoding="utf-8")
+        self.text_digest = _digest(self.text)
+        self.source = _source_fingerprint(model if model.is_dir() else model.parent)
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+
+    # -- building ------------------------------------------------------------------------------
+    def build(self, spec: PlanSpec, ctx: int, qtype: str) -> Path:
+        """The GGUF of one plan at one context and quantization, built once."""
+        from qroar_gguf.convert import ConvertOptions, convert
+        from qroar_gguf.gguf_io.quantize import quantize_gguf
+
+        key = _digest(__version__, self.source, spec.method, spec.options, ctx, qtype)
+        path = self.out / "models" / f"{_safe(spec.label)}.{ctx}.{qtype}.{key}.gguf"
+        if path.is_file():
+            return path
+        if qtype == REFERENCE_QTYPE:
+            convert(self.model, path, ConvertOptions(method=spec.method, target_ctx=ctx, qtype=qtype,
+                                                     threads=self.threads, progress=self.progress,
+                                                     plan_options=dict(spec.options)))
+        else:
+            reference = self.build(spec, ctx, REFERENCE_QTYPE)
+            partial = path.with_name(path.name + ".partial")
+            quantize_gguf(reference, partial, qtype, self.threads, progress=self.progress)
+            partial.replace(path)
+        return path
+
+    # -- measuring -----------------------------------------------------------------------------
+    def evaluate(self, spec: PlanSpec, ctx: int, qtype: str, built_for: int) -> dict:
+        """PPL, KLD against the same plan's F16 file, per-token NLLs at `ctx`, of the files built for
+        target context `built_for`; cached."""
+        from qroar_gguf.evaluate.kld import kl_divergence
+        from qroar_gguf.evaluate.runtime import Runtime
+
+        quant, reference = self.build(spec, built_for, qtype), self.build(spec, built_for, REFERENCE_QTYPE)
+        key = _digest(_file_digest(quant), _file_digest(reference), ctx, self.chunks, self.text_digest,
+                      self.type_k, self.passkey_trials)
+        record = self.out / "runs" / f"{_safe(spec.label)}.{ctx}.{qtype}.{key}.json"
+        nll_path = record.with_suffix(".nll.npy")
+        if record.is_file() and nll_path.is_file():
+            return json.loads(record.read_text())
+        row: dict = {"plan": spec.label, "method": spec.method, "options": spec.options, "ctx": ctx,
+                     "built_for_ctx": built_for, "qtype": qtype, "type_k": self.type_k, "file": quant.name}
+        with Runtime(reference, n_ctx=ctx, threads=self.threads, type_k=self.type_k) as ref, \
+                Runtime(quant, n_ctx=ctx, threads=self.threads, type_k=self.type_k) as rt:
+            res = kl_divergence(rt, ref, self.text, max_chunks=self.chunks, quiet=not self.progress,
+                                desc=f"{spec.label} {qtype} @ {ctx}")
+            row.update(ppl=res.ppl, ppl_se=_ppl_se(res.nll), ref_ppl=res.ref_ppl, ref_ppl_se=_ppl_se(res.ref_nll),
+                       kld_mean=res.mean, kld_median=res.median, kld_p99=res.p99, same_top_pct=res.same_top_pct,
+                       n_chunks=res.n_chunks, n_scored=res.n_scored, seconds=res.seconds)
+            if self.passkey_trials:
+                from qroar_gguf.evaluate.passkey import passkey
+
+                pk = passkey(rt, trials=self.passkey_trials, quiet=not self.progress)
+                row.update(passkey=pk.accuracy, passkey_by_depth=pk.to_dict()["by_depth"])
+        np.save(nll_path, np.stack([res.nll, res.ref_nll]))
+        record.write_text(json.dumps(row, indent=2))
+        return row
+
+    def nll(self, row: dict, reference: bool = False) -> np.ndarray:
+        matches = list((self.out / "runs").glob(f"{_safe(row['plan'])}.{row['ctx']}.{row['qtype']}.*.nll.npy"))
+        arrays = [np.load(p) for p in matches]
+        arrays = [a for a in arrays if a.shape[1] == row["n_scored"]]
+        return arrays[-1][1 if reference else 0]
+
+
+def _trained_context(model: Path) -> int:
+    from qroar_gguf.arch.llama import read_hparams
+    from qroar_gguf.source.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(model)
+    try:
+        return read_hparams(ckpt.config).context_length
+    finally:
+        ckpt.close()
+
+
+def _ppl_se(nll: np.ndarray) -> float:
+    n = nll.size
+    return math.exp(float(nll.mean())) * float(nll.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_=" else "_" for c in label)
+
+
+def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str], text: Path, out: Path,
+              chunks: int = 1, type_k: str = "f16", passkey_trials: int = 0, threads: int = 2,
+              progress: bool = True) -> dict:
+    specs = [PlanSpec.parse(p) for p in plans]
+    qtypes = [q.upper() for q in qtypes]
+    bench = Bench(model, text, out, threads, progress, chunks, type_k, passkey_trials)
+    trained = _trained_context(model)
+    extended = sorted(c for c in ctxs if c > trained)
+    rows: list[dict] = []
+    jobs = [(s, c, q) for c in ctxs for s in specs for q in qtypes]
+    t0 = time.monotonic()
+    for i, (spec, ctx, qtype) in enumerate(jobs, 1):
+        # A file is built for a target context; rows at or below the trained context run the file
+        # built for the smallest extended target, to show what extension costs at short context.
+        built_for = ctx if ctx > trained or spec.method == "none" else (extended[0] if extended else 2 * trained)
+        row = bench.evaluate(spec, ctx, qtype, built_for)
+        rows.append(row)
+        click.echo(f"[{i}/{len(jobs)}] {spec.label:<24} {qtype:<7} ctx {ctx:>6}: PPL {row['ppl']:8.3f} "
+                   f"(F16 {row['ref_ppl']:.3f}), KLD {row['kld_mean']:.4f}"
+                   + (f", passkey {row['passkey']:.0%}" if "passkey" in row else "")
+                   + f"  [{time.monotonic() - t0:.0f} s]", err=True)
+    _add_ratios(bench, rows)
+    results = {"version": __version__, "model": str(model), "text": text.name, "text_sha": bench.text_digest,
+               "chunks": chunks, "type_k": type_k, "ctxs": ctxs, "qtypes": qtypes, "plans": plans, "rows": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown(results))
+    try:
+        plot_ppl_vs_ctx(results, out / "ppl_vs_ctx.png")
+    except ImportError:
+        pass
+    return results
+
+
+def _add_ratios(bench: Bench, rows: list[dict]) -> None:
+    """Paired ratios to linear and yarn (same ctx and qtype, same tokens) with 95% intervals."""
+    from qroar_gguf.evaluate.paired import paired_compare
+
+    index = {(r["plan"], r["ctx"], r["qtype"]): r for r in rows}
+    for row in rows:
+        for other in ("linear", "yarn"):
+            ref = index.get((other, row["ctx"], row["qtype"]))
+            if ref is None or ref is row:
+                continue
+            cmp = paired_compare(bench.nll(row), bench.nll(ref))
+            row[f"ratio_to_{other}"] = cmp.ppl_ratio
+            row[f"ratio_to_{other}_ci95"] = list(cmp.ratio_ci95)
+
+
+def results_markdown(results: dict) -> str:
+    lines = [f"Model `{Path(results['model']).name}`, text {results['text']}, {results['chunks']} chunk(s) per "
+             f"context, key cache {results['type_k']}. PPL of the second half of each window "
+             "(llama-perplexity's protocol) +/- standard error; ratios are paired on the same tokens (95% "
+             "interval); KLD is against the same plan's unquantized F16 file.", "",
+             "| plan | qtype | ctx | PPL | F16 PPL | / linear | / yarn | KLD | same top % | passkey |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(row: dict, other: str) -> str:
+        if f"ratio_to_{other}" not in row:
+            return "-"
+        lo, hi = row[f"ratio_to_{other}_ci95"]
+        return f"{row[f'ratio_to_{other}']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    for r in sorted(results["rows"], key=lambda r: (r["ctx"], r["qtype"], r["ppl"])):
+        passkey = f"{r['passkey']:.0%}" if "passkey" in r else "-"
+        lines.append(f"| {r['plan']} | {r['qtype']} | {r['ctx']} | {r['ppl']:.3f} +/- {r['ppl_se']:.3f} | "
+                     f"{r['ref_ppl']:.3f} | {ratio(r, 'linear')} | {ratio(r, 'yarn')} | {r['kld_mean']:.4f} | "
+                     f"{r['same_top_pct']:.1f} | {passkey} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ppl_vs_ctx(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results["qtypes"]), figsize=(6 * len(results["qtypes"]), 4.5), squeeze=False)
+    for ax, qtype in zip(axes[0], results["qtypes"]):
+        for plan in results["plans"]:
+            pts = sorted((r["ctx"], r["ppl"], r["ppl_se"]) for r in results["rows"]
+                         if r["plan"] == plan and r["qtype"] == qtype)
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=plan)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{Path(results['model']).name} {qtype} on {results['text']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
