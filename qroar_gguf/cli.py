@@ -167,6 +167,26 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
                f"source {prov.get('source')}")
 
 
+@main.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="PNG file to write.")
+@click.option("--ctx", "target_ctx", type=click.IntRange(min=1), default=None,
+              help="Target context for the factor curves. Default: 4x the trained context.")
+@click.option("--agg", type=click.Choice(["max", "mean"]), default="max", show_default=True)
+@click.option("--beta", type=click.FloatRange(min=0.0), default=8.0, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the plotted data as JSON.")
+def plot(model: Path, output: Path, target_ctx: int | None, agg: str, beta: float, json_out: Path | None) -> None:
+    """Plot per-pair sensitivity S_k and every plan's factors for MODEL (HF checkpoint or GGUF)."""
+    from qroar_gguf.evaluate.plots import plot_factors
+
+    data = plot_factors(model, output, target_ctx=target_ctx, agg=agg, beta=beta)
+    if json_out is not None:
+        json_out.write_text(json.dumps(data, indent=2) + "\n")
+    click.echo(f"wrote {output}")
+
+
 @main.command(name="eval")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
