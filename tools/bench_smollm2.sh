@@ -16,14 +16,14 @@ OUT=${BENCH_OUT:-bench}
 QG=("$PY" -m qroar_gguf)
 MODEL=$("$PY" -c 'from qroar_gguf.assets.smollm2 import default_model_dir; print(default_model_dir(progress=False))')
 text() { "$PY" -c "from qroar_gguf.assets.austen import austen_text; print(austen_text('$1'))"; }
-PLANS=(none linear ntk yarn yarn:attn_scale=false llama3 qroar qroar:protection=softmax)
+PLANS=(none linear ntk yarn yarn:attn_scale=false llama3 qroar)
 CONTENDERS=(linear ntk yarn llama3 qroar)
 bench() { "${QG[@]}" bench "$MODEL" --threads "$THREADS" -q "$@"; }
 
-stage_emma16k() { bench --ctx 8192 16384 --qtype Q4_0 Q4_K_M --plans "${PLANS[@]}" --text "$(text Emma)" --chunks 3 --out "$OUT/smollm2-emma-16k"; }
-stage_emma32k() { bench --ctx 32768 --qtype Q4_0 --plans "${CONTENDERS[@]}" --text "$(text Emma)" --chunks 2 --out "$OUT/smollm2-emma-32k"; }
-stage_pride16k() { bench --ctx 16384 --qtype Q4_0 --plans "${CONTENDERS[@]}" --text "$(text 'Pride & Prejudice')" --chunks 3 --out "$OUT/smollm2-pride-16k"; }
-stage_keyq4() { bench --ctx 16384 --qtype Q4_0 --plans "${CONTENDERS[@]}" --type-k q4_0 --text "$(text Emma)" --chunks 3 --out "$OUT/smollm2-emma-16k-keyq4"; }
+stage_emma16k() { bench --ctx 8192 16384 --qtype Q4_0 Q4_K_M --plans "${PLANS[@]}" --text "$(text Emma)" --chunks 2 --out "$OUT/smollm2-emma-16k"; }
+stage_emma32k() { bench --ctx 32768 --qtype Q4_0 --plans linear ntk yarn qroar --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-emma-32k"; }
+stage_pride16k() { bench --ctx 16384 --qtype Q4_0 --plans "${CONTENDERS[@]}" --text "$(text 'Pride & Prejudice')" --chunks 2 --out "$OUT/smollm2-pride-16k"; }
+stage_keyq4() { bench --ctx 16384 --qtype Q4_0 --plans "${CONTENDERS[@]}" --type-k q4_0 --text "$(text Emma)" --chunks 2 --out "$OUT/smollm2-emma-16k-keyq4"; }
 stage_passkey() { bench --ctx 8192 16384 --qtype Q4_0 --plans none linear yarn qroar --passkey-trials 2 --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-passkey"; }
 
 stages=("$@")
