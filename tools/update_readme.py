@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Regenerate README.md's measured sections from committed benchmark JSON (never typed by hand).
+
+Sections between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` are replaced:
+  quality   from bench/*/results.json (tools/bench_smollm2.sh)
+  convert   from tools/results/convert_bench.json (tools/bench_convert.py)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def quality_section() -> str:
+    parts = []
+    for path in sorted((REPO / "bench").glob("*/results.json")):
+        results = json.loads(path.read_text())
+        rel = path.parent.relative_to(REPO)
+        cmd = (f"`qroar-gguf bench` via `bash tools/bench_smollm2.sh` → `{rel}/results.json`")
+        parts.append(f"**{rel.name}** ({cmd}; text: {results['text']}, {results['chunks']} window(s) per "
+                     f"context, key cache {results['type_k']})\n")
+        parts.append((path.parent / "results.md").read_text().split("\n", 2)[2])
+    if not parts:
+        return "_No benchmark results committed yet: run `bash tools/bench_smollm2.sh`._\n"
+    return "\n".join(parts)
+
+
+def convert_section() -> str:
+    path = REPO / "tools" / "results" / "convert_bench.json"
+    if not path.is_file():
+        return "_Not measured yet: run `python tools/bench_convert.py`._\n"
+    r = json.loads(path.read_text())
+    ours, theirs = r["qroar_gguf"], r["convert_hf_to_gguf"]
+    return (f"`python tools/bench_convert.py` → `tools/results/convert_bench.json` ({r['model']}, F16, "
+            f"{r['machine']['cpus']} cores, median of {r['repeats']} runs):\n\n"
+            "| tool | wall time | peak RSS |\n|---|---|---|\n"
+            f"| qroar-gguf convert | {ours['wall_s_median']:.2f} s | {ours['peak_rss_mib_max']:.0f} MiB |\n"
+            f"| llama.cpp convert_hf_to_gguf.py | {theirs['wall_s_median']:.2f} s | "
+            f"{theirs['peak_rss_mib_max']:.0f} MiB |\n\n"
+            f"Ratio ours/theirs: wall {r['wall_ratio_ours_over_theirs']:.2f}x, peak RSS "
+            f"{r['rss_ratio_ours_over_theirs']:.2f}x; our peak RSS is "
+            f"{r['our_peak_rss_over_largest_tensor']:.1f}x the largest tensor "
+            f"({r['largest_tensor']['name']}, {r['largest_tensor']['mib']:.0f} MiB).\n")
+
+
+def main() -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    for name, body in (("quality", quality_section()), ("convert", convert_section())):
+        pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
+        if not pattern.search(text):
+            sys.exit(f"README.md has no generated:{name} markers")
+        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
