@@ -22,6 +22,7 @@ from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.quantize import FTYPES, UNQUANTIZED, quantize_gguf
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
+from qroar_gguf.rope.bands import BandFold, band_fold
 from qroar_gguf.rope.plans import RopeFacts, RopePlan, make_plan, source_factors
 from qroar_gguf.source.checkpoint import Checkpoint, open_checkpoint
 
@@ -43,6 +44,11 @@ class ConvertOptions:
     force: bool = False
     progress: bool = True
     plan_options: dict = field(default_factory=dict)
+    bands: int = 4  # frequency bands (rope/bands.py) for band_factors / band_scales
+    band_factors: tuple[float, ...] | None = None  # per-band rope_freqs multipliers (None: all 1)
+    band_scales: tuple[float, ...] | None = None  # per-band W_Q/W_K row scales (None: all 1)
+    symmetric: bool = True  # band scales: W_Q *= a, W_K /= a (True) or both *= a (False)
+    band_search: dict | None = None  # provenance of the search that chose the band values (search.py)
 
 
 @dataclass
@@ -73,7 +79,9 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
         vocab = read_vocab(ckpt.directory, hp.vocab_size)
         facts, existing = _rope_facts(ckpt.config, hp, options)
         plan = _make_plan(options, facts, ckpt, hp)
-        factors = plan.factors.astype(np.float32)
+        fold = band_fold(facts, options.bands, options.band_factors, options.band_scales, options.symmetric,
+                         n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_dim)
+        factors = plan.factors.astype(np.float32) if fold is None else fold.apply_factors(facts, plan.factors)
         if existing is not None:
             factors = (factors.astype(np.float64) * existing).astype(np.float32)
 
@@ -89,8 +97,10 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
 
         writer = gguf.GGUFWriter(path=None, arch=llama.GGUF_ARCH_NAME)
         _add_metadata(writer, ckpt, hp, facts, plan, factors, existing, store)
+        if fold is not None or options.band_search is not None:
+            provenance.add_band_provenance(writer, fold.provenance() if fold else None, options.band_search)
         write_vocab(writer, vocab)
-        tensors = _plan_tensors(ckpt, hp, plan.attn_scale, factors, Q[store])
+        tensors = _plan_tensors(ckpt, hp, plan.attn_scale, factors, Q[store], fold)
         try:
             write_streaming(first, writer, tensors, progress=options.progress)
             if not unquantized:
@@ -192,7 +202,7 @@ def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, hp: llama.LlamaHpar
 
 
 def _plan_tensors(ckpt: Checkpoint, hp: llama.LlamaHparams, attn_scale: float, factors: np.ndarray,
-                  store: gguf.GGMLQuantizationType) -> list[PlannedTensor]:
+                  store: gguf.GGMLQuantizationType, fold: BandFold | None = None) -> list[PlannedTensor]:
     names = llama.TensorNames(hp.n_layer)
     planned = [PlannedTensor(ROPE_FREQS, factors.shape, Q.F32, lambda: factors)]
     for hf_name in ckpt.names:
@@ -204,11 +214,15 @@ def _plan_tensors(ckpt: Checkpoint, hp: llama.LlamaHparams, attn_scale: float, f
                              f"{hp.architecture} checkpoint?")
         shape = ckpt.info(hf_name).shape
         qtype = store if len(shape) >= 2 else Q.F32  # norms and biases stay F32, as llama.cpp expects
-        planned.append(PlannedTensor(gguf_name, shape, qtype, _producer(ckpt, hf_name, hp, attn_scale)))
+        rows = None  # band scales (per row) for W_Q / W_K and their biases
+        if fold is not None:
+            rows = fold.q_rows if llama.is_query(hf_name) else fold.k_rows if llama.is_key(hf_name) else None
+        planned.append(PlannedTensor(gguf_name, shape, qtype, _producer(ckpt, hf_name, hp, attn_scale, rows)))
     return planned
 
 
-def _producer(ckpt: Checkpoint, hf_name: str, hp: llama.LlamaHparams, attn_scale: float):
+def _producer(ckpt: Checkpoint, hf_name: str, hp: llama.LlamaHparams, attn_scale: float,
+              row_scale: np.ndarray | None = None):
     n_head = hp.n_head if llama.is_query(hf_name) else hp.n_kv_head if llama.is_key(hf_name) else None
 
     def produce() -> np.ndarray:
@@ -222,6 +236,8 @@ def _producer(ckpt: Checkpoint, hf_name: str, hp: llama.LlamaHparams, attn_scale
             # Folding the attention scale into both W_Q and W_K multiplies q.k by its square, which is
             # how transformers and llama.cpp apply YaRN's mscale (to cos and sin of both q and k).
             values = values.astype(np.float32) * np.float32(attn_scale)
+        if row_scale is not None:  # band scales, per row in llama.cpp's layout (both rows of each pair)
+            values = values.astype(np.float32) * row_scale.reshape(-1, *(1,) * (values.ndim - 1))
         return values
 
     return produce

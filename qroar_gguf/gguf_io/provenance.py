@@ -20,6 +20,12 @@ FACTORS = "qroar.factors"  # float32 array: the rope_freqs.weight values written
 SOURCE_FACTORS = "qroar.source_factors"  # float32 array: factors the source already had (llama3), if any
 ATTN_SCALE = "qroar.attention_scale_folded"  # the scale multiplied into W_Q and W_K (1 = none)
 SOURCE = "qroar.source"  # the checkpoint's name
+# Band-wise method (rope/bands.py, search.py); written only when band values are given or searched.
+BANDS = "qroar.bands"  # int array [N + 1]: first pair of every band, then P
+BAND_FACTORS = "qroar.band_factors"  # float32 array [N]: rope_freqs multipliers per band
+BAND_SCALES = "qroar.band_scales"  # float32 array [N]: W_Q/W_K row scales per band
+BAND_SYMMETRIC = "qroar.band_symmetric"  # bool: W_K divided (true) or multiplied (false) by the scale
+SEARCH = "qroar.search"  # JSON object: dev text sha256 and tokens, budget, evaluations, objectives
 
 
 def add_provenance(writer: gguf.GGUFWriter, *, version: str, method: str, params: dict, trained_ctx: int,
@@ -35,6 +41,18 @@ def add_provenance(writer: gguf.GGUFWriter, *, version: str, method: str, params
         writer.add_array(SOURCE_FACTORS, [float(f) for f in source_factors])
     writer.add_float32(ATTN_SCALE, float(attn_scale))
     writer.add_string(SOURCE, source)
+
+
+def add_band_provenance(writer: gguf.GGUFWriter, bands: dict | None, search: dict | None) -> None:
+    """``bands``: BandFold.provenance() (bands, band_factors, band_scales, band_symmetric); ``search``:
+    the search record (stored as JSON under qroar.search)."""
+    if bands is not None:
+        writer.add_array(BANDS, [int(v) for v in bands["bands"]])
+        writer.add_array(BAND_FACTORS, [float(v) for v in bands["band_factors"]])
+        writer.add_array(BAND_SCALES, [float(v) for v in bands["band_scales"]])
+        writer.add_bool(BAND_SYMMETRIC, bool(bands["band_symmetric"]))
+    if search is not None:
+        writer.add_string(SEARCH, json.dumps(search, sort_keys=True))
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
@@ -77,7 +95,7 @@ def read_summary(path: str | Path) -> dict:
     for key in reader.fields:
         if key.startswith(PREFIX):
             value = field_value(reader, key)
-            if key == PARAMS:
+            if key in (PARAMS, SEARCH):
                 value = json.loads(value)
             provenance[key[len(PREFIX):]] = value
     summary["qroar"] = provenance or None
