@@ -99,11 +99,40 @@ def main() -> None:
 @click.option("--attn-scale/--no-attn-scale", default=None,
               help="yarn (and qroar on a yarn base): fold YaRN's attention scale 0.1*ln(r)+1 into W_Q and "
                    "W_K. Default on.")
+@click.option("--bands", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Frequency bands of rotary pairs (by rotations in the trained context) for --band-factors, "
+                   "--band-scales and --search.")
+@click.option("--band-factors", default=None, metavar="M1,M2,...",
+              help="Per-band rope_freqs multipliers on top of the plan (one per band; factors never below 1).")
+@click.option("--band-scales", default=None, metavar="A1,A2,...",
+              help="Per-band scales folded into W_Q/W_K rows (both rows of each pair, every head).")
+@click.option("--symmetric/--no-symmetric", default=True, show_default=True,
+              help="Band scales: W_Q*a and W_K/a (full-precision logits unchanged), or both *a.")
+@click.option("--search", is_flag=True,
+              help="Search per-band factors and scales on --dev-text for the quantized file (cached).")
+@click.option("--dev-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="--search: UTF-8 text to measure candidates on.")
+@click.option("--dev-ctx", type=click.IntRange(min=8), default=None,
+              help="--search: window length in tokens. Default: the target context.")
+@click.option("--dev-chunks", type=click.IntRange(min=1), default=None,
+              help="--search: at most this many windows of the dev text. Default: all.")
+@click.option("--search-budget", type=click.IntRange(min=1), default=12, show_default=True,
+              help="--search: candidate evaluations at most (the starting plan included).")
+@click.option("--search-seed", type=int, default=0, show_default=True, help="--search: seed (order of moves).")
+@click.option("--search-objective", type=click.Choice(["ppl", "kld"]), default="ppl", show_default=True,
+              help="--search: perplexity, or KL divergence against each candidate's unquantized file.")
+@click.option("--search-space", type=click.Choice(["both", "factors", "scales"]), default="both",
+              show_default=True, help="--search: which band values to search.")
+@click.option("--search-type-k", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="--search: key cache type while measuring.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def convert(model: Path, output: Path, target_ctx: int | None, scale: float | None, method: str, qtype: str,
             threads: int, keep_f16: Path | None, beta: float | None, agg: str | None, base: str | None,
-            attn_scale: bool | None, force: bool, quiet: bool) -> None:
+            attn_scale: bool | None, bands: int, band_factors: str | None, band_scales: str | None,
+            symmetric: bool, search: bool, dev_text: Path | None, dev_ctx: int | None, dev_chunks: int | None,
+            search_budget: int, search_seed: int, search_objective: str, search_space: str, search_type_k: str,
+            force: bool, quiet: bool) -> None:
     """Convert MODEL (a .safetensors file with config.json and tokenizer beside it, a
     model.safetensors.index.json, or the checkpoint directory) to a GGUF file."""
     from qroar_gguf.convert import ConvertOptions, convert as run_convert
@@ -115,7 +144,20 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
     options = ConvertOptions(method=method, target_ctx=target_ctx, scale=scale, qtype=qtype.upper(),
                              threads=threads, keep_f16=keep_f16, force=force, progress=_show_progress(quiet),
                              plan_options=plan_options)
-    result = run_convert(model, output, options)
+    from qroar_gguf.search import SearchSettings, apply_band_cli
+
+    apply_band_cli(options, bands, band_factors, band_scales, symmetric)
+    if search:
+        from qroar_gguf.search import search_and_convert
+
+        settings = SearchSettings(dev_text=dev_text, dev_ctx=dev_ctx, dev_chunks=dev_chunks, budget=search_budget,
+                                  seed=search_seed, objective=search_objective, space=search_space,
+                                  type_k=search_type_k)
+        result = search_and_convert(model, output, options, settings, log=None if quiet else click.echo)
+    else:
+        if dev_text is not None or dev_ctx is not None or dev_chunks is not None:
+            raise QroarError("--dev-text, --dev-ctx and --dev-chunks apply to --search only")
+        result = run_convert(model, output, options)
     if not quiet:
         f = result.factors
         click.echo(f"wrote {result.output} ({result.qtype}, {result.output.stat().st_size / 2**20:.1f} MiB) "
@@ -165,6 +207,19 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
                f"{json.dumps(params)}, context {prov.get('trained_context')} -> "
                f"{prov.get('target_context')}, attention scale folded {prov.get('attention_scale_folded'):.4g}, "
                f"source {prov.get('source')}")
+    if prov.get("bands") is not None:
+        starts = prov["bands"]
+        click.echo(f"bands (pairs {', '.join(f'{a}-{b - 1}' for a, b in zip(starts, starts[1:]))}): factors x"
+                   + ",".join(f"{v:.4g}" for v in prov["band_factors"]) + ", W_Q/W_K scales "
+                   + ",".join(f"{v:.4g}" for v in prov["band_scales"])
+                   + (" (symmetric: W_K divided)" if prov.get("band_symmetric") else " (non-symmetric)"))
+    if prov.get("search") is not None:
+        s = prov["search"]
+        moved = (f"ppl {s['start_ppl']:.6g} -> {s['ppl']:.6g}" if s["objective"] == "ppl"
+                 else f"KLD {s['start']:.6g} -> {s['reached']:.6g}")
+        click.echo(f"searched: {moved} in {s['evaluations']} of "
+                   f"{s['budget']} candidates on dev text {s['dev_text_sha256'][:12]} ({s['dev_text_tokens']} tokens, "
+                   f"ctx {s['dev_ctx']})")
 
 
 @main.command()
