@@ -1,0 +1,91 @@
+"""`eval` and `bench` from the command line, on a small real model (fast) and real text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from checkpoints import make_tiny_llama
+from test_convert import convert_ok, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny256(smollm2_dir: Path, tmp_path_factory) -> Path:
+    directory, _ = make_tiny_llama(tmp_path_factory.mktemp("tinyb") / "ckpt", smollm2_dir,
+                                   max_position_embeddings=256)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    from qroar_gguf.assets.austen import austen_text
+
+    return austen_text("Persuasion")
+
+
+def test_bench_builds_evaluates_and_caches(tiny256: Path, text: Path, tmp_path: Path):
+    out = tmp_path / "bench"
+    args = ["bench", tiny256, "--ctx", "256", "512", "--qtype", "Q4_0", "Q8_0", "--plans", "none", "linear",
+            "yarn", "qroar:beta=4", "--text", text, "--chunks", "2", "--out", out, "-q"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert len(rows) == 2 * 2 * 4
+    assert {(r["plan"], r["ctx"], r["qtype"]) for r in rows} == {
+        (p, c, q) for p in ("none", "linear", "yarn", "qroar:beta=4") for c in (256, 512) for q in ("Q4_0", "Q8_0")}
+    for r in rows:
+        assert r["n_chunks"] == 2 and r["ppl"] > 1 and r["kld_mean"] >= 0
+        # at the trained context the extended plans run the file built for 512
+        assert r["built_for_ctx"] == (r["ctx"] if r["plan"] == "none" else 512)
+    by = {(r["plan"], r["ctx"], r["qtype"]): r for r in rows}
+    assert "ratio_to_linear" not in by[("linear", 512, "Q4_0")]
+    assert by[("yarn", 512, "Q4_0")]["ratio_to_linear"] == pytest.approx(
+        by[("yarn", 512, "Q4_0")]["ppl"] / by[("linear", 512, "Q4_0")]["ppl"], rel=1e-9)
+    # Q8_0 stays closer to its F16 reference than Q4_0 does
+    assert by[("yarn", 512, "Q8_0")]["kld_mean"] < by[("yarn", 512, "Q4_0")]["kld_mean"]
+    assert (out / "results.md").read_text().count("\n| ") == len(rows) + 1
+    assert (out / "ppl_vs_ctx.png").read_bytes()[:4] == b"\x89PNG"
+
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in (out / "runs").iterdir()) == runs  # nothing re-measured
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+def test_eval_reports_ppl_kld_and_passkey(tiny256: Path, text: Path, tmp_path: Path):
+    ref, quant = tmp_path / "ref.gguf", tmp_path / "q.gguf"
+    convert_ok(tiny256, "-o", ref, "--method", "yarn", "--ctx", "512", "--qtype", "F16")
+    convert_ok(tiny256, "-o", quant, "--method", "yarn", "--ctx", "512", "--qtype", "Q4_0")
+    report = tmp_path / "eval.json"
+    result = run_cli("eval", quant, "--text", text, "--ctx", "512", "--chunks", "2", "--reference", ref,
+                     "--passkey", "--type-k", "q8_0", "--json", report, "-q")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["kld"]["n_chunks"] == 2 and data["kld"]["kld_mean"] > 0
+    assert 0 <= data["passkey"]["accuracy"] <= 1
+    assert "KLD mean" in result.stdout and "passkey accuracy" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "not_gguf", "too_short"])
+def test_eval_errors_are_one_line(case: str, tiny256: Path, text: Path, tmp_path: Path):
+    model = tmp_path / "m.gguf"
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    if case == "missing":
+        args = ["eval", tmp_path / "nope.gguf", "--text", text, "--ctx", "256"]
+    elif case == "not_gguf":
+        model.write_text("not a model")
+        args = ["eval", model, "--text", text, "--ctx", "256"]
+    else:
+        convert_ok(tiny256, "-o", model, "--method", "none", "--qtype", "Q8_0")
+        args = ["eval", model, "--text", short, "--ctx", "256"]
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and len(lines) <= 3, result.stderr  # click usage errors add a usage line
+    assert {"missing": "does not exist", "not_gguf": "not a GGUF", "too_short": "tokens"}[case] in result.stderr
