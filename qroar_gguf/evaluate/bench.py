@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from qroar_gguf import __version__
 from qroar_gguf.errors import QroarError
+from qroar_gguf.evaluate.perplexity import n_scored_per_chunk, ppl_standard_error
 
 REFERENCE_QTYPE = "F16"
 
@@ -130,7 +130,7 @@ class Bench:
                 Runtime(quant, n_ctx=ctx, threads=self.threads, type_k=self.type_k) as rt:
             res = kl_divergence(rt, ref, self.text, max_chunks=self.chunks, quiet=not self.progress,
                                 desc=f"{spec.label} {qtype} @ {ctx}")
-            row.update(ppl=res.ppl, ppl_se=_ppl_se(res.nll), ref_ppl=res.ref_ppl, ref_ppl_se=_ppl_se(res.ref_nll),
+            row.update(ppl=res.ppl, ppl_se=ppl_standard_error(res.nll), ref_ppl=res.ref_ppl, ref_ppl_se=ppl_standard_error(res.ref_nll),
                        kld_mean=res.mean, kld_median=res.median, kld_p99=res.p99, same_top_pct=res.same_top_pct,
                        n_chunks=res.n_chunks, n_scored=res.n_scored, seconds=res.seconds)
             if self.passkey_trials:
@@ -158,11 +158,6 @@ def _trained_context(model: Path) -> int:
         return read_hparams(ckpt.config).context_length
     finally:
         ckpt.close()
-
-
-def _ppl_se(nll: np.ndarray) -> float:
-    n = nll.size
-    return math.exp(float(nll.mean())) * float(nll.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
 
 
 def _safe(label: str) -> str:
@@ -212,7 +207,10 @@ def _add_ratios(bench: Bench, rows: list[dict]) -> None:
             ref = index.get((other, row["ctx"], row["qtype"]))
             if ref is None or ref is row:
                 continue
-            cmp = paired_compare(bench.nll(row), bench.nll(ref))
+            # With several windows, the standard error comes from per-window mean differences (tokens
+            # within a window are correlated); with one window it is per token.
+            block = n_scored_per_chunk(row["ctx"]) if row["n_chunks"] > 1 else None
+            cmp = paired_compare(bench.nll(row), bench.nll(ref), block=block)
             row[f"ratio_to_{other}"] = cmp.ppl_ratio
             row[f"ratio_to_{other}_ci95"] = list(cmp.ratio_ci95)
 

@@ -127,6 +127,21 @@ def progress_enabled(quiet: bool) -> bool:
 
 
 # -- result ---------------------------------------------------------------------------------------
+def nll_standard_error(nll: np.ndarray) -> float:
+    """Standard error of the mean NLL (llama-perplexity's: population variance over N-1)."""
+    n = nll.size
+    if n < 2:
+        return float("nan")
+    mean = float(nll.mean())
+    var = float(np.mean(nll**2) - mean**2)
+    return math.sqrt(max(var, 0.0) / (n - 1))
+
+
+def ppl_standard_error(nll: np.ndarray) -> float:
+    """Delta method: ``PPL * SE(mean NLL)``, as llama-perplexity prints after ``+/-``."""
+    return math.exp(float(nll.mean())) * nll_standard_error(nll)
+
+
 @dataclass
 class PerplexityResult:
     """Per-token NLLs (chunk-major, ``n_ctx - 1 - n_ctx//2`` per chunk) and their summary."""
@@ -148,12 +163,7 @@ class PerplexityResult:
 
     @property
     def nll_se(self) -> float:
-        """Standard error of the mean NLL (llama-perplexity's: population variance over N-1)."""
-        n = self.nll.size
-        if n < 2:
-            return float("nan")
-        var = float(np.mean(self.nll**2) - self.mean_nll**2)
-        return math.sqrt(max(var, 0.0) / (n - 1))
+        return nll_standard_error(self.nll)
 
     @property
     def ppl(self) -> float:

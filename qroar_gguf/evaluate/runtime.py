@@ -104,7 +104,26 @@ def _ensure_backend(verbose: bool) -> None:
             _backend_ready = True
 
 
-class GgufModel:
+class _Closing:
+    """`with` support and a best-effort close on garbage collection, for owners of libllama handles."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class GgufModel(_Closing):
     """Weights and vocabulary of one GGUF file (``llama_model``). Close it, or use ``with``."""
 
     def __init__(self, path: str | Path, *, n_gpu_layers: int = -1, verbose: bool = False):
@@ -145,18 +164,6 @@ class GgufModel:
                 rt.close()
             _lib().llama_model_free(model)
             self._vocab = None
-
-    def __enter__(self) -> "GgufModel":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- vocabulary ------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -203,7 +210,7 @@ class GgufModel:
         return bool(_lib().llama_vocab_is_eog(self._vocab, int(token)))
 
 
-class Runtime:
+class Runtime(_Closing):
     """One libllama context on a model, plus a reusable batch.
 
     ``model`` is a path (the runtime loads and owns the model) or an open ``GgufModel`` (shared; the
@@ -311,18 +318,6 @@ class Runtime:
             if getattr(self, "_own_model", False):
                 self._own_model = False
                 model.close()
-
-    def __enter__(self) -> "Runtime":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- conveniences ----------------------------------------------------------------------------
     @property
