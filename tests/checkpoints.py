@@ -92,7 +92,8 @@ def make_tiny_llama(directory: Path, tokenizer_dir: Path, dtype: str = "F16", se
                     **config_overrides) -> tuple[Path, dict[str, np.ndarray]]:
     """A random Llama checkpoint with a real tokenizer (copied from `tokenizer_dir`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    vocab_size = config_overrides.pop("vocab_size", None) or \
+        json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
     config = tiny_llama_config(vocab_size, **config_overrides)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     for name in TOKENIZER_FILES:

@@ -326,3 +326,34 @@ def test_help_names_defaults():
     flat = " ".join(result.stdout.split())  # click wraps lines
     for text in ("--ctx", "--method", "--qtype", "Q4_K_M", "--keep-f16", "--force", "4x the trained"):
         assert text in flat
+
+
+# SentencePiece tokenizers (Llama 2, TinyLlama, Mistral) ----------------------------------------------
+
+def test_sentencepiece_checkpoint_tokenizes_like_sentencepiece(tmp_path: Path, smollm2_dir: Path):
+    import llama_cpp
+    import sentencepiece as spm
+
+    from qroar_gguf.assets.austen import austen_text
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(austen_text("Persuasion").read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=512,
+                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,  # as Llama
+                                   minloglevel=2)
+    directory, _ = make_tiny_llama(tmp_path / "spm", smollm2_dir, vocab_size=512)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (directory / name).unlink(missing_ok=True)
+    (tmp_path / "tokenizer.model").rename(directory / "tokenizer.model")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False}))
+
+    out = tmp_path / "spm.gguf"
+    convert_ok(directory, "-o", out, "--qtype", "Q8_0", "--ctx", "4096")
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+    text = "Anne Elliot walked 12 miles, naïvely — to Kellynch!  Twice."
+    model = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    assert model.tokenize(text.encode(), add_bos=True) == [1] + sp.encode(text)
+    model.close()
