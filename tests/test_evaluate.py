@@ -129,7 +129,12 @@ def test_prefill_reuses_common_prefix(model, text):
         warm = r.logits()[-1].copy()
         r.append(int(toks[299]))
         assert r.prefill(b) == 1  # all but the last token kept; it is decoded again for its logits
-        np.testing.assert_array_equal(r.logits()[-1], warm)
+        # A 1-token batch takes other CPU kernels than the 50-token one (different summation order), so
+        # the logits agree closely rather than bit for bit; a wrongly reused cache would not.
+        again = r.logits()[-1]
+        assert int(again.argmax()) == int(warm.argmax())
+        np.testing.assert_allclose(again, warm, atol=0.5)
+        assert np.corrcoef(again, warm)[0, 1] > 0.999
         assert r.prefill(b, reuse=False) == 200
         np.testing.assert_allclose(r.logits()[-1], warm, atol=1e-4)
 
