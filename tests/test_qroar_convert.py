@@ -98,3 +98,20 @@ def test_plan_options_need_qroar(tiny, tmp_path: Path):
     result = run_cli(directory, "-o", tmp_path / "x.gguf", "--method", "yarn", "--beta", "2")
     assert result.returncode != 0 and "apply to --method qroar only" in result.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_source_llama3_factors_are_kept_and_multiplied(smollm2_dir: Path, tmp_path: Path):
+    from qroar_gguf.rope.plans import source_factors
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256}
+    directory, _ = make_tiny_llama(tmp_path / "l31", smollm2_dir, rope_scaling=scaling, rope_theta=500000.0)
+    out = tmp_path / "l31.gguf"
+    convert_ok(directory, "-o", out, "--method", "linear", "--ctx", "4096", "--qtype", "F16")
+    theirs, _ = source_factors(json.loads((directory / "config.json").read_text()), 64)
+    assert theirs is not None and theirs.max() == pytest.approx(8.0) and theirs.min() == pytest.approx(1.0)
+    factors = np.asarray(gguf_tensors(out)["rope_freqs.weight"].data)
+    np.testing.assert_allclose(factors, 2.0 * theirs, rtol=1e-6)  # 2048 -> 4096 on top of llama3's own
+    summary = json.loads(run_cli("inspect", out, "--json").stdout)
+    assert summary["qroar"]["source_factors"] == pytest.approx(list(theirs))
+    assert summary["qroar"]["trained_context"] == 2048
