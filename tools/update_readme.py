@@ -4,6 +4,8 @@
 Sections between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` are replaced:
   quality   from bench/*/results.json (tools/bench_smollm2.sh)
   convert   from tools/results/convert_bench.json (tools/bench_convert.py)
+  tail      from tools/results/tail_inflation.json (tools/bench_tail.py)
+  weights   from tools/results/band_weight_error.json (tools/bench_band_weight_error.py)
 """
 
 from __future__ import annotations
@@ -48,10 +50,46 @@ def convert_section() -> str:
             f"({r['largest_tensor']['name']}, {r['largest_tensor']['mib']:.0f} MiB).\n")
 
 
+def tail_section() -> str:
+    path = REPO / "tools" / "results" / "tail_inflation.json"
+    if not path.is_file():
+        return "_Not measured yet: run `python tools/bench_tail.py`._\n"
+    r = json.loads(path.read_text())
+    lines = [f"`python tools/bench_tail.py` → `tools/results/tail_inflation.json` ({r['model']}, {r['short_ctx']} → "
+             f"{r['long_ctx']} tokens, quantile {r['quantile']}; TIR / largest per-layer ratio):", "",
+             "| plan | high | ramp | low | all pairs |", "|---|---|---|---|---|"]
+    rows = dict(r["plans"])
+    if r.get("control"):
+        rows[f"control (none at {r['control']['ctx'] if 'ctx' in r['control'] else 'L'})"] = r["control"]
+    for name, plan in rows.items():
+        cells = []
+        for band in ("high", "ramp", "low", "all"):
+            b = plan["bands"][band]
+            cells.append(f"{b['tir']:.3f} / {max(b['per_layer']):.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def weights_section() -> str:
+    path = REPO / "tools" / "results" / "band_weight_error.json"
+    if not path.is_file():
+        return "_Not measured yet: run `python tools/bench_band_weight_error.py`._\n"
+    r = json.loads(path.read_text())
+    lines = [f"`python tools/bench_band_weight_error.py` → `tools/results/band_weight_error.json` ({r['model']}, "
+             f"{r['plan']} at {r['ctx']}, {r['bands']} bands; relative W_Q/W_K error per band):", "",
+             "| band scales | qtype | band 0 | band 1 | band 2 | band 3 |", "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['setting']} | {row['qtype']} | "
+                     + " | ".join(f"{e:.4f}" for e in row["relative_error_per_band"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
-    for name, body in (("quality", quality_section()), ("convert", convert_section())):
+    sections = (("quality", quality_section()), ("convert", convert_section()), ("tail", tail_section()),
+                ("weights", weights_section()))
+    for name, body in sections:
         pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
         if not pattern.search(text):
             sys.exit(f"README.md has no generated:{name} markers")
