@@ -35,7 +35,7 @@ DEFAULT_SCALE = 4
 
 @dataclass
 class ConvertOptions:
-    method: str = "linear"
+    method: str = "qroar"
     target_ctx: int | None = None  # None: `scale` x trained context (DEFAULT_SCALE when both are None)
     scale: float | None = None
     qtype: str = "Q4_K_M"
