@@ -171,8 +171,7 @@ class PerplexityResult:
 
     @property
     def ppl_se(self) -> float:
-        """Delta method: ``PPL * SE(mean NLL)``, as llama-perplexity prints after ``+/-``."""
-        return self.ppl * self.nll_se
+        return ppl_standard_error(self.nll)
 
     @property
     def chunk_ppl(self) -> np.ndarray:
