@@ -30,12 +30,9 @@ def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads:
 
     work = cache_dir() / "demo"
     work.mkdir(exist_ok=True)
-    from qroar_gguf.arch.llama import read_hparams
-    from qroar_gguf.source.checkpoint import open_checkpoint
+    from qroar_gguf.source.checkpoint import checkpoint_hparams
 
-    ckpt = open_checkpoint(model_dir)
-    trained = read_hparams(ckpt.config).context_length
-    ckpt.close()
+    trained = checkpoint_hparams(model_dir).context_length
     target = ctx or 2 * trained
 
     say(f"2/4 convert: --method {method} --ctx {target} --qtype {qtype} (and an unscaled file to compare)")

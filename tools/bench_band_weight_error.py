@@ -53,11 +53,10 @@ def band_errors(f32: Path, quant: Path, pair_band: np.ndarray, n_bands: int) -> 
 
 
 def main() -> None:
-    from qroar_gguf.arch.llama import read_hparams
     from qroar_gguf.convert import ConvertOptions, convert
     from qroar_gguf.rope.bands import pair_bands
     from qroar_gguf.rope.plans import RopeFacts
-    from qroar_gguf.source.checkpoint import open_checkpoint
+    from qroar_gguf.source.checkpoint import checkpoint_hparams
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path)
@@ -69,9 +68,7 @@ def main() -> None:
         from qroar_gguf.assets.smollm2 import default_model_dir
 
         args.model = default_model_dir(progress=False)
-    ckpt = open_checkpoint(args.model)
-    hp = read_hparams(ckpt.config)
-    ckpt.close()
+    hp = checkpoint_hparams(args.model)
     facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=hp.context_length, target_ctx=args.ctx)
     n_bands = 4
     pair_band = pair_bands(facts, n_bands)

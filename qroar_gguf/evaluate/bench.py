@@ -149,17 +149,6 @@ class Bench:
         return arrays[-1][1 if reference else 0]
 
 
-def _trained_context(model: Path) -> int:
-    from qroar_gguf.arch.llama import read_hparams
-    from qroar_gguf.source.checkpoint import open_checkpoint
-
-    ckpt = open_checkpoint(model)
-    try:
-        return read_hparams(ckpt.config).context_length
-    finally:
-        ckpt.close()
-
-
 def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_=" else "_" for c in label)
 
@@ -170,7 +159,9 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
     specs = [PlanSpec.parse(p) for p in plans]
     qtypes = [q.upper() for q in qtypes]
     bench = Bench(model, text, out, threads, progress, chunks, type_k, passkey_trials)
-    trained = _trained_context(model)
+    from qroar_gguf.source.checkpoint import checkpoint_hparams
+
+    trained = checkpoint_hparams(model).context_length
     extended = sorted(c for c in ctxs if c > trained)
     rows: list[dict] = []
     jobs = [(s, c, q) for c in ctxs for s in specs for q in qtypes]

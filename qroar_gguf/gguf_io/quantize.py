@@ -79,7 +79,6 @@ def quantize_gguf(source: Path, target: Path, qtype: str, threads: int, progress
 
 def _restore_default_log() -> None:
     """Back to the process-wide setting the evaluators use (quiet unless asked)."""
-    from qroar_gguf.evaluate import runtime
+    from qroar_gguf.evaluate.runtime import reinstall_llama_logging
 
-    runtime._log_verbose = None  # our callback replaced theirs: make set_llama_logging apply it again
-    runtime.set_llama_logging(False)
+    reinstall_llama_logging()
