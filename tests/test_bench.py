@@ -56,6 +56,47 @@ def test_bench_builds_evaluates_and_caches(tiny256: Path, text: Path, tmp_path: 
     assert json.loads((out / "results.json").read_text())["rows"] == rows
 
 
+def test_bench_band_plans_and_key_cache_axis(tiny256: Path, text: Path, tmp_path: Path):
+    """A searched variant is a plan spec (band values separated by `/`) and builds exactly what convert's
+    band flags build; --type-k is an axis whose rows are paired only within the same key cache."""
+    import numpy as np
+
+    from checkpoints import gguf_tensors
+
+    out = tmp_path / "bench"
+    banded = "qroar:band_factors=1/1/1.25/1,band_scales=1/1/1/1.1,symmetric=false"
+    result = run_cli("bench", tiny256, "--ctx", "512", "--qtype", "Q8_0", "--plans", "yarn", banded,
+                     "--type-k", "f16", "q4_0", "--text", text, "--out", out, "-q")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["type_ks"] == ["f16", "q4_0"]
+    by = {(r["plan"], r["type_k"]): r for r in results["rows"]}
+    assert set(by) == {(p, k) for p in ("yarn", banded) for k in ("f16", "q4_0")}
+    for k in ("f16", "q4_0"):
+        assert by[(banded, k)]["ratio_to_yarn"] == pytest.approx(by[(banded, k)]["ppl"] / by[("yarn", k)]["ppl"],
+                                                                 rel=1e-9)
+    # a 4-bit key cache changes the measurement
+    assert by[("yarn", "q4_0")]["ppl"] != by[("yarn", "f16")]["ppl"]
+    assert " q4_0 " in (out / "results.md").read_text()
+
+    built = [p for p in (out / "models").glob("*.F16.*.gguf") if p.name.startswith("qroar")]
+    assert len(built) == 1
+    direct = tmp_path / "direct.gguf"
+    convert_ok("convert", tiny256, "-o", direct, "--ctx", "512", "--qtype", "F16", "--beta", "8",
+               "--band-factors", "1,1,1.25,1", "--band-scales", "1,1,1,1.1", "--no-symmetric")
+    ours, theirs = gguf_tensors(built[0]), gguf_tensors(direct)
+    assert set(ours) == set(theirs)
+    for name in ours:
+        assert np.array_equal(ours[name].data, theirs[name].data), name
+
+
+def test_bench_rejects_bad_band_values(tiny256: Path, text: Path, tmp_path: Path):
+    result = run_cli("bench", tiny256, "--ctx", "512", "--qtype", "Q8_0", "--plans", "qroar:band_factors=1/2",
+                     "--text", text, "--out", tmp_path / "b", "-q")
+    assert result.returncode != 0
+    assert "--band-factors" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_eval_reports_ppl_kld_and_passkey(tiny256: Path, text: Path, tmp_path: Path):
     ref, quant = tmp_path / "ref.gguf", tmp_path / "q.gguf"
     convert_ok(tiny256, "-o", ref, "--method", "yarn", "--ctx", "512", "--qtype", "F16")

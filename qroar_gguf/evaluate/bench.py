@@ -26,13 +26,36 @@ from qroar_gguf.evaluate.perplexity import n_scored_per_chunk, ppl_standard_erro
 REFERENCE_QTYPE = "F16"
 
 
+BAND_KEYS = ("bands", "band_factors", "band_scales", "symmetric")
+
+
 @dataclass(frozen=True)
 class PlanSpec:
-    """`name[:key=value,...]`, e.g. `yarn`, `yarn:attn_scale=false`, `qroar:beta=4,base=yarn`."""
+    """`name[:key=value,...]`, e.g. `yarn`, `yarn:attn_scale=false`, `qroar:beta=4,base=yarn`.
+
+    Band values (a searched variant) use `/` between bands, since `,` separates options:
+    `qroar:band_factors=1/1/1.1/1.25,band_scales=1/1/0.9/1,symmetric=false` (`bands` defaults to 4).
+    """
 
     label: str
     method: str
     options: dict
+
+    def convert_options(self, ctx: int, qtype: str, threads: int, progress: bool):
+        """The ConvertOptions that build this plan's file for target context `ctx`."""
+        from qroar_gguf.convert import ConvertOptions
+        from qroar_gguf.search import apply_band_cli
+
+        plan_options = {k: v for k, v in self.options.items() if k not in BAND_KEYS}
+        options = ConvertOptions(method=self.method, target_ctx=ctx, qtype=qtype, threads=threads,
+                                 progress=progress, plan_options=plan_options)
+        band = {k: self.options[k] for k in BAND_KEYS if k in self.options}
+        if band:
+            values = {k: None if k not in band else str(band[k]).replace("/", ",")
+                      for k in ("band_factors", "band_scales")}
+            apply_band_cli(options, int(band.get("bands", options.bands)), values["band_factors"],
+                           values["band_scales"], bool(band.get("symmetric", True)))
+        return options
 
     @classmethod
     def parse(cls, text: str) -> "PlanSpec":
@@ -79,9 +102,9 @@ def _file_digest(path: Path) -> str:
 
 class Bench:
     def __init__(self, model: Path, text: Path, out: Path, threads: int, progress: bool, chunks: int,
-                 type_k: str, passkey_trials: int):
+                 passkey_trials: int):
         self.model, self.text_path, self.out = model, text, out
-        self.threads, self.progress, self.chunks, self.type_k = threads, progress, chunks, type_k
+        self.threads, self.progress, self.chunks = threads, progress, chunks
         self.passkey_trials = passkey_trials
         self.text = text.read_text(encoding="utf-8")
         self.text_digest = _digest(self.text)
@@ -92,7 +115,7 @@ class Bench:
     # -- building ------------------------------------------------------------------------------
     def build(self, spec: PlanSpec, ctx: int, qtype: str) -> Path:
         """The GGUF of one plan at one context and quantization, built once."""
-        from qroar_gguf.convert import ConvertOptions, convert
+        from qroar_gguf.convert import convert
         from qroar_gguf.gguf_io.quantize import quantize_gguf
 
         key = _digest(__version__, self.source, spec.method, spec.options, ctx, qtype)
@@ -100,9 +123,7 @@ class Bench:
         if path.is_file():
             return path
         if qtype == REFERENCE_QTYPE:
-            convert(self.model, path, ConvertOptions(method=spec.method, target_ctx=ctx, qtype=qtype,
-                                                     threads=self.threads, progress=self.progress,
-                                                     plan_options=dict(spec.options)))
+            convert(self.model, path, spec.convert_options(ctx, qtype, self.threads, self.progress))
         else:
             reference = self.build(spec, ctx, REFERENCE_QTYPE)
             partial = path.with_name(path.name + ".partial")
@@ -111,23 +132,23 @@ class Bench:
         return path
 
     # -- measuring -----------------------------------------------------------------------------
-    def evaluate(self, spec: PlanSpec, ctx: int, qtype: str, built_for: int) -> dict:
-        """PPL, KLD against the same plan's F16 file, per-token NLLs at `ctx`, of the files built for
-        target context `built_for`; cached."""
+    def evaluate(self, spec: PlanSpec, ctx: int, qtype: str, built_for: int, type_k: str = "f16") -> dict:
+        """PPL, KLD against the same plan's F16 file, per-token NLLs at `ctx` with key cache `type_k`
+        (both models), of the files built for target context `built_for`; cached."""
         from qroar_gguf.evaluate.kld import kl_divergence
         from qroar_gguf.evaluate.runtime import Runtime
 
         quant, reference = self.build(spec, built_for, qtype), self.build(spec, built_for, REFERENCE_QTYPE)
         key = _digest(_file_digest(quant), _file_digest(reference), ctx, self.chunks, self.text_digest,
-                      self.type_k, self.passkey_trials)
+                      type_k, self.passkey_trials)
         record = self.out / "runs" / f"{_safe(spec.label)}.{ctx}.{qtype}.{key}.json"
         nll_path = record.with_suffix(".nll.npy")
         if record.is_file() and nll_path.is_file():
-            return json.loads(record.read_text())
+            return {**json.loads(record.read_text()), "run": record.name}
         row: dict = {"plan": spec.label, "method": spec.method, "options": spec.options, "ctx": ctx,
-                     "built_for_ctx": built_for, "qtype": qtype, "type_k": self.type_k, "file": quant.name}
-        with Runtime(reference, n_ctx=ctx, threads=self.threads, type_k=self.type_k) as ref, \
-                Runtime(quant, n_ctx=ctx, threads=self.threads, type_k=self.type_k) as rt:
+                     "built_for_ctx": built_for, "qtype": qtype, "type_k": type_k, "file": quant.name}
+        with Runtime(reference, n_ctx=ctx, threads=self.threads, type_k=type_k) as ref, \
+                Runtime(quant, n_ctx=ctx, threads=self.threads, type_k=type_k) as rt:
             res = kl_divergence(rt, ref, self.text, max_chunks=self.chunks, quiet=not self.progress,
                                 desc=f"{spec.label} {qtype} @ {ctx}")
             row.update(ppl=res.ppl, ppl_se=ppl_standard_error(res.nll), ref_ppl=res.ref_ppl, ref_ppl_se=ppl_standard_error(res.ref_nll),
@@ -140,13 +161,11 @@ class Bench:
                 row.update(passkey=pk.accuracy, passkey_by_depth=pk.to_dict()["by_depth"])
         np.save(nll_path, np.stack([res.nll, res.ref_nll]))
         record.write_text(json.dumps(row, indent=2))
-        return row
+        return {**row, "run": record.name}
 
     def nll(self, row: dict, reference: bool = False) -> np.ndarray:
-        matches = list((self.out / "runs").glob(f"{_safe(row['plan'])}.{row['ctx']}.{row['qtype']}.*.nll.npy"))
-        arrays = [np.load(p) for p in matches]
-        arrays = [a for a in arrays if a.shape[1] == row["n_scored"]]
-        return arrays[-1][1 if reference else 0]
+        """Per-token NLLs of the evaluation behind `row` (the reference's with `reference`)."""
+        return np.load((self.out / "runs" / row["run"]).with_suffix(".nll.npy"))[1 if reference else 0]
 
 
 def _safe(label: str) -> str:
@@ -154,31 +173,32 @@ def _safe(label: str) -> str:
 
 
 def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str], text: Path, out: Path,
-              chunks: int = 1, type_k: str = "f16", passkey_trials: int = 0, threads: int = 2,
+              chunks: int = 1, type_k: str | list[str] = "f16", passkey_trials: int = 0, threads: int = 2,
               progress: bool = True) -> dict:
     specs = [PlanSpec.parse(p) for p in plans]
     qtypes = [q.upper() for q in qtypes]
-    bench = Bench(model, text, out, threads, progress, chunks, type_k, passkey_trials)
+    type_ks = [type_k] if isinstance(type_k, str) else list(type_k)
+    bench = Bench(model, text, out, threads, progress, chunks, passkey_trials)
     from qroar_gguf.source.checkpoint import checkpoint_hparams
 
     trained = checkpoint_hparams(model).context_length
     extended = sorted(c for c in ctxs if c > trained)
     rows: list[dict] = []
-    jobs = [(s, c, q) for c in ctxs for s in specs for q in qtypes]
+    jobs = [(s, c, q, k) for k in type_ks for c in ctxs for s in specs for q in qtypes]
     t0 = time.monotonic()
-    for i, (spec, ctx, qtype) in enumerate(jobs, 1):
+    for i, (spec, ctx, qtype, tk) in enumerate(jobs, 1):
         # A file is built for a target context; rows at or below the trained context run the file
         # built for the smallest extended target, to show what extension costs at short context.
         built_for = ctx if ctx > trained or spec.method == "none" else (extended[0] if extended else 2 * trained)
-        row = bench.evaluate(spec, ctx, qtype, built_for)
+        row = bench.evaluate(spec, ctx, qtype, built_for, tk)
         rows.append(row)
-        click.echo(f"[{i}/{len(jobs)}] {spec.label:<24} {qtype:<7} ctx {ctx:>6}: PPL {row['ppl']:8.3f} "
+        click.echo(f"[{i}/{len(jobs)}] {spec.label:<24} {qtype:<7} K {tk:<4} ctx {ctx:>6}: PPL {row['ppl']:8.3f} "
                    f"(F16 {row['ref_ppl']:.3f}), KLD {row['kld_mean']:.4f}"
                    + (f", passkey {row['passkey']:.0%}" if "passkey" in row else "")
                    + f"  [{time.monotonic() - t0:.0f} s]", err=True)
     _add_ratios(bench, rows)
     results = {"version": __version__, "model": str(model), "text": text.name, "text_sha": bench.text_digest,
-               "chunks": chunks, "type_k": type_k, "ctxs": ctxs, "qtypes": qtypes, "plans": plans, "rows": rows}
+               "chunks": chunks, "type_k": ", ".join(type_ks), "type_ks": type_ks, "ctxs": ctxs, "qtypes": qtypes, "plans": plans, "rows": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
     try:
@@ -189,13 +209,13 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
 
 
 def _add_ratios(bench: Bench, rows: list[dict]) -> None:
-    """Paired ratios to linear and yarn (same ctx and qtype, same tokens) with 95% intervals."""
+    """Paired ratios to linear and yarn (same ctx, qtype and key cache, same tokens) with 95% intervals."""
     from qroar_gguf.evaluate.paired import paired_compare
 
-    index = {(r["plan"], r["ctx"], r["qtype"]): r for r in rows}
+    index = {(r["plan"], r["ctx"], r["qtype"], r["type_k"]): r for r in rows}
     for row in rows:
         for other in ("linear", "yarn"):
-            ref = index.get((other, row["ctx"], row["qtype"]))
+            ref = index.get((other, row["ctx"], row["qtype"], row["type_k"]))
             if ref is None or ref is row:
                 continue
             # With several windows, the standard error comes from per-window mean differences (tokens
@@ -211,8 +231,8 @@ def results_markdown(results: dict) -> str:
              f"context, key cache {results['type_k']}. PPL of the second half of each window "
              "(llama-perplexity's protocol) +/- standard error; ratios are paired on the same tokens (95% "
              "interval); KLD is against the same plan's unquantized F16 file.", "",
-             "| plan | qtype | ctx | PPL | F16 PPL | / linear | / yarn | KLD | same top % | passkey |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| plan | qtype | K cache | ctx | PPL | F16 PPL | / linear | / yarn | KLD | same top % | passkey |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(row: dict, other: str) -> str:
         if f"ratio_to_{other}" not in row:
@@ -220,9 +240,9 @@ def results_markdown(results: dict) -> str:
         lo, hi = row[f"ratio_to_{other}_ci95"]
         return f"{row[f'ratio_to_{other}']:.3f} [{lo:.3f}, {hi:.3f}]"
 
-    for r in sorted(results["rows"], key=lambda r: (r["ctx"], r["qtype"], r["ppl"])):
+    for r in sorted(results["rows"], key=lambda r: (r["type_k"], r["ctx"], r["qtype"], r["ppl"])):
         passkey = f"{r['passkey']:.0%}" if "passkey" in r else "-"
-        lines.append(f"| {r['plan']} | {r['qtype']} | {r['ctx']} | {r['ppl']:.3f} +/- {r['ppl_se']:.3f} | "
+        lines.append(f"| {r['plan']} | {r['qtype']} | {r['type_k']} | {r['ctx']} | {r['ppl']:.3f} +/- {r['ppl_se']:.3f} | "
                      f"{r['ref_ppl']:.3f} | {ratio(r, 'linear')} | {ratio(r, 'yarn')} | {r['kld_mean']:.4f} | "
                      f"{r['same_top_pct']:.1f} | {passkey} |")
     return "\n".join(lines) + "\n"
@@ -236,12 +256,15 @@ def plot_ppl_vs_ctx(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results["qtypes"]), figsize=(6 * len(results["qtypes"]), 4.5), squeeze=False)
     for ax, qtype in zip(axes[0], results["qtypes"]):
+        type_ks = results.get("type_ks", [results["type_k"]])
         for plan in results["plans"]:
-            pts = sorted((r["ctx"], r["ppl"], r["ppl_se"]) for r in results["rows"]
-                         if r["plan"] == plan and r["qtype"] == qtype)
-            if pts:
-                x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=plan)
+            for tk in type_ks:
+                pts = sorted((r["ctx"], r["ppl"], r["ppl_se"]) for r in results["rows"]
+                             if r["plan"] == plan and r["qtype"] == qtype and r["type_k"] == tk)
+                if pts:
+                    x, y, e = zip(*pts)
+                    ax.errorbar(x, y, yerr=e, marker="o", capsize=3,
+                                label=plan if len(type_ks) == 1 else f"{plan} (K {tk})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
