@@ -22,7 +22,7 @@ class DefaultToConvert(click.Group):
 
     # Options of these commands take several values at once (`--ctx 16384 32768`): click wants the
     # option repeated, so the values are spread over repeated options before parsing.
-    LIST_OPTIONS = {"bench": ("--ctx", "--qtype", "--plans", "--type-k")}
+    LIST_OPTIONS = {"bench": ("--ctx", "--qtype", "--plans", "--type-k", "--passkey-depths")}
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
@@ -287,12 +287,16 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
               show_default=True, help="Key cache type(s), an axis like --ctx: --type-k f16 q4_0.")
 @click.option("--passkey-trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="Passkey keys per depth (0: no passkey test).")
+@click.option("--passkey-depths", "passkey_depths", type=click.FloatRange(0, 1), multiple=True,
+              help="Depths of the hidden key, fractions of the prompt: --passkey-depths 0.1 0.5 0.9. "
+                   "Default: 0.1 to 0.9 in steps of 0.1.")
 @click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for results.json, results.md, ppl_vs_ctx.png and the cached files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tuple[str, ...], text_path: Path,
-          chunks: int, type_ks: tuple[str, ...], passkey_trials: int, threads: int, out: Path, quiet: bool) -> None:
+          chunks: int, type_ks: tuple[str, ...], passkey_trials: int, passkey_depths: tuple[float, ...], threads: int,
+          out: Path, quiet: bool) -> None:
     """Build every plan's GGUF from MODEL (HF checkpoint) and compare them all on the same chunks.
 
     Plans may carry band values with `/` between bands, e.g. a searched variant
@@ -301,7 +305,8 @@ def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tu
     from qroar_gguf.evaluate.bench import run_bench
 
     run_bench(model, list(ctxs), list(qtypes), list(plans), text_path, out, chunks=chunks, type_k=list(type_ks),
-              passkey_trials=passkey_trials, threads=threads, progress=_show_progress(quiet))
+              passkey_trials=passkey_trials, passkey_depths=list(passkey_depths) or None, threads=threads,
+              progress=_show_progress(quiet))
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ppl_vs_ctx.png'}")
     click.echo((out / "results.md").read_text())
 

@@ -66,7 +66,8 @@ def test_bench_band_plans_and_key_cache_axis(tiny256: Path, text: Path, tmp_path
     out = tmp_path / "bench"
     banded = "qroar:band_factors=1/1/1.25/1,band_scales=1/1/1/1.1,symmetric=false"
     result = run_cli("bench", tiny256, "--ctx", "512", "--qtype", "Q8_0", "--plans", "yarn", banded,
-                     "--type-k", "f16", "q4_0", "--text", text, "--out", out, "-q")
+                     "--type-k", "f16", "q4_0", "--passkey-trials", "1", "--passkey-depths", "0.2", "0.8",
+                     "--text", text, "--out", out, "-q")
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["type_ks"] == ["f16", "q4_0"]
@@ -77,6 +78,9 @@ def test_bench_band_plans_and_key_cache_axis(tiny256: Path, text: Path, tmp_path
                                                                  rel=1e-9)
     # a 4-bit key cache changes the measurement
     assert by[("yarn", "q4_0")]["ppl"] != by[("yarn", "f16")]["ppl"]
+    for r in results["rows"]:
+        assert set(r["passkey_by_depth"]) == {"0.2", "0.8"} and 0 <= r["passkey"] <= 1
+    assert len(list((out / "runs").glob("*.passkey.*.json"))) == 4
     assert " q4_0 " in (out / "results.md").read_text()
 
     built = [p for p in (out / "models").glob("*.F16.*.gguf") if p.name.startswith("qroar")]
@@ -88,6 +92,22 @@ def test_bench_band_plans_and_key_cache_axis(tiny256: Path, text: Path, tmp_path
     assert set(ours) == set(theirs)
     for name in ours:
         assert np.array_equal(ours[name].data, theirs[name].data), name
+
+
+def test_bench_dirs_share_finished_measurements(tiny256: Path, text: Path, tmp_path: Path, monkeypatch):
+    """A second bench directory reads what the first measured on identical files (and measures nothing)."""
+    monkeypatch.setenv("QROAR_CACHE", str(tmp_path / "cache"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--ctx", "512", "--qtype", "Q8_0", "--text", text, "-q"]
+    assert run_cli("bench", tiny256, "--plans", "linear", "yarn", "--out", first, *common).returncode == 0
+    shared = list((tmp_path / "cache" / "bench-runs").glob("yarn.512.Q8_0.*.json"))
+    assert len(shared) == 1
+    record = json.loads(shared[0].read_text())
+    shared[0].write_text(json.dumps({**record, "ppl": 12345.0}))  # mark it: only the cache can say this
+    result = run_cli("bench", tiny256, "--plans", "yarn", "--out", second, *common)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((second / "results.json").read_text())["rows"][0]["ppl"] == 12345.0
+    assert (second / "runs" / shared[0].name).is_file()
 
 
 def test_bench_rejects_bad_band_values(tiny256: Path, text: Path, tmp_path: Path):

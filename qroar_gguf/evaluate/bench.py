@@ -102,15 +102,21 @@ def _file_digest(path: Path) -> str:
 
 class Bench:
     def __init__(self, model: Path, text: Path, out: Path, threads: int, progress: bool, chunks: int,
-                 passkey_trials: int):
+                 passkey_trials: int, passkey_depths: tuple[float, ...] | None = None):
+        from qroar_gguf.evaluate.passkey import DEFAULT_DEPTHS
+        from qroar_gguf.paths import cache_dir
+
         self.model, self.text_path, self.out = model, text, out
         self.threads, self.progress, self.chunks = threads, progress, chunks
         self.passkey_trials = passkey_trials
+        self.passkey_depths = tuple(float(d) for d in (passkey_depths or DEFAULT_DEPTHS))
+        self.runs, self.shared = out / "runs", cache_dir() / "bench-runs"
+        self.shared.mkdir(parents=True, exist_ok=True)
         self.text = text.read_text(encoding="utf-8")
         self.text_digest = _digest(self.text)
         self.source = _source_fingerprint(model if model.is_dir() else model.parent)
         (out / "models").mkdir(parents=True, exist_ok=True)
-        (out / "runs").mkdir(parents=True, exist_ok=True)
+        self.runs.mkdir(parents=True, exist_ok=True)
 
     # -- building ------------------------------------------------------------------------------
     def build(self, spec: PlanSpec, ctx: int, qtype: str) -> Path:
@@ -134,38 +140,83 @@ class Bench:
     # -- measuring -----------------------------------------------------------------------------
     def evaluate(self, spec: PlanSpec, ctx: int, qtype: str, built_for: int, type_k: str = "f16") -> dict:
         """PPL, KLD against the same plan's F16 file, per-token NLLs at `ctx` with key cache `type_k`
-        (both models), of the files built for target context `built_for`; cached."""
+        (both models), of the files built for target context `built_for`, and passkey retrieval when
+        asked; each part cached on its own."""
+        quant, reference = self.build(spec, built_for, qtype), self.build(spec, built_for, REFERENCE_QTYPE)
+        quant_digest = _file_digest(quant)
+        # (the trailing 0 keeps keys of evaluations recorded before passkey had its own record)
+        key = _digest(quant_digest, _file_digest(reference), ctx, self.chunks, self.text_digest, type_k, 0)
+        name = f"{_safe(spec.label)}.{ctx}.{qtype}.{key}.json"
+        row = self._cached(name, ".nll.npy")
+        if row is None:
+            measured, nll = self._measure(spec, ctx, qtype, type_k, quant, reference)
+            row = {"plan": spec.label, "method": spec.method, "options": spec.options, "ctx": ctx,
+                   "built_for_ctx": built_for, "qtype": qtype, "type_k": type_k, "file": quant.name, **measured}
+            self._store(name, row, (".nll.npy", nll))
+        row["run"] = name
+        if self.passkey_trials:
+            row.update(self._passkey(spec, ctx, qtype, type_k, quant, quant_digest))
+        return row
+
+    def _measure(self, spec, ctx, qtype, type_k, quant: Path, reference: Path) -> tuple[dict, np.ndarray]:
         from qroar_gguf.evaluate.kld import kl_divergence
         from qroar_gguf.evaluate.runtime import Runtime
 
-        quant, reference = self.build(spec, built_for, qtype), self.build(spec, built_for, REFERENCE_QTYPE)
-        key = _digest(_file_digest(quant), _file_digest(reference), ctx, self.chunks, self.text_digest,
-                      type_k, self.passkey_trials)
-        record = self.out / "runs" / f"{_safe(spec.label)}.{ctx}.{qtype}.{key}.json"
-        nll_path = record.with_suffix(".nll.npy")
-        if record.is_file() and nll_path.is_file():
-            return {**json.loads(record.read_text()), "run": record.name}
-        row: dict = {"plan": spec.label, "method": spec.method, "options": spec.options, "ctx": ctx,
-                     "built_for_ctx": built_for, "qtype": qtype, "type_k": type_k, "file": quant.name}
         with Runtime(reference, n_ctx=ctx, threads=self.threads, type_k=type_k) as ref, \
                 Runtime(quant, n_ctx=ctx, threads=self.threads, type_k=type_k) as rt:
             res = kl_divergence(rt, ref, self.text, max_chunks=self.chunks, quiet=not self.progress,
                                 desc=f"{spec.label} {qtype} @ {ctx}")
-            row.update(ppl=res.ppl, ppl_se=ppl_standard_error(res.nll), ref_ppl=res.ref_ppl, ref_ppl_se=ppl_standard_error(res.ref_nll),
-                       kld_mean=res.mean, kld_median=res.median, kld_p99=res.p99, same_top_pct=res.same_top_pct,
-                       n_chunks=res.n_chunks, n_scored=res.n_scored, seconds=res.seconds)
-            if self.passkey_trials:
-                from qroar_gguf.evaluate.passkey import passkey
+        measured = dict(ppl=res.ppl, ppl_se=ppl_standard_error(res.nll), ref_ppl=res.ref_ppl,
+                        ref_ppl_se=ppl_standard_error(res.ref_nll), kld_mean=res.mean, kld_median=res.median,
+                        kld_p99=res.p99, same_top_pct=res.same_top_pct, n_chunks=res.n_chunks,
+                        n_scored=res.n_scored, seconds=res.seconds)
+        return measured, np.stack([res.nll, res.ref_nll])
 
-                pk = passkey(rt, trials=self.passkey_trials, quiet=not self.progress)
-                row.update(passkey=pk.accuracy, passkey_by_depth=pk.to_dict()["by_depth"])
-        np.save(nll_path, np.stack([res.nll, res.ref_nll]))
-        record.write_text(json.dumps(row, indent=2))
-        return {**row, "run": record.name}
+    def _passkey(self, spec, ctx, qtype, type_k, quant: Path, quant_digest: str) -> dict:
+        from qroar_gguf.evaluate.passkey import passkey
+        from qroar_gguf.evaluate.runtime import Runtime
+
+        key = _digest(quant_digest, ctx, type_k, self.passkey_trials, self.passkey_depths)
+        name = f"{_safe(spec.label)}.{ctx}.{qtype}.passkey.{key}.json"
+        record = self._cached(name)
+        if record is None:
+            with Runtime(quant, n_ctx=ctx, threads=self.threads, type_k=type_k) as rt:
+                pk = passkey(rt, trials=self.passkey_trials, depths=self.passkey_depths, quiet=not self.progress,
+                             desc=f"passkey {spec.label} @ {ctx}")
+            record = {"passkey": pk.accuracy, "passkey_by_depth": pk.to_dict()["by_depth"],
+                      "passkey_trials": self.passkey_trials}
+            self._store(name, record)
+        return {k: record[k] for k in ("passkey", "passkey_by_depth", "passkey_trials") if k in record}
+
+    # Finished measurements live in OUT/runs and, keyed by the same digests of the files and inputs, in
+    # a cache shared by every bench directory, so a new comparison (a passkey table, another plan set)
+    # reuses what any earlier bench measured on identical files.
+    def _cached(self, name: str, array_suffix: str | None = None) -> dict | None:
+        for runs in (self.runs, self.shared):
+            record = runs / name
+            arrays = record.with_suffix(array_suffix) if array_suffix else None
+            if record.is_file() and (arrays is None or arrays.is_file()):
+                if runs is self.shared:
+                    self._copy_local(record, arrays)
+                return json.loads(record.read_text())
+        return None
+
+    def _copy_local(self, record: Path, arrays: Path | None) -> None:
+        import shutil
+
+        for path in filter(None, (arrays, record)):  # the record last: it marks the entry complete
+            shutil.copyfile(path, self.runs / path.name)
+
+    def _store(self, name: str, record: dict, arrays: tuple[str, np.ndarray] | None = None) -> None:
+        for runs in (self.runs, self.shared):
+            path = runs / name
+            if arrays is not None:
+                np.save(path.with_suffix(arrays[0]), arrays[1])
+            path.write_text(json.dumps(record, indent=2))
 
     def nll(self, row: dict, reference: bool = False) -> np.ndarray:
         """Per-token NLLs of the evaluation behind `row` (the reference's with `reference`)."""
-        return np.load((self.out / "runs" / row["run"]).with_suffix(".nll.npy"))[1 if reference else 0]
+        return np.load((self.runs / row["run"]).with_suffix(".nll.npy"))[1 if reference else 0]
 
 
 def _safe(label: str) -> str:
@@ -174,11 +225,11 @@ def _safe(label: str) -> str:
 
 def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str], text: Path, out: Path,
               chunks: int = 1, type_k: str | list[str] = "f16", passkey_trials: int = 0, threads: int = 2,
-              progress: bool = True) -> dict:
+              progress: bool = True, passkey_depths: list[float] | None = None) -> dict:
     specs = [PlanSpec.parse(p) for p in plans]
     qtypes = [q.upper() for q in qtypes]
     type_ks = [type_k] if isinstance(type_k, str) else list(type_k)
-    bench = Bench(model, text, out, threads, progress, chunks, passkey_trials)
+    bench = Bench(model, text, out, threads, progress, chunks, passkey_trials, passkey_depths)
     from qroar_gguf.source.checkpoint import checkpoint_hparams
 
     trained = checkpoint_hparams(model).context_length
