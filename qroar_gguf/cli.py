@@ -125,6 +125,8 @@ def main() -> None:
               show_default=True, help="--search: which band values to search.")
 @click.option("--search-type-k", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
               help="--search: key cache type while measuring.")
+@click.option("--search-report", type=click.Path(dir_okay=False, path_type=Path),
+              help="--search: also write the search (every candidate, the best) to this JSON file.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def convert(model: Path, output: Path, target_ctx: int | None, scale: float | None, method: str, qtype: str,
@@ -132,7 +134,7 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
             attn_scale: bool | None, bands: int, band_factors: str | None, band_scales: str | None,
             symmetric: bool, search: bool, dev_text: Path | None, dev_ctx: int | None, dev_chunks: int | None,
             search_budget: int, search_seed: int, search_objective: str, search_space: str, search_type_k: str,
-            force: bool, quiet: bool) -> None:
+            search_report: Path | None, force: bool, quiet: bool) -> None:
     """Convert MODEL (a .safetensors file with config.json and tokenizer beside it, a
     model.safetensors.index.json, or the checkpoint directory) to a GGUF file."""
     from qroar_gguf.convert import ConvertOptions, convert as run_convert
@@ -152,7 +154,7 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
 
         settings = SearchSettings(dev_text=dev_text, dev_ctx=dev_ctx, dev_chunks=dev_chunks, budget=search_budget,
                                   seed=search_seed, objective=search_objective, space=search_space,
-                                  type_k=search_type_k)
+                                  type_k=search_type_k, report=search_report)
         result = search_and_convert(model, output, options, settings, log=None if quiet else click.echo)
     else:
         if dev_text is not None or dev_ctx is not None or dev_chunks is not None:

@@ -68,6 +68,7 @@ class SearchSettings:
     type_k: str = "f16"
     grid: tuple[float, ...] = GRID
     cache: Path | None = None  # None: cache_dir()/search
+    report: Path | None = None  # where to write the search's record and every candidate as JSON
 
 
 @dataclass
@@ -380,7 +381,22 @@ def run_search(source: str | Path, options, settings: SearchSettings, *, log: Ca
 
     ``on_evaluate`` is called once per candidate measured in this run (not for cache hits).
     """
-    return _Searcher(Path(source), options, settings, log, on_evaluate).run()
+    result = _Searcher(Path(source), options, settings, log, on_evaluate).run()
+    if settings.report is not None:
+        write_report(result, Path(settings.report))
+    return result
+
+
+def write_report(result: SearchResult, path: Path) -> None:
+    """The search record (what goes into provenance) and every candidate visited, in order, as JSON."""
+    candidates = [{"factors": list(ev.factors), "scales": list(ev.scales), "objective": ev.objective, "ppl": ev.ppl,
+                   "kld": ev.kld, "seconds": round(ev.seconds, 1), "best_so_far": min(
+                       e.objective for e in result.history[: i + 1])} for i, ev in enumerate(result.history)]
+    report = {**result.record, "start_factors": list(result.start.factors), "start_scales": list(result.start.scales),
+              "best_factors": list(result.best.factors), "best_scales": list(result.best.scales),
+              "candidates": candidates}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
 
 
 def search_and_convert(source: str | Path, output: str | Path, options, settings: SearchSettings, *,

@@ -338,7 +338,12 @@ def test_search_from_the_command_line(tiny: Path, dev_text: Path, tmp_path: Path
     assert search["objective"] == "kld" and search["evaluations"] == 2 and search["dev_chunks"] == 1
     assert search["dev_scored_tokens"] == 255 and search["reached"] <= search["start"]
     assert len(list((tmp_path / "cache" / "search").glob("*.json"))) == 2
-    rerun = run_cli(*args, "--force")  # everything cached
+    rerun = run_cli(*args, "--force", "--search-report", tmp_path / "search.json")  # everything cached
     assert rerun.returncode == 0 and rerun.stdout.count("(cached)") == 2, rerun.stdout
+    report = json.loads((tmp_path / "search.json").read_text())
+    assert len(report["candidates"]) == 2 and report["reached"] == search["reached"]
+    assert report["candidates"][0]["factors"] == [1.0] * 4 == report["start_factors"]
+    assert report["candidates"][-1]["best_so_far"] == min(c["objective"] for c in report["candidates"])
+    assert provenance(out)["band_factors"] == pytest.approx(report["best_factors"], rel=1e-6)
     unquantized = run_cli(*args[:8], "F16", *args[9:], "--force")
     assert unquantized.returncode == 1 and "needs a quantized --qtype" in unquantized.stderr
