@@ -111,11 +111,13 @@ def main() -> None:
 @click.option("--search", is_flag=True,
               help="Search per-band factors and scales on --dev-text for the quantized file (cached).")
 @click.option("--dev-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="--search: UTF-8 text to measure candidates on.")
+              help="--search: UTF-8 text to measure candidates on. Default: Jane Austen's Emma "
+                   "(public domain, from Debian's r-cran-janeaustenr).")
 @click.option("--dev-ctx", type=click.IntRange(min=8), default=None,
               help="--search: window length in tokens. Default: the target context.")
 @click.option("--dev-chunks", type=click.IntRange(min=1), default=None,
-              help="--search: at most this many windows of the dev text. Default: all.")
+              help="--search: at most this many windows of the dev text. Default: 1 (each window of each "
+                   "candidate is a full-context evaluation).")
 @click.option("--search-budget", type=click.IntRange(min=1), default=12, show_default=True,
               help="--search: candidate evaluations at most (the starting plan included).")
 @click.option("--search-seed", type=int, default=0, show_default=True, help="--search: seed (order of moves).")
@@ -150,7 +152,15 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
 
     apply_band_cli(options, bands, band_factors, band_scales, symmetric)
     if search:
-        from qroar_gguf.search import search_and_convert
+        from qroar_gguf.search import DEFAULT_DEV_CHUNKS, search_and_convert
+
+        if dev_text is None:
+            from qroar_gguf.assets.austen import austen_text
+
+            dev_text = austen_text("Emma")
+            if not quiet:
+                click.echo(f"search: dev text {dev_text} (pass --dev-text to choose another)")
+        dev_chunks = DEFAULT_DEV_CHUNKS if dev_chunks is None else dev_chunks
 
         settings = SearchSettings(dev_text=dev_text, dev_ctx=dev_ctx, dev_chunks=dev_chunks, budget=search_budget,
                                   seed=search_seed, objective=search_objective, space=search_space,

@@ -53,6 +53,7 @@ from qroar_gguf.errors import QroarError
 GRID = (0.8, 0.9, 1.0, 1.1, 1.25)
 OBJECTIVES = ("ppl", "kld")
 SPACES = ("both", "factors", "scales")
+DEFAULT_DEV_CHUNKS = 1  # the command line's default: one full-context window per candidate (minutes each)
 CACHE_VERSION = 1
 
 

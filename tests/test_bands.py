@@ -178,7 +178,7 @@ def test_band_options_fail_in_one_line(tiny: Path, tmp_path: Path):
         (["--band-scales", "1,-2,1,1"], "--band-scales must be finite and positive"),
         (["--band-scales", "1,a,1,1"], "comma-separated numbers"),
         (["--bands", "40", "--band-scales", ",".join(["1"] * 40)], "more than the 32 rotary pairs"),
-        (["--search"], "--search needs --dev-text"),
+        (["--search", "--band-factors", "1,1,1,1"], "--search chooses the band values itself"),
         (["--dev-ctx", "512"], "apply to --search only"),
     ]:
         result = run_cli(tiny, "-o", out, "--ctx", str(TARGET), "--qtype", "F16", *args)
@@ -347,3 +347,23 @@ def test_search_from_the_command_line(tiny: Path, dev_text: Path, tmp_path: Path
     assert provenance(out)["band_factors"] == pytest.approx(report["best_factors"], rel=1e-6)
     unquantized = run_cli(*args[:8], "F16", *args[9:], "--force")
     assert unquantized.returncode == 1 and "needs a quantized --qtype" in unquantized.stderr
+
+
+def test_search_defaults_to_one_window_of_emma(tiny: Path, tmp_path: Path, monkeypatch):
+    """`--search` alone is enough: the dev text defaults to Emma (the packaged Austen text), one window."""
+    import hashlib
+
+    from qroar_gguf.assets.austen import austen_text
+
+    emma = austen_text("Emma")
+    monkeypatch.setenv("QROAR_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "austen").mkdir(parents=True)
+    for text in emma.parent.glob("*.txt"):  # the isolated cache gets the already built texts
+        (tmp_path / "cache" / "austen" / text.name).write_bytes(text.read_bytes())
+    out = tmp_path / "searched.gguf"
+    result = run_cli(tiny, "-o", out, "--ctx", str(TARGET), "--qtype", "Q4_0", "--search", "--search-budget", "1")
+    assert result.returncode == 0, result.stderr
+    assert "Emma" in result.stdout
+    search = json.loads(provenance(out)["search"])
+    assert search["dev_text_sha256"] == hashlib.sha256(emma.read_bytes()).hexdigest()
+    assert search["dev_chunks"] == 1 and search["dev_scored_tokens"] == TARGET // 2 - 1
