@@ -329,6 +329,7 @@ class _Searcher:
             "dev_text_tokens": best.n_text_tokens, "dev_scored_tokens": best.n_scored, "dev_ctx": self.dev_ctx,
             "dev_chunks": s.dev_chunks, "budget": s.budget, "evaluations": len(self.history), "seed": s.seed,
             "space": s.space, "grid": list(grid), "type_k": s.type_k, "band_order": self.ctx.band_order,
+            "symmetric": bool(self.options.symmetric),
         }
         return SearchResult(start=start, best=best, history=list(self.history), new_evaluations=self.new,
                             band_order=list(self.ctx.band_order), record=record)

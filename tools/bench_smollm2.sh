@@ -5,8 +5,10 @@
 #
 #   bash tools/bench_smollm2.sh [STAGE ...]     (default: all stages, in this order)
 #
-# Stages: emma16k (8192 + 16384, Q4_0, all plans), emma16kq4km (16384, Q4_K_M), emma32k (32768, Q4_0, the contenders),
-# pride16k (a second novel), keyq4 (16384 with a q4_0 key cache), passkey (retrieval at 8192/16384).
+# Stages: emma16k (8192 + 16384, Q4_0, all plans), emma16kq4km (16384, Q4_K_M), search (band search on
+# Emma, the dev text; writes tools/results/search_emma16k_q4_0.json), pride16k (a held-out novel, with the
+# searched variant), pride32k (32768, Q4_0, the contenders), keycache (Pride at 16384 with f16 and q4_0 key
+# caches), pride16kq4km (Q4_K_M on Pride), passkey (retrieval at 8192/16384), emma32k (32768 on Emma).
 # A 16k window takes minutes on two cores: THREADS (default: all cores) and a bigger machine help.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,17 +20,27 @@ MODEL=$("$PY" -c 'from qroar_gguf.assets.smollm2 import default_model_dir; print
 text() { "$PY" -c "from qroar_gguf.assets.austen import austen_text; print(austen_text('$1'))"; }
 PLANS=(none linear ntk yarn yarn:attn_scale=false llama3 qroar)
 CONTENDERS=(linear ntk yarn llama3 qroar)
+# What stage `search` found (tools/results/search_emma16k_q4_0.json): band multipliers and non-symmetric band
+# scales on top of the default qroar plan, searched for Q4_0 at 16384 on Emma's first window only.
+SEARCHED="qroar:band_factors=@F@,band_scales=@S@,symmetric=false"
 bench() { "${QG[@]}" bench "$MODEL" --threads "$THREADS" -q "$@"; }
 
 stage_emma16k() { bench --ctx 8192 16384 --qtype Q4_0 --plans "${PLANS[@]}" --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-emma-16k"; }
 stage_emma16kq4km() { bench --ctx 16384 --qtype Q4_K_M --plans linear ntk yarn qroar --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-emma-16k-q4km"; }
-stage_emma32k() { bench --ctx 32768 --qtype Q4_0 --plans linear ntk yarn qroar --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-emma-32k"; }
-stage_pride16k() { bench --ctx 16384 --qtype Q4_0 --plans "${CONTENDERS[@]}" --text "$(text 'Pride & Prejudice')" --chunks 1 --out "$OUT/smollm2-pride-16k"; }
-stage_keyq4() { bench --ctx 16384 --qtype Q4_0 --plans "${CONTENDERS[@]}" --type-k q4_0 --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-emma-16k-keyq4"; }
-stage_passkey() { bench --ctx 8192 16384 --qtype Q4_0 --plans none linear yarn qroar --passkey-trials 2 --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-passkey"; }
+stage_search() {
+    "${QG[@]}" convert "$MODEL" -o "$OUT/search-emma16k.Q4_0.gguf" --force --ctx 16384 --qtype Q4_0 --no-symmetric \
+        --search --dev-text "$(text Emma)" --dev-chunks 1 --search-budget 14 --threads "$THREADS" \
+        --search-report tools/results/search_emma16k_q4_0.json
+}
+stage_pride16k() { bench --ctx 16384 --qtype Q4_0 --plans "${CONTENDERS[@]}" "$SEARCHED" --text "$(text 'Pride & Prejudice')" --chunks 1 --out "$OUT/smollm2-pride-16k"; }
+stage_pride32k() { bench --ctx 32768 --qtype Q4_0 --plans linear yarn qroar "$SEARCHED" --text "$(text 'Pride & Prejudice')" --chunks 1 --out "$OUT/smollm2-pride-32k"; }
+stage_keycache() { bench --ctx 16384 --qtype Q4_0 --type-k f16 q4_0 --plans linear yarn qroar "$SEARCHED" --text "$(text 'Pride & Prejudice')" --chunks 1 --out "$OUT/smollm2-pride-16k-keycache"; }
+stage_pride16kq4km() { bench --ctx 16384 --qtype Q4_K_M --plans yarn qroar "$SEARCHED" --text "$(text 'Pride & Prejudice')" --chunks 1 --out "$OUT/smollm2-pride-16k-q4km"; }
+stage_passkey() { bench --ctx 8192 16384 --qtype Q4_0 --plans none yarn "$SEARCHED" --passkey-trials 1 --passkey-depths 0.1 0.3 0.5 0.7 0.9 --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-passkey"; }
+stage_emma32k() { bench --ctx 32768 --qtype Q4_0 --plans linear yarn qroar "$SEARCHED" --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-emma-32k"; }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(emma16k emma16kq4km pride16k keyq4 emma32k passkey)
+[ ${#stages[@]} -gt 0 ] || stages=(emma16k emma16kq4km search pride16k pride32k keycache pride16kq4km passkey emma32k)
 for s in "${stages[@]}"; do
     echo "== stage $s ($(date +%T))" >&2
     "stage_$s"

@@ -6,6 +6,7 @@ Sections between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` are re
   convert   from tools/results/convert_bench.json (tools/bench_convert.py)
   tail      from tools/results/tail_inflation.json (tools/bench_tail.py)
   weights   from tools/results/band_weight_error.json (tools/bench_band_weight_error.py)
+  search    from tools/results/search_*.json (`bash tools/bench_smollm2.sh search`)
 """
 
 from __future__ import annotations
@@ -84,11 +85,35 @@ def weights_section() -> str:
     return "\n".join(lines) + "\n"
 
 
+def search_section() -> str:
+    paths = sorted((REPO / "tools" / "results").glob("search_*.json"))
+    if not paths:
+        return "_No search committed yet: run `bash tools/bench_smollm2.sh search`._\n"
+    parts = []
+    for path in paths:
+        r = json.loads(path.read_text())
+        seconds = sum(c["seconds"] for c in r["candidates"])
+        parts += [f"`{path.relative_to(REPO)}`: objective {r['objective']} at {r['dev_ctx']} tokens, "
+                  f"{r['dev_chunks'] or 'all'} window(s) of the dev text ({r['dev_scored_tokens']} scored tokens), "
+                  f"{'symmetric' if r.get('symmetric') else 'non-symmetric'} band scales, "
+                  f"budget {r['budget']}, {r['evaluations']} candidates, {seconds / 60:.0f} min of measurement on "
+                  f"two cores; bands searched in the order {r['band_order']}. Dev PPL {r['start_ppl']:.3f} → "
+                  f"{r['ppl']:.3f} ({(r['ppl'] / r['start_ppl'] - 1) * 100:+.2f}%).", "",
+                  "| # | band factors | band scales | dev PPL | best so far |", "|---|---|---|---|---|"]
+        best = None
+        for i, c in enumerate(r["candidates"], 1):
+            best = c if best is None or c["objective"] < best["objective"] else best
+            parts.append(f"| {i} | {', '.join(f'{v:g}' for v in c['factors'])} | "
+                         f"{', '.join(f'{v:g}' for v in c['scales'])} | {c['ppl']:.3f} | {best['ppl']:.3f} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
 def main() -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
     sections = (("quality", quality_section()), ("convert", convert_section()), ("tail", tail_section()),
-                ("weights", weights_section()))
+                ("weights", weights_section()), ("search", search_section()))
     for name, body in sections:
         pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
         if not pattern.search(text):
