@@ -22,7 +22,7 @@ PLANS=(none linear ntk yarn yarn:attn_scale=false llama3 qroar)
 CONTENDERS=(linear ntk yarn llama3 qroar)
 # What stage `search` found (tools/results/search_emma16k_q4_0.json): band multipliers and non-symmetric band
 # scales on top of the default qroar plan, searched for Q4_0 at 16384 on Emma's first window only.
-SEARCHED="qroar:band_factors=@F@,band_scales=@S@,symmetric=false"
+SEARCHED="qroar:band_factors=1/1/1.1/1,band_scales=1/1/1/1,symmetric=false"
 bench() { "${QG[@]}" bench "$MODEL" --threads "$THREADS" -q "$@"; }
 
 stage_emma16k() { bench --ctx 8192 16384 --qtype Q4_0 --plans "${PLANS[@]}" --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-emma-16k"; }
