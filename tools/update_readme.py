@@ -2,6 +2,7 @@
 """Regenerate README.md's measured sections from committed benchmark JSON (never typed by hand).
 
 Sections between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` are replaced:
+  summary   every contender's paired PPL ratio to yarn, per bench run beyond the trained context
   quality   from bench/*/results.json (tools/bench_smollm2.sh)
   convert   from tools/results/convert_bench.json (tools/bench_convert.py)
   tail      from tools/results/tail_inflation.json (tools/bench_tail.py)
@@ -19,18 +20,54 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _bench_results() -> list[tuple[Path, dict]]:
+    return [(path, json.loads(path.read_text())) for path in sorted((REPO / "bench").glob("*/results.json"))]
+
+
 def quality_section() -> str:
+    from qroar_gguf.evaluate.bench import results_markdown
+
     parts = []
-    for path in sorted((REPO / "bench").glob("*/results.json")):
-        results = json.loads(path.read_text())
+    for path, results in _bench_results():
         rel = path.parent.relative_to(REPO)
         cmd = (f"`qroar-gguf bench` via `bash tools/bench_smollm2.sh` → `{rel}/results.json`")
         parts.append(f"**{rel.name}** ({cmd}; text: {results['text']}, {results['chunks']} window(s) per "
                      f"context, key cache {results['type_k']})\n")
-        parts.append((path.parent / "results.md").read_text().split("\n", 2)[2])
+        parts.append(results_markdown(results).split("\n", 2)[2])
     if not parts:
         return "_No benchmark results committed yet: run `bash tools/bench_smollm2.sh`._\n"
     return "\n".join(parts)
+
+
+def summary_section() -> str:
+    """One line per (run, ctx, qtype, key cache) beyond the trained context: every contender against yarn."""
+    columns = ("qroar", "searched", "ntk", "llama3", "linear")
+    lines = ["| run | text | ctx | qtype | K cache | yarn PPL | " + " | ".join(f"{c} / yarn" for c in columns) + " |",
+             "|" + "---|" * (6 + len(columns))]
+    for path, results in _bench_results():
+        groups: dict = {}
+        for r in results["rows"]:
+            if r["ctx"] > 8192:
+                groups.setdefault((r["ctx"], r["qtype"], r["type_k"]), {})[_kind(r["plan"])] = r
+        for (ctx, qtype, type_k), rows in sorted(groups.items()):
+            if "yarn" not in rows:
+                continue
+            cells = []
+            for c in columns:
+                r = rows.get(c)
+                if r is None or "ratio_to_yarn" not in r:
+                    cells.append("-")
+                else:
+                    lo, hi = r["ratio_to_yarn_ci95"]
+                    cells.append(f"{r['ratio_to_yarn']:.3f} [{lo:.3f}, {hi:.3f}]")
+            lines.append(f"| {path.parent.name} | {Path(results['text']).stem} | {ctx} | {qtype} | {type_k} | "
+                         f"{rows['yarn']['ppl']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _kind(plan: str) -> str:
+    """A bench plan's column: a plan with band values is the searched variant."""
+    return "searched" if "band_factors=" in plan or "band_scales=" in plan else plan
 
 
 def convert_section() -> str:
@@ -112,7 +149,7 @@ def search_section() -> str:
 def main() -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
-    sections = (("quality", quality_section()), ("convert", convert_section()), ("tail", tail_section()),
+    sections = (("summary", summary_section()), ("quality", quality_section()), ("convert", convert_section()), ("tail", tail_section()),
                 ("weights", weights_section()), ("search", search_section()))
     for name, body in sections:
         pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
