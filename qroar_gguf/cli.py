@@ -14,7 +14,9 @@ from qroar_gguf.errors import QroarError
 
 QTYPES = ["Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
 METHODS = ["none", "linear", "ntk", "yarn", "llama3", "qroar"]
-DEFAULT_METHOD = "qroar"  # measured: ties yarn, beats ntk/llama3/linear (bench/smollm2-emma-16k)
+# Measured on SmolLM2 Q4_0 (README, bench/): qroar ties yarn at 2x and is 1.4% worse at 4x (the default
+# scale); yarn beats ntk, llama3 and linear everywhere. So the default is yarn; qroar and --search are opt-in.
+DEFAULT_METHOD = "yarn"
 
 
 class DefaultToConvert(click.Group):
@@ -106,10 +108,13 @@ def main() -> None:
               help="Per-band rope_freqs multipliers on top of the plan (one per band; factors never below 1).")
 @click.option("--band-scales", default=None, metavar="A1,A2,...",
               help="Per-band scales folded into W_Q/W_K rows (both rows of each pair, every head).")
-@click.option("--symmetric/--no-symmetric", default=True, show_default=True,
-              help="Band scales: W_Q*a and W_K/a (full-precision logits unchanged), or both *a.")
+@click.option("--symmetric/--no-symmetric", default=None,
+              help="Band scales: W_Q*a and W_K/a (full-precision logits unchanged), or both *a (a per-band logit "
+                   "temperature). Default: symmetric for --band-scales, non-symmetric for --search (symmetric "
+                   "scales barely change 4-bit weight error, so a search over them measures noise).")
 @click.option("--search", is_flag=True,
-              help="Search per-band factors and scales on --dev-text for the quantized file (cached).")
+              help="Search per-band factors and scales, starting from --method, on --dev-text for the quantized "
+                   "file (cached). `--method qroar --search` is the measured best configuration (README).")
 @click.option("--dev-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="--search: UTF-8 text to measure candidates on. Default: Jane Austen's Emma "
                    "(public domain, from Debian's r-cran-janeaustenr).")
@@ -118,7 +123,7 @@ def main() -> None:
 @click.option("--dev-chunks", type=click.IntRange(min=1), default=None,
               help="--search: at most this many windows of the dev text. Default: 1 (each window of each "
                    "candidate is a full-context evaluation).")
-@click.option("--search-budget", type=click.IntRange(min=1), default=12, show_default=True,
+@click.option("--search-budget", type=click.IntRange(min=1), default=14, show_default=True,
               help="--search: candidate evaluations at most (the starting plan included).")
 @click.option("--search-seed", type=int, default=0, show_default=True, help="--search: seed (order of moves).")
 @click.option("--search-objective", type=click.Choice(["ppl", "kld"]), default="ppl", show_default=True,
@@ -134,7 +139,7 @@ def main() -> None:
 def convert(model: Path, output: Path, target_ctx: int | None, scale: float | None, method: str, qtype: str,
             threads: int, keep_f16: Path | None, beta: float | None, agg: str | None, base: str | None,
             attn_scale: bool | None, bands: int, band_factors: str | None, band_scales: str | None,
-            symmetric: bool, search: bool, dev_text: Path | None, dev_ctx: int | None, dev_chunks: int | None,
+            symmetric: bool | None, search: bool, dev_text: Path | None, dev_ctx: int | None, dev_chunks: int | None,
             search_budget: int, search_seed: int, search_objective: str, search_space: str, search_type_k: str,
             search_report: Path | None, force: bool, quiet: bool) -> None:
     """Convert MODEL (a .safetensors file with config.json and tokenizer beside it, a
@@ -150,7 +155,7 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
                              plan_options=plan_options)
     from qroar_gguf.search import SearchSettings, apply_band_cli
 
-    apply_band_cli(options, bands, band_factors, band_scales, symmetric)
+    apply_band_cli(options, bands, band_factors, band_scales, (not search) if symmetric is None else symmetric)
     if search:
         from qroar_gguf.search import DEFAULT_DEV_CHUNKS, search_and_convert
 

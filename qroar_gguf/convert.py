@@ -35,7 +35,7 @@ DEFAULT_SCALE = 4
 
 @dataclass
 class ConvertOptions:
-    method: str = "qroar"
+    method: str = "yarn"  # the measured best formula plan (README); qroar and the band search are opt-in
     target_ctx: int | None = None  # None: `scale` x trained context (DEFAULT_SCALE when both are None)
     scale: float | None = None
     qtype: str = "Q4_K_M"

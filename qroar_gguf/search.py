@@ -62,7 +62,7 @@ class SearchSettings:
     dev_text: Path | None
     dev_ctx: int | None = None  # None: the target context
     dev_chunks: int | None = None  # None: every whole window of the dev text
-    budget: int = 12
+    budget: int = 14
     seed: int = 0
     objective: str = "ppl"
     space: str = "both"

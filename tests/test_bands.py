@@ -367,3 +367,5 @@ def test_search_defaults_to_one_window_of_emma(tiny: Path, tmp_path: Path, monke
     search = json.loads(provenance(out)["search"])
     assert search["dev_text_sha256"] == hashlib.sha256(emma.read_bytes()).hexdigest()
     assert search["dev_chunks"] == 1 and search["dev_scored_tokens"] == TARGET // 2 - 1
+    # searched band scales are non-symmetric unless asked (explicit --band-scales default to symmetric)
+    assert search["symmetric"] is False and provenance(out)["band_symmetric"] is False
