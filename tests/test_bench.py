@@ -86,7 +86,7 @@ def test_bench_band_plans_and_key_cache_axis(tiny256: Path, text: Path, tmp_path
     built = [p for p in (out / "models").glob("*.F16.*.gguf") if p.name.startswith("qroar")]
     assert len(built) == 1
     direct = tmp_path / "direct.gguf"
-    convert_ok("convert", tiny256, "-o", direct, "--ctx", "512", "--qtype", "F16", "--beta", "8",
+    convert_ok("convert", tiny256, "-o", direct, "--ctx", "512", "--qtype", "F16", "--method", "qroar",
                "--band-factors", "1,1,1.25,1", "--band-scales", "1,1,1,1.1", "--no-symmetric")
     ours, theirs = gguf_tensors(built[0]), gguf_tensors(direct)
     assert set(ours) == set(theirs)
