@@ -60,6 +60,8 @@ def summary_section() -> str:
                 else:
                     lo, hi = r["ratio_to_yarn_ci95"]
                     cells.append(f"{r['ratio_to_yarn']:.3f} [{lo:.3f}, {hi:.3f}]")
+            if all(c == "-" for c in cells):
+                continue
             lines.append(f"| {path.parent.name} | {Path(results['text']).stem} | {ctx} | {qtype} | {type_k} | "
                          f"{rows['yarn']['ppl']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
