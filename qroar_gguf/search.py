@@ -407,9 +407,11 @@ def search_and_convert(source: str | Path, output: str | Path, options, settings
     from qroar_gguf import convert as conv
     from qroar_gguf.source.checkpoint import open_checkpoint
 
-    ckpt = open_checkpoint(source)  # fail on the destination before spending time on the search
+    ckpt = open_checkpoint(source)  # fail on the destinations before spending time on the search
     try:
         conv._check_destination(Path(output), ckpt, options.force, "output")
+        if settings.report is not None:  # a report is rewritten by every run: no --force needed
+            conv._check_destination(Path(settings.report), ckpt, True, "--search-report")
     finally:
         ckpt.close()
     result = run_search(source, options, settings, log=log, on_evaluate=on_evaluate)

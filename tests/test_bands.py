@@ -345,6 +345,10 @@ def test_search_from_the_command_line(tiny: Path, dev_text: Path, tmp_path: Path
     assert report["candidates"][0]["factors"] == [1.0] * 4 == report["start_factors"]
     assert report["candidates"][-1]["best_so_far"] == min(c["objective"] for c in report["candidates"])
     assert provenance(out)["band_factors"] == pytest.approx(report["best_factors"], rel=1e-6)
+    unwritable = run_cli(*args, "--force", "--search-report", tmp_path / "missing" / "search.json")
+    assert unwritable.returncode == 1 and unwritable.stderr.count("\n") == 1, unwritable.stderr
+    assert "--search-report directory" in unwritable.stderr and "does not exist" in unwritable.stderr
+    assert "search [" not in unwritable.stdout  # refused before measuring anything
     unquantized = run_cli(*args[:8], "F16", *args[9:], "--force")
     assert unquantized.returncode == 1 and "needs a quantized --qtype" in unquantized.stderr
 
