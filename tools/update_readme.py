@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SMOLLM2_TRAINED_CTX = 8192  # every committed bench run is on SmolLM2 (tools/bench_smollm2.sh)
 
 
 def _bench_results() -> list[tuple[Path, dict]]:
@@ -47,7 +48,7 @@ def summary_section() -> str:
     for path, results in _bench_results():
         groups: dict = {}
         for r in results["rows"]:
-            if r["ctx"] > 8192:
+            if r["ctx"] > SMOLLM2_TRAINED_CTX:
                 groups.setdefault((r["ctx"], r["qtype"], r["type_k"]), {})[_kind(r["plan"])] = r
         for (ctx, qtype, type_k), rows in sorted(groups.items()):
             if "yarn" not in rows:
@@ -72,11 +73,20 @@ def _kind(plan: str) -> str:
     return "searched" if "band_factors=" in plan or "band_scales=" in plan else plan
 
 
+def _tool_result(name: str) -> dict | None:
+    """tools/results/NAME as a dict, or None when that benchmark has not been run and committed."""
+    path = REPO / "tools" / "results" / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _not_measured(command: str) -> str:
+    return f"_Not measured yet: run `{command}`._\n"
+
+
 def convert_section() -> str:
-    path = REPO / "tools" / "results" / "convert_bench.json"
-    if not path.is_file():
-        return "_Not measured yet: run `python tools/bench_convert.py`._\n"
-    r = json.loads(path.read_text())
+    r = _tool_result("convert_bench.json")
+    if r is None:
+        return _not_measured("python tools/bench_convert.py")
     ours, theirs = r["qroar_gguf"], r["convert_hf_to_gguf"]
     return (f"`python tools/bench_convert.py` → `tools/results/convert_bench.json` ({r['model']}, F16, "
             f"{r['machine']['cpus']} cores, median of {r['repeats']} runs):\n\n"
@@ -91,10 +101,9 @@ def convert_section() -> str:
 
 
 def tail_section() -> str:
-    path = REPO / "tools" / "results" / "tail_inflation.json"
-    if not path.is_file():
-        return "_Not measured yet: run `python tools/bench_tail.py`._\n"
-    r = json.loads(path.read_text())
+    r = _tool_result("tail_inflation.json")
+    if r is None:
+        return _not_measured("python tools/bench_tail.py")
     lines = [f"`python tools/bench_tail.py` → `tools/results/tail_inflation.json` ({r['model']}, {r['short_ctx']} → "
              f"{r['long_ctx']} tokens, quantile {r['quantile']}; TIR / largest per-layer ratio):", "",
              "| plan | high | ramp | low | all pairs |", "|---|---|---|---|---|"]
@@ -111,10 +120,9 @@ def tail_section() -> str:
 
 
 def weights_section() -> str:
-    path = REPO / "tools" / "results" / "band_weight_error.json"
-    if not path.is_file():
-        return "_Not measured yet: run `python tools/bench_band_weight_error.py`._\n"
-    r = json.loads(path.read_text())
+    r = _tool_result("band_weight_error.json")
+    if r is None:
+        return _not_measured("python tools/bench_band_weight_error.py")
     lines = [f"`python tools/bench_band_weight_error.py` → `tools/results/band_weight_error.json` ({r['model']}, "
              f"{r['plan']} at {r['ctx']}, {r['bands']} bands; relative W_Q/W_K error per band):", "",
              "| band scales | qtype | band 0 | band 1 | band 2 | band 3 |", "|---|---|---|---|---|---|"]
