@@ -69,8 +69,11 @@ def summary_section() -> str:
 
 
 def _kind(plan: str) -> str:
-    """A bench plan's column: a plan with band values is the searched variant."""
-    return "searched" if "band_factors=" in plan or "band_scales=" in plan else plan
+    """A bench plan's column: a plan with band factors is a searched variant (the search moved only factors).
+
+    Plans with band scales alone (the symmetric-scale runs) have no summary column: the quality tables hold them.
+    """
+    return "searched" if "band_factors=" in plan else plan
 
 
 def _tool_result(name: str) -> dict | None:
