@@ -383,18 +383,22 @@ def run_search(source: str | Path, options, settings: SearchSettings, *, log: Ca
 
     ``on_evaluate`` is called once per candidate measured in this run (not for cache hits).
     """
-    result = _Searcher(Path(source), options, settings, log, on_evaluate).run()
+    searcher = _Searcher(Path(source), options, settings, log, on_evaluate)
+    result = searcher.run()
     if settings.report is not None:
-        write_report(result, Path(settings.report))
+        base = {"method": options.method, "plan_options": options.plan_options, "qtype": options.qtype,
+                "target_ctx": searcher.ctx.facts.target_ctx}
+        write_report(result, Path(settings.report), base)
     return result
 
 
-def write_report(result: SearchResult, path: Path) -> None:
-    """The search record (what goes into provenance) and every candidate visited, in order, as JSON."""
+def write_report(result: SearchResult, path: Path, base: dict) -> None:
+    """The search record (what goes into provenance), the base plan it started from (``base``: method, plan
+    options, qtype, target context; provenance holds those apart) and every candidate visited, in order, as JSON."""
     candidates = [{"factors": list(ev.factors), "scales": list(ev.scales), "objective": ev.objective, "ppl": ev.ppl,
                    "kld": ev.kld, "seconds": round(ev.seconds, 1), "best_so_far": min(
                        e.objective for e in result.history[: i + 1])} for i, ev in enumerate(result.history)]
-    report = {**result.record, "start_factors": list(result.start.factors), "start_scales": list(result.start.scales),
+    report = {**result.record, "base": base, "start_factors": list(result.start.factors), "start_scales": list(result.start.scales),
               "best_factors": list(result.best.factors), "best_scales": list(result.best.scales),
               "candidates": candidates}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -343,6 +343,7 @@ def test_search_from_the_command_line(tiny: Path, dev_text: Path, tmp_path: Path
     report = json.loads((tmp_path / "search.json").read_text())
     assert len(report["candidates"]) == 2 and report["reached"] == search["reached"]
     assert report["candidates"][0]["factors"] == [1.0] * 4 == report["start_factors"]
+    assert report["base"]["method"] == provenance(out)["method"] and report["base"]["target_ctx"] == TARGET
     assert report["candidates"][-1]["best_so_far"] == min(c["objective"] for c in report["candidates"])
     assert provenance(out)["band_factors"] == pytest.approx(report["best_factors"], rel=1e-6)
     unwritable = run_cli(*args, "--force", "--search-report", tmp_path / "missing" / "search.json")

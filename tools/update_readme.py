@@ -143,9 +143,12 @@ def search_section() -> str:
     for path in paths:
         r = json.loads(path.read_text())
         seconds = sum(c["seconds"] for c in r["candidates"])
-        parts += [f"`{path.relative_to(REPO)}`: objective {r['objective']} at {r['dev_ctx']} tokens, "
+        start = f"from `{r['base']['method']}`, " if "base" in r else ""
+        scales = f"{'symmetric' if r.get('symmetric') else 'non-symmetric'} band scales"
+        searched = {"factors": "band factors only", "scales": scales, "both": f"band factors and {scales}"}[r["space"]]
+        parts += [f"`{path.relative_to(REPO)}`: {start}{searched}, objective {r['objective']} at "
+                  f"{r['dev_ctx']} tokens, "
                   f"{r['dev_chunks'] or 'all'} window(s) of the dev text ({r['dev_scored_tokens']} scored tokens), "
-                  f"{'symmetric' if r.get('symmetric') else 'non-symmetric'} band scales, "
                   f"budget {r['budget']}, {r['evaluations']} candidates, {seconds / 60:.0f} min of measurement on "
                   f"two cores; bands searched in the order {r['band_order']}. Dev PPL {r['start_ppl']:.3f} → "
                   f"{r['ppl']:.3f} ({(r['ppl'] / r['start_ppl'] - 1) * 100:+.2f}%).", "",
