@@ -33,8 +33,9 @@ bench() { "${QG[@]}" bench "$MODEL" --threads "$THREADS" -q "$@"; }
 stage_emma16k() { bench --ctx 8192 16384 --qtype Q4_0 --plans "${PLANS[@]}" --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-emma-16k"; }
 stage_emma16kq4km() { bench --ctx 16384 --qtype Q4_K_M --plans linear ntk yarn qroar --text "$(text Emma)" --chunks 1 --out "$OUT/smollm2-emma-16k-q4km"; }
 stage_search() {
-    "${QG[@]}" convert "$MODEL" -o "$OUT/search-emma16k.Q4_0.gguf" --force --ctx 16384 --qtype Q4_0 --no-symmetric \
-        --search --dev-text "$(text Emma)" --dev-chunks 1 --search-budget 14 --threads "$THREADS" \
+    "${QG[@]}" convert "$MODEL" -o "$OUT/search-emma16k.Q4_0.gguf" --force --method qroar --ctx 16384 --qtype Q4_0 \
+        --no-symmetric --search --search-space both --dev-text "$(text Emma)" --dev-chunks 1 --search-budget 14 \
+        --threads "$THREADS" \
         --search-report tools/results/search_emma16k_q4_0.json
 }
 stage_pride16k() { bench --ctx 16384 --qtype Q4_0 --plans "${CONTENDERS[@]}" "$SEARCHED" --text "$(text 'Pride & Prejudice')" --chunks 1 --out "$OUT/smollm2-pride-16k"; }
