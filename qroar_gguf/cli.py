@@ -11,7 +11,7 @@ import click
 
 from qroar_gguf import __version__
 from qroar_gguf.errors import QroarError
-from qroar_gguf.search import DEFAULT_BUDGET, DEFAULT_SPACE
+from qroar_gguf.search_settings import DEFAULT_BUDGET, DEFAULT_DEV_CHUNKS, DEFAULT_SPACE, OBJECTIVES, SPACES
 
 QTYPES = ["Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
 METHODS = ["none", "linear", "ntk", "yarn", "llama3", "qroar"]
@@ -129,9 +129,9 @@ def main() -> None:
 @click.option("--search-budget", type=click.IntRange(min=1), default=DEFAULT_BUDGET, show_default=True,
               help="--search: candidate evaluations at most (the starting plan included).")
 @click.option("--search-seed", type=int, default=0, show_default=True, help="--search: seed (order of moves).")
-@click.option("--search-objective", type=click.Choice(["ppl", "kld"]), default="ppl", show_default=True,
+@click.option("--search-objective", type=click.Choice(OBJECTIVES), default="ppl", show_default=True,
               help="--search: perplexity, or KL divergence against each candidate's unquantized file.")
-@click.option("--search-space", type=click.Choice(["both", "factors", "scales"]), default=DEFAULT_SPACE,
+@click.option("--search-space", type=click.Choice(SPACES), default=DEFAULT_SPACE,
               show_default=True, help="--search: which band values to search.")
 @click.option("--search-type-k", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
               help="--search: key cache type while measuring.")
@@ -156,11 +156,12 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
     options = ConvertOptions(method=method, target_ctx=target_ctx, scale=scale, qtype=qtype.upper(),
                              threads=threads, keep_f16=keep_f16, force=force, progress=_show_progress(quiet),
                              plan_options=plan_options)
-    from qroar_gguf.search import SearchSettings, apply_band_cli
+    from qroar_gguf.search import apply_band_cli
+    from qroar_gguf.search_settings import SearchSettings
 
     apply_band_cli(options, bands, band_factors, band_scales, (not search) if symmetric is None else symmetric)
     if search:
-        from qroar_gguf.search import DEFAULT_DEV_CHUNKS, search_and_convert
+        from qroar_gguf.search import search_and_convert
 
         if dev_text is None:
             from qroar_gguf.assets.austen import austen_text

@@ -49,32 +49,9 @@ from typing import Callable
 import numpy as np
 
 from qroar_gguf.errors import QroarError
+from qroar_gguf.search_settings import OBJECTIVES, SPACES, SearchSettings
 
-GRID = (0.8, 0.9, 1.0, 1.1, 1.25)
-OBJECTIVES = ("ppl", "kld")
-SPACES = ("both", "factors", "scales")
-DEFAULT_DEV_CHUNKS = 1  # the command line's default: one full-context window per candidate (minutes each)
-# The measured configuration (README): from yarn, band factors only, five candidates. At 4x on SmolLM2 Q4_0 it
-# beat yarn on two held-out novels; at 2x the search over both spaces moved factors only, and no band
-# scale, non-symmetric or symmetric, ever helped, so searching scales spends the budget on noise.
-DEFAULT_BUDGET = 5
-DEFAULT_SPACE = "factors"
 CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    dev_text: Path | None
-    dev_ctx: int | None = None  # None: the target context
-    dev_chunks: int | None = None  # None: every whole window of the dev text
-    budget: int = DEFAULT_BUDGET
-    seed: int = 0
-    objective: str = "ppl"
-    space: str = DEFAULT_SPACE
-    type_k: str = "f16"
-    grid: tuple[float, ...] = GRID
-    cache: Path | None = None  # None: cache_dir()/search
-    report: Path | None = None  # where to write the search's record and every candidate as JSON
 
 
 @dataclass

@@ -143,10 +143,9 @@ def search_section() -> str:
     for path in paths:
         r = json.loads(path.read_text())
         seconds = sum(c["seconds"] for c in r["candidates"])
-        start = f"from `{r['base']['method']}`, " if "base" in r else ""
         scales = f"{'symmetric' if r.get('symmetric') else 'non-symmetric'} band scales"
         searched = {"factors": "band factors only", "scales": scales, "both": f"band factors and {scales}"}[r["space"]]
-        parts += [f"`{path.relative_to(REPO)}`: {start}{searched}, objective {r['objective']} at "
+        parts += [f"`{path.relative_to(REPO)}`: from `{r['base']['method']}`, {searched}, objective {r['objective']} at "
                   f"{r['dev_ctx']} tokens, "
                   f"{r['dev_chunks'] or 'all'} window(s) of the dev text ({r['dev_scored_tokens']} scored tokens), "
                   f"budget {r['budget']}, {r['evaluations']} candidates, {seconds / 60:.0f} min of measurement on "
