@@ -341,13 +341,16 @@ def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tu
 @click.option("--text", "text_title", default="Emma", show_default=True,
               help="Which Jane Austen novel to measure on.")
 @click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
+@click.option("--perplexity/--no-perplexity", "measure", default=True, show_default=True,
+              help="Measure perplexity (minutes); --no-perplexity stops after converting.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def demo(method: str, target_ctx: int | None, qtype: str, text_title: str, threads: int, quiet: bool) -> None:
+def demo(method: str, target_ctx: int | None, qtype: str, text_title: str, threads: int, measure: bool,
+         quiet: bool) -> None:
     """Convert the embedded SmolLM2-135M model and show it working beyond its trained context
     (perplexity in llama.cpp on a Jane Austen novel; a few minutes on two cores)."""
     from qroar_gguf.demo import run_demo
 
-    run_demo(method, target_ctx, qtype.upper(), text_title, threads, _show_progress(quiet))
+    run_demo(method, target_ctx, qtype.upper(), text_title, threads, _show_progress(quiet), measure=measure)
 
 
 if __name__ == "__main__":

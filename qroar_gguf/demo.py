@@ -7,20 +7,24 @@ context (the quality to keep), the unscaled model beyond it (what breaks), our f
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import click
 
+from qroar_gguf.assets.austen import austen_text
+from qroar_gguf.assets.smollm2 import default_model_dir
 from qroar_gguf.convert import ConvertOptions, convert
+from qroar_gguf.evaluate.perplexity import perplexity
+from qroar_gguf.evaluate.runtime import Runtime
 from qroar_gguf.paths import cache_dir
+from qroar_gguf.source.checkpoint import checkpoint_hparams
 
 
-def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads: int, progress: bool) -> list[dict]:
-    from qroar_gguf.assets.austen import austen_text
-    from qroar_gguf.assets.smollm2 import default_model_dir
-    from qroar_gguf.evaluate.perplexity import perplexity
-    from qroar_gguf.evaluate.runtime import Runtime
-
+def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads: int, progress: bool,
+             measure: bool = True) -> list[dict]:
+    """The demo's four steps; `measure=False` stops after converting (no perplexity runs)."""
     say = click.echo
     say("1/4 default model: SmolLM2-135M-Instruct rebuilt as a Hugging Face fp16 checkpoint")
     model_dir = default_model_dir(progress=progress)
@@ -30,8 +34,6 @@ def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads:
 
     work = cache_dir() / "demo"
     work.mkdir(exist_ok=True)
-    from qroar_gguf.source.checkpoint import checkpoint_hparams
-
     trained = checkpoint_hparams(model_dir).context_length
     target = ctx or 2 * trained
 
@@ -46,6 +48,35 @@ def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads:
             f"{f.min():.3g}..{f.max():.3g}, attention scale {result.plan.attn_scale:.4g}")
         files[label] = out
 
+    if measure:
+        rows = _measure(files, method, trained, target, text, threads, progress)
+    else:
+        rows = []
+        say("3/4 perplexity: skipped (--no-perplexity)")
+
+    say("4/4 summary")
+    if rows:
+        base, broken, ours = rows
+        say(f"    beyond its trained context ({target} tokens) the unscaled model reaches PPL {broken['ppl']:.1f}; "
+            f"with --method {method} it reaches {ours['ppl']:.1f} ({ours['ppl'] / broken['ppl']:.2f}x), against "
+            f"{base['ppl']:.1f} at its own {trained} tokens.")
+    say("    run it here with llama-cpp-python (the set-up installed it; the file needs no rope options):")
+    say(f"      {shlex.join(run_command(files[method], target))}")
+    say(f"    or with llama.cpp's own tools, where you have built them: llama-cli -m {files[method]} -c {target}")
+    return rows
+
+
+def run_command(model: Path, n_ctx: int, prompt: str = "Emma Woodhouse, handsome, clever, and rich,") -> list[str]:
+    """A command that loads `model` at `n_ctx` tokens in this interpreter's llama-cpp-python and continues `prompt`."""
+    code = ("import sys; from llama_cpp import Llama; "
+            "llm = Llama(sys.argv[1], n_ctx=int(sys.argv[2]), verbose=False); "
+            'print(llm(sys.argv[3], max_tokens=24)["choices"][0]["text"])')
+    return [sys.executable, "-c", code, str(model), str(n_ctx), prompt]
+
+
+def _measure(files: dict[str, Path], method: str, trained: int, target: int, text: str, threads: int,
+             progress: bool) -> list[dict]:
+    say = click.echo
     say(f"3/4 perplexity in llama.cpp (one window each, second half scored, {threads} threads)")
     rows = []
     for label, path, n_ctx in (("unscaled", files["unscaled"], trained), ("unscaled", files["unscaled"], target),
@@ -54,11 +85,4 @@ def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads:
             res = perplexity(rt, text, max_chunks=1, quiet=not progress, desc=f"{label} @ {n_ctx}")
         rows.append({"file": label, "ctx": n_ctx, "ppl": res.ppl, "ppl_se": res.ppl_se, "seconds": res.seconds})
         say(f"    {label:>9} at {n_ctx:>6} tokens: PPL {res.ppl:8.2f} +/- {res.ppl_se:.2f}  ({res.seconds:.0f} s)")
-
-    say("4/4 summary")
-    base, broken, ours = rows
-    say(f"    beyond its trained context ({target} tokens) the unscaled model reaches PPL {broken['ppl']:.1f}; "
-        f"with --method {method} it reaches {ours['ppl']:.1f} ({ours['ppl'] / broken['ppl']:.2f}x), against "
-        f"{base['ppl']:.1f} at its own {trained} tokens.")
-    say(f"    run it: llama-cli -m {files[method]} -c {target}   (no rope flags needed)")
     return rows

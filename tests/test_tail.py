@@ -1,8 +1,10 @@
-"""Tail Inflation Ratio (qroar_gguf/evaluate/tail.py) on a tiny random Llama with a real tokenizer."""
+"""Tail Inflation Ratio (tools/tail_inflation.py) on a tiny random Llama with a real tokenizer."""
 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +14,10 @@ pytest.importorskip("transformers")
 
 from checkpoints import make_tiny_llama  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the tool lives beside its bench
+
 from qroar_gguf.errors import QroarError  # noqa: E402
-from qroar_gguf.evaluate.tail import _load_model, patched_rope, tail_inflation  # noqa: E402
+from tail_inflation import _load_model, patched_rope, tail_inflation  # noqa: E402
 from qroar_gguf.rope.plans import RopeFacts, make_plan  # noqa: E402
 
 TRAINED, SHORT, LONG = 256, 128, 512

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Benchmark: Tail Inflation Ratio (our definition, qroar_gguf/evaluate/tail.py) per plan and band.
+"""Benchmark: Tail Inflation Ratio (our definition, tools/tail_inflation.py) per plan and band.
 
 Runs the HF checkpoint in transformers (float32, CPU): the reference run at --short tokens without
 scaling, one --long run per plan with its factors, and a control run without scaling at the trained
 context, all measured on the same tokens of the text; writes
-tools/results/tail_inflation.json.
+tools/results/tail_inflation.json. Needs torch and transformers, which the package itself does not:
+`bash tools/setup.sh test` installs them into .venv.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from qroar_gguf.evaluate.tail import DEFAULT_QUANTILE, tail_inflation
+    try:
+        from tail_inflation import DEFAULT_QUANTILE, tail_inflation
+    except ImportError as exc:
+        sys.exit(f"error: {exc}")
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="HF checkpoint directory (default: the SmolLM2 demo model)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up qroar-gguf in ./.venv: the package, its dependencies, and llama-cpp-python built portable.
 #
-#   bash tools/setup.sh          # the tool (and what the demo needs)
+#   bash tools/setup.sh          # the tool: everything qroar_gguf/ imports, the demo included
 #   bash tools/setup.sh test     # plus the test dependencies
 #
 # llama-cpp-python is source-only on PyPI and its default (native) build crashes on quantized models
@@ -14,7 +14,7 @@ LLAMA_CPP_PYTHON_VERSION=0.3.36
 CACHE=${QROAR_CACHE:-$HOME/.cache/qroar-gguf}
 WHEELS="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-portable"
 PYTHON=${PYTHON:-python3}
-EXTRAS="assets,plot${1:+,$1}"
+EXTRAS=${1:+[$1]}
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $($PYTHON --version)"
@@ -34,5 +34,5 @@ if [ -z "$wheel" ]; then
     wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl | head -n 1)
 fi
 .venv/bin/python -m pip install -q "$wheel"
-.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+.venv/bin/python -m pip install -q -e ".$EXTRAS"
 echo "setup: ready ($(.venv/bin/qroar-gguf --version))"

@@ -67,8 +67,22 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tokenizers import Tokenizer
 
+try:  # this tool runs the checkpoint in transformers; the package itself never needs torch
+    import torch
+    from transformers import AutoModelForCausalLM
+except ImportError as exc:
+    raise ImportError(f"tools/tail_inflation.py needs torch and transformers ({exc.name} is missing): "
+                      "`bash tools/setup.sh test` installs them into .venv") from exc
+
+from qroar_gguf.arch.llama import read_hparams
 from qroar_gguf.errors import QroarError
+from qroar_gguf.evaluate.bench import PlanSpec
+from qroar_gguf.rope.measure import measure_sensitivity
+from qroar_gguf.rope.plans import RopeFacts, make_plan
+from qroar_gguf.rope.sensitivity import frequency_bands
+from qroar_gguf.source.checkpoint import open_checkpoint
 
 DEFAULT_QUANTILE = 0.999
 BULK_QUANTILE = 0.5
@@ -76,9 +90,6 @@ BULK_QUANTILE = 0.5
 
 # -- model, tokens, plans ------------------------------------------------------------------------
 def _load_model(model_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
     return model
@@ -86,8 +97,6 @@ def _load_model(model_dir: Path):
 
 def _tokenize(model_dir: Path, text: str) -> tuple[np.ndarray, int | None]:
     """All tokens of ``text`` and the BOS id where the vocabulary adds one (else None)."""
-    from tokenizers import Tokenizer
-
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise QroarError(f"{path} not found: the tail-inflation run needs the model's tokenizer.json")
@@ -100,16 +109,10 @@ def _tokenize(model_dir: Path, text: str) -> tuple[np.ndarray, int | None]:
 
 def _plan_for(spec, facts, model_dir: Path, cache: dict):
     """A plan from a parsed spec; qroar's sensitivity is measured once (``agg`` as convert takes it)."""
-    from qroar_gguf.rope.plans import make_plan
-
     options = dict(spec.options)
     agg = options.pop("agg", "max")
     if spec.method == "qroar" and "sensitivity" not in options:
         if agg not in cache:
-            from qroar_gguf.arch.llama import read_hparams
-            from qroar_gguf.rope.measure import measure_sensitivity
-            from qroar_gguf.source.checkpoint import open_checkpoint
-
             ckpt = open_checkpoint(model_dir)
             try:
                 cache[agg] = measure_sensitivity(ckpt, read_hparams(ckpt.config), agg=agg).sensitivity
@@ -129,8 +132,6 @@ def patched_rope(model, factors: np.ndarray | None, attn_scale: float = 1.0) -> 
     checkpoint already carries) and multiply ``attention_scaling`` by ``attn_scale``; both are restored
     on exit.
     """
-    import torch
-
     rotary = model.model.rotary_emb
     old_inv, old_scaling = rotary.inv_freq.detach().clone(), rotary.attention_scaling
     try:
@@ -151,8 +152,6 @@ def patched_rope(model, factors: np.ndarray | None, attn_scale: float = 1.0) -> 
 # -- one forward -> pair norms -------------------------------------------------------------------
 def _pair_norms(model, ids: np.ndarray, first: int, n_kv: int, n_pairs: int) -> list[np.ndarray]:
     """Per layer, float32 ``[len(ids) - first, n_kv, P]`` pair norms of ``k_proj``'s output at positions >= first."""
-    import torch
-
     layers = model.model.layers
     out: list[np.ndarray | None] = [None] * len(layers)
 
@@ -201,12 +200,6 @@ def tail_inflation(model_dir: Path, text: str, plans: list[str], short_ctx: int,
     ``"control"``: no scaling, the last ``control_ctx`` tokens of the long window, the same measured
     tokens. Its ratio is what the longer context alone does within the trained range.
     """
-    import torch
-
-    from qroar_gguf.arch.llama import read_hparams
-    from qroar_gguf.evaluate.bench import PlanSpec
-    from qroar_gguf.rope.plans import RopeFacts
-    from qroar_gguf.rope.sensitivity import frequency_bands
 
     model_dir = Path(model_dir)
     if not 0.0 < quantile < 1.0:
