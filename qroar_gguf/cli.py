@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from qroar_gguf import __version__
-from qroar_gguf.errors import QroarError
+from qroar_gguf.errors import QroarError, Stopped, stop_on_signals
+from qroar_gguf.outputs import check_destination, describe_os_error, publish_text
 from qroar_gguf.search_settings import DEFAULT_BUDGET, DEFAULT_DEV_CHUNKS, DEFAULT_SPACE, OBJECTIVES, SPACES
 
 QTYPES = ["Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
@@ -34,14 +36,48 @@ class DefaultToConvert(click.Group):
             args = _spread_lists(args, self.LIST_OPTIONS[args[0]])
         return super().parse_args(ctx, args)
 
+    def main(self, args=None, prog_name=None, **extra):
+        """Exit statuses: 0 done, 1 an error in the input or the environment, 2 a command-line usage
+        error, 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP). Each error is one line
+        on stderr, and no output file is left half-written."""
+        stop_on_signals()
+        try:
+            status = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"Error: {_one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort as exc:  # click turns a KeyboardInterrupt outside a command into Abort
+            _exit_interrupted(exc.__cause__)
+        sys.exit(status if isinstance(status, int) else 0)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except QroarError as exc:
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except OSError as exc:  # the environment (disk, permissions, names), not a bug: one line
+            raise click.ClickException(describe_os_error(exc, "use", exc.filename or "a file")) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as Stopped; every `finally` has run
+            _exit_interrupted(exc)
+
+
+def _exit_interrupted(exc: BaseException | None) -> None:
+    if isinstance(exc, Stopped):
+        click.echo(f"stopped by {signal.Signals(exc.signum).name}", err=True)
+        sys.exit(128 + exc.signum)
+    click.echo("interrupted", err=True)
+    sys.exit(130)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 def _spread_lists(args: list[str], options: tuple[str, ...]) -> list[str]:
@@ -257,9 +293,11 @@ def plot(model: Path, output: Path, target_ctx: int | None, agg: str, beta: floa
     """Plot per-pair sensitivity S_k and every plan's factors for MODEL (HF checkpoint or GGUF)."""
     from qroar_gguf.evaluate.plots import plot_factors
 
+    if json_out is not None:  # before drawing: a bad --json must not leave the PNG behind
+        check_destination(json_out, force=True, what="--json", inputs=[model])
     data = plot_factors(model, output, target_ctx=target_ctx, agg=agg, beta=beta)
     if json_out is not None:
-        json_out.write_text(json.dumps(data, indent=2) + "\n")
+        publish_text(json_out, json.dumps(data, indent=2) + "\n")
     click.echo(f"wrote {output}")
 
 
@@ -286,12 +324,14 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
     optionally KL divergence against a reference GGUF and passkey retrieval."""
     from qroar_gguf.evaluate.report import evaluate_file
 
+    if json_out is not None:  # before minutes of evaluation
+        check_destination(json_out, force=True, what="--json", inputs=[model, text_path])
     result = evaluate_file(model, text_path, ctx, chunks=chunks, reference=reference, passkey_trials=passkey_trials
                            if passkey else 0, type_k=type_k, threads=threads, progress=_show_progress(quiet))
     for line in result["lines"]:
         click.echo(line)
     if json_out is not None:
-        json_out.write_text(json.dumps(result["json"], indent=2) + "\n")
+        publish_text(json_out, json.dumps(result["json"], indent=2) + "\n")
 
 
 @main.command()

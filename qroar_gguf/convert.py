@@ -6,9 +6,11 @@ complete (written under a hidden temporary name, then renamed), and temporaries 
 
 from __future__ import annotations
 
+import math
 import os
-import tempfile
+import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,15 +24,18 @@ from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.quantize import FTYPES, UNQUANTIZED, quantize_gguf
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
+from qroar_gguf.outputs import check_destination, describe_os_error, exclusive, temporary_beside
 from qroar_gguf.rope.bands import BandFold, band_fold
 from qroar_gguf.rope.plans import RopeFacts, RopePlan, make_plan, source_factors
 from qroar_gguf.source.checkpoint import Checkpoint, open_checkpoint
+from qroar_gguf.source.safetensors_lazy import FLOAT_DTYPES
 
 Q = gguf.GGMLQuantizationType
 ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                "BF16": gguf.LlamaFileType.MOSTLY_BF16}
 DEFAULT_SCALE = 4
+MAX_CONTEXT = 2**32 - 1  # <arch>.context_length is a uint32
 
 
 @dataclass
@@ -66,18 +71,18 @@ class ConvertResult:
 def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> ConvertResult:
     start = time.monotonic()
     output = Path(output)
+    keep_f16 = None if options.keep_f16 is None else Path(options.keep_f16)
     if options.qtype not in FTYPES:
         raise QroarError(f"unknown --qtype {options.qtype}; choose one of {', '.join(FTYPES)}")
-    ckpt = open_checkpoint(source)
+    src = read_source(source, options)
+    ckpt, hp, facts, existing = src.ckpt, src.hp, src.facts, src.existing
     try:
-        hp = llama.read_hparams(ckpt.config)
-        _check_destination(output, ckpt, options.force, "output")
-        if options.keep_f16 is not None:
-            _check_destination(Path(options.keep_f16), ckpt, options.force, "--keep-f16")
-            if Path(options.keep_f16).resolve() == output.resolve():
+        check_destination(output, force=options.force, what="output", inputs=ckpt.source_files)
+        if keep_f16 is not None:
+            check_destination(keep_f16, force=options.force, what="--keep-f16", inputs=ckpt.source_files)
+            if keep_f16.resolve() == output.resolve():
                 raise QroarError("--keep-f16 must name a different file than the output")
         vocab = read_vocab(ckpt.directory, hp.vocab_size)
-        facts, existing = _rope_facts(ckpt.config, hp, options)
         plan = _make_plan(options, facts, ckpt, hp)
         fold = band_fold(facts, options.bands, options.band_factors, options.band_scales, options.symmetric,
                          n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_dim)
@@ -87,60 +92,96 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
 
         unquantized = options.qtype in UNQUANTIZED
         store = options.qtype if unquantized else ("BF16" if ckpt.source_dtype == "BF16" else "F16")
-        final_tmp = _hidden(output, "partial")
-        if unquantized:
-            first = final_tmp
-        elif options.keep_f16 is not None:
-            first = _hidden(Path(options.keep_f16), "partial")
-        else:
-            first = _hidden(output, f"{store.lower()}.tmp")
-
         writer = gguf.GGUFWriter(path=None, arch=llama.GGUF_ARCH_NAME)
         _add_metadata(writer, ckpt, hp, facts, plan, factors, existing, store)
         if fold is not None or options.band_search is not None:
             provenance.add_band_provenance(writer, fold.provenance() if fold else None, options.band_search)
         write_vocab(writer, vocab)
         tensors = _plan_tensors(ckpt, hp, plan.attn_scale, factors, Q[store], fold)
-        try:
-            write_streaming(first, writer, tensors, progress=options.progress)
-            if not unquantized:
-                quantize_gguf(first, final_tmp, options.qtype, options.threads, progress=options.progress)
-            os.replace(final_tmp, output)
-            if options.keep_f16 is not None and not unquantized:
-                os.replace(first, options.keep_f16)
-        except OSError as exc:
-            raise QroarError(f"could not write {exc.filename or output}: {exc.strerror}") from None
-        finally:
-            for leftover in (first, final_tmp):
-                leftover.unlink(missing_ok=True)
+
+        destinations = [(output, "output")] + ([] if keep_f16 is None else [(keep_f16, "--keep-f16")])
+        with ExitStack() as held:
+            for path, what in destinations:  # again under the lock: another run may have finished meanwhile
+                held.enter_context(exclusive(path))
+                check_destination(path, force=options.force, what=what, inputs=ckpt.source_files)
+            try:
+                final_tmp = held.enter_context(temporary_beside(output, "partial"))
+                if unquantized:
+                    first = final_tmp
+                else:
+                    first = held.enter_context(temporary_beside(keep_f16 or output, f"{store.lower()}.tmp"))
+                _check_free_space(first, sum(t.nbytes for t in tensors))
+                write_streaming(first, writer, tensors, progress=options.progress)
+                if not unquantized:
+                    quantize_gguf(first, final_tmp, options.qtype, options.threads, progress=options.progress)
+                os.replace(final_tmp, output)
+                if keep_f16 is not None and not unquantized:
+                    os.replace(first, keep_f16)
+            except OSError as exc:
+                raise QroarError(describe_os_error(exc, "write", output)) from None
         return ConvertResult(output=output, plan=plan, factors=factors, trained_ctx=facts.trained_ctx,
-                             target_ctx=facts.target_ctx, qtype=options.qtype,
-                             intermediate=None if options.keep_f16 is None else Path(options.keep_f16),
+                             target_ctx=facts.target_ctx, qtype=options.qtype, intermediate=keep_f16,
                              seconds=time.monotonic() - start)
     finally:
         ckpt.close()
 
 
-def _hidden(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}.{tag}")
+@dataclass
+class Source:
+    """A checkpoint whose config and tensors were checked, with its RoPE facts for the target context."""
+
+    ckpt: Checkpoint
+    hp: llama.LlamaHparams
+    facts: RopeFacts
+    existing: np.ndarray | None  # factors the checkpoint's own rope scaling implies
 
 
-def _check_destination(path: Path, ckpt: Checkpoint, force: bool, what: str) -> None:
-    resolved = path.resolve()
-    if any(resolved == f.resolve() for f in ckpt.source_files):
-        raise QroarError(f"{what} {path} is one of the input files: choose another output path")
-    if path.is_dir():
-        raise QroarError(f"{what} {path} is a directory: give a file name such as {path / 'model.gguf'}")
-    if path.exists() and not force:
-        raise QroarError(f"{what} {path} already exists: pass --force to overwrite it")
-    parent = resolved.parent
-    if not parent.is_dir():
-        raise QroarError(f"{what} directory {parent} does not exist: create it first")
-    try:  # os.access says yes to root even on read-only mounts: try for real
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as exc:
-        raise QroarError(f"{what} directory {parent} is not writable ({exc.strerror}): choose another "
-                         "output path") from None
+def read_source(source: str | Path, options: ConvertOptions) -> Source:
+    """The first stage: open the checkpoint, validate config.json and every tensor against it, and fix
+    the trained and target contexts. Reads headers only; every problem is one QroarError line."""
+    ckpt = open_checkpoint(source)
+    try:
+        hp = llama.read_hparams(ckpt.config)
+        check_tensors(ckpt, hp)
+        facts, existing = _rope_facts(ckpt.config, hp, options)
+    except BaseException:
+        ckpt.close()
+        raise
+    return Source(ckpt, hp, facts, existing)
+
+
+def check_tensors(ckpt: Checkpoint, hp: llama.LlamaHparams) -> None:
+    """Every tensor llama.cpp will need, with the shape config.json implies and a float type, and no
+    tensor it would not load: checked before anything is written, naming the first mismatch."""
+    expected = llama.expected_tensors(hp)
+    for name in ckpt.names:
+        if name.endswith(".rotary_emb.inv_freq"):
+            continue
+        info, spec = ckpt.info(name), expected.get(name)
+        if spec is None:
+            raise QroarError(f"tensor {name!r} has no place in a {hp.architecture} with {hp.n_layer} layers "
+                             "(config.json num_hidden_layers): is this the checkpoint config.json describes?")
+        if info.dtype not in FLOAT_DTYPES:
+            raise QroarError(f"tensor {name!r} is stored as {info.dtype}; weights must be floating point "
+                             f"({', '.join(FLOAT_DTYPES)}): re-save the checkpoint in float16 or bfloat16")
+        if tuple(info.shape) != spec.shape:
+            raise QroarError(f"tensor {name!r} has shape {list(info.shape)} but config.json implies "
+                             f"{list(spec.shape)}: the weights and config.json do not belong together")
+    for name, spec in expected.items():
+        if spec.required and name not in ckpt.index:
+            raise QroarError(f"tensor {name!r} is missing from {ckpt.directory}: the checkpoint is incomplete "
+                             "(for a sharded one, give its directory or model.safetensors.index.json, not one "
+                             "shard)")
+
+
+def _check_free_space(path: Path, needed: int) -> None:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    if free < needed:
+        raise QroarError(f"{path.parent} has {free / 2**20:.0f} MiB free but the unquantized file needs "
+                         f"{needed / 2**20:.0f} MiB: free space or write elsewhere")
 
 
 def _rope_facts(config: dict, hp: llama.LlamaHparams, options: ConvertOptions) -> tuple[RopeFacts, np.ndarray | None]:
@@ -154,9 +195,13 @@ def _rope_facts(config: dict, hp: llama.LlamaHparams, options: ConvertOptions) -
     if options.target_ctx is not None:
         target = int(options.target_ctx)
     elif options.scale is not None:
+        if not math.isfinite(float(options.scale)) or float(options.scale) <= 0:
+            raise QroarError(f"--scale must be a finite positive number, got {options.scale}")
         target = int(round(trained * float(options.scale)))
     else:
         target = trained if options.method == "none" else trained * DEFAULT_SCALE
+    if not 0 < target <= MAX_CONTEXT:
+        raise QroarError(f"target context {target} is out of range: GGUF stores at most {MAX_CONTEXT} tokens")
     if options.method != "none" and target <= trained:
         raise QroarError(f"target context {target} must be larger than the trained context {trained} "
                          "(use --method none to keep it)")

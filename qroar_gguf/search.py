@@ -49,6 +49,7 @@ from typing import Callable
 import numpy as np
 
 from qroar_gguf.errors import QroarError
+from qroar_gguf.outputs import check_destination, publish_text
 from qroar_gguf.search_settings import OBJECTIVES, SPACES, SearchSettings
 
 CACHE_VERSION = 1
@@ -220,9 +221,7 @@ class _Searcher:
             ev = self.measure(factors, scales, key)
             record = {"key": key, "inputs": inputs, **dataclasses.asdict(ev)}
             record.pop("cached", None)
-            tmp = path.with_name(path.name + ".partial")
-            tmp.write_text(json.dumps(record, indent=1, default=_json_default) + "\n")
-            tmp.replace(path)
+            publish_text(path, json.dumps(record, indent=1, default=_json_default) + "\n")
             self.new += 1
             if self.on_evaluate is not None:
                 self.on_evaluate(ev)
@@ -384,7 +383,7 @@ def write_report(result: SearchResult, path: Path, base: dict) -> None:
               "best_factors": list(result.best.factors), "best_scales": list(result.best.scales),
               "candidates": candidates}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    publish_text(path, json.dumps(report, indent=2, default=_json_default) + "\n")
 
 
 def search_and_convert(source: str | Path, output: str | Path, options, settings: SearchSettings, *,
@@ -395,9 +394,9 @@ def search_and_convert(source: str | Path, output: str | Path, options, settings
 
     ckpt = open_checkpoint(source)  # fail on the destinations before spending time on the search
     try:
-        conv._check_destination(Path(output), ckpt, options.force, "output")
+        check_destination(Path(output), force=options.force, what="output", inputs=ckpt.source_files)
         if settings.report is not None:  # a report is rewritten by every run: no --force needed
-            conv._check_destination(Path(settings.report), ckpt, True, "--search-report")
+            check_destination(Path(settings.report), force=True, what="--search-report", inputs=ckpt.source_files)
     finally:
         ckpt.close()
     result = run_search(source, options, settings, log=log, on_evaluate=on_evaluate)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -14,18 +10,10 @@ import numpy as np
 import pytest
 
 from checkpoints import gguf_tensors, make_tiny_llama, shard_checkpoint, write_safetensors
+from runs import convert_ok, fail_cleanly, run_cli
 
 TRICKY_TEXT = ("Hello, world! 1234567 dollars... naïve café — 東京 🚀\n\n\tTabs   and    spaces  "
                "<|im_start|>user\nWhat's 3.14*2?<|im_end|>\n  trailing   ")
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qroar_gguf", *map(str, args)], capture_output=True, text=True)
-
-
-def convert_ok(*args: str | Path) -> None:
-    result = run_cli(*args, "-q")
-    assert result.returncode == 0, result.stderr
 
 
 def load_llama(path: Path, n_ctx: int = 512, **kwargs):
@@ -141,11 +129,6 @@ def test_linear_factors_equal_runtime_linear_scaling(smollm2_dir: Path, smollm2_
 
 # 3. A random Llama with K-quant-friendly widths ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny(smollm2_dir: Path, tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "ckpt", smollm2_dir)
-
-
 def test_q4_k_m_really_uses_k_quants(tiny, tmp_path: Path):
     directory, _ = tiny
     out = tmp_path / "tiny.Q4_K_M.gguf"
@@ -211,41 +194,11 @@ def test_bf16_source_converts_exactly(smollm2_dir: Path, tmp_path: Path):
 
 # 5. Bad input ---------------------------------------------------------------------------------------
 
-def _digest(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-def assert_clean_failure(result: subprocess.CompletedProcess, out_dir: Path, before: set[str], needle: str):
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert needle.lower() in lines[0].lower(), lines[0]
-    assert {p.name for p in out_dir.iterdir()} == before, "a file was left behind"
-
-
-@pytest.fixture()
-def scratch(tiny, tmp_path: Path) -> Path:
-    """A private copy of the tiny checkpoint that a test may damage."""
-    directory, _ = tiny
-    copy = tmp_path / "ckpt"
-    shutil.copytree(directory, copy)
-    return copy
-
-
-def _fail(args: list, out_dir: Path, needle: str, protect: Path | None = None) -> None:
-    before = {p.name for p in out_dir.iterdir()}
-    digest = _digest(protect) if protect else None
-    assert_clean_failure(run_cli(*args), out_dir, before, needle)
-    if protect:
-        assert _digest(protect) == digest, "the input was modified"
-
-
 def test_truncated_safetensors(scratch: Path, tmp_path: Path):
     model = scratch / "model.safetensors"
     data = model.read_bytes()
     model.write_bytes(data[: len(data) // 2])
-    _fail([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "truncated", protect=scratch)
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "truncated", protect=scratch)
 
 
 def test_corrupt_safetensors_header(scratch: Path, tmp_path: Path):
@@ -253,29 +206,29 @@ def test_corrupt_safetensors_header(scratch: Path, tmp_path: Path):
     data = bytearray(model.read_bytes())
     data[8:20] = b"not json at!"
     model.write_bytes(bytes(data))
-    _fail([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "not a valid safetensors", protect=scratch)
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "not a valid safetensors", protect=scratch)
 
 
 def test_missing_config(scratch: Path, tmp_path: Path):
     (scratch / "config.json").unlink()
-    _fail([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "config.json")
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "config.json")
 
 
 def test_missing_tokenizer(scratch: Path, tmp_path: Path):
     (scratch / "tokenizer.json").unlink()
-    _fail([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "tokenizer")
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "tokenizer")
 
 
 def test_unsupported_architecture(scratch: Path, tmp_path: Path):
     config = json.loads((scratch / "config.json").read_text())
     config["architectures"] = ["Qwen2ForCausalLM"]
     (scratch / "config.json").write_text(json.dumps(config))
-    _fail([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "LlamaForCausalLM and MistralForCausalLM")
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "LlamaForCausalLM and MistralForCausalLM")
 
 
 def test_target_context_must_grow(scratch: Path, tmp_path: Path):
-    _fail([scratch, "-o", tmp_path / "out.gguf", "--ctx", "2048"], tmp_path, "larger than the trained")
-    _fail([scratch, "-o", tmp_path / "out.gguf", "--ctx", "1024", "--method", "linear"], tmp_path,
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf", "--ctx", "2048"], tmp_path, "larger than the trained")
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf", "--ctx", "1024", "--method", "linear"], tmp_path,
           "larger than the trained")
     convert_ok(scratch, "-o", tmp_path / "none.gguf", "--ctx", "2048", "--method", "none", "--qtype", "F16")
 
@@ -286,18 +239,18 @@ def test_nan_in_key_weights(scratch: Path, tiny, tmp_path: Path):
     damaged["model.layers.1.self_attn.k_proj.weight"] = tensors["model.layers.1.self_attn.k_proj.weight"].copy()
     damaged["model.layers.1.self_attn.k_proj.weight"][3, 7] = np.inf
     write_safetensors(scratch / "model.safetensors", damaged)
-    _fail([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "NaN or Inf", protect=scratch)
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "NaN or Inf", protect=scratch)
 
 
 def test_output_equal_to_input(scratch: Path):
-    _fail([scratch / "model.safetensors", "-o", scratch / "model.safetensors", "--force"], scratch,
+    fail_cleanly([scratch / "model.safetensors", "-o", scratch / "model.safetensors", "--force"], scratch,
           "is one of the input files", protect=scratch)
 
 
 def test_existing_output_needs_force(scratch: Path, tmp_path: Path):
     out = tmp_path / "out.gguf"
     out.write_bytes(b"keep me")
-    _fail([scratch, "-o", out], tmp_path, "--force")
+    fail_cleanly([scratch, "-o", out], tmp_path, "--force")
     assert out.read_bytes() == b"keep me"
     convert_ok(scratch, "-o", out, "--force", "--qtype", "Q8_0")
     assert out.read_bytes()[:4] == b"GGUF"

@@ -6,6 +6,7 @@ names come from gguf-py's own mapping table, not from strings typed here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import gguf
@@ -38,59 +39,117 @@ class LlamaHparams:
 def read_hparams(config: dict) -> LlamaHparams:
     """Validate that the config describes a supported model and pull out what the GGUF needs."""
     archs = config.get("architectures") or []
+    if isinstance(archs, str):  # a hand-written config may give the one name as a string
+        archs = [archs]
+    if not isinstance(archs, list):
+        raise QroarError(f"config.json: architectures must be a list of class names, got {archs!r}")
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
-        named = ", ".join(archs) if archs else f"model_type {config.get('model_type')!r}"
+        named = ", ".join(map(str, archs)) if archs else f"model_type {config.get('model_type')!r}"
         raise QroarError(f"unsupported architecture {named}: qroar-gguf converts "
                          f"{' and '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3.x, SmolLM, TinyLlama, Mistral)")
-    try:
-        n_embd = int(config["hidden_size"])
-        n_head = int(config["num_attention_heads"])
-        n_layer = int(config["num_hidden_layers"])
-        n_ff = int(config["intermediate_size"])
-        vocab_size = int(config["vocab_size"])
-        context_length = int(config["max_position_embeddings"])
-    except KeyError as exc:
-        raise QroarError(f"config.json lacks {exc.args[0]!r}, which a {arch} config must have") from None
-    head_dim = int(config.get("head_dim") or n_embd // n_head)
-    rope_theta = _rope_theta(config)
-    partial = float(config.get("partial_rotary_factor", 1.0))
+    count = _Reader(config, arch).count
+    number = _Reader(config, arch).number
+    n_embd, n_head = count("hidden_size"), count("num_attention_heads")
+    n_kv_head = count("num_key_value_heads", default=n_head)
+    if n_head % n_kv_head:
+        raise QroarError(f"config.json: num_attention_heads {n_head} is not a multiple of num_key_value_heads "
+                         f"{n_kv_head}")
+    if config.get("head_dim") is None and n_embd % n_head:
+        raise QroarError(f"config.json: hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}; "
+                         "give head_dim")
+    head_dim = count("head_dim", default=n_embd // n_head)
+    partial = number("partial_rotary_factor", default=1.0)
     n_rot = int(head_dim * partial)
-    if n_rot <= 0 or n_rot % 2:
-        raise QroarError(f"config.json gives {n_rot} rotary dimensions; RoPE needs a positive even number")
+    if not 0 < partial <= 1 or n_rot <= 0 or n_rot % 2:
+        raise QroarError(f"config.json gives {n_rot} rotary dimensions (head_dim {head_dim} x partial_rotary_factor "
+                         f"{partial}); RoPE needs a positive even number at most head_dim")
+    rope_theta = _rope_theta(config)
+    if not (isinstance(rope_theta, (int, float)) and not isinstance(rope_theta, bool)
+            and math.isfinite(rope_theta) and rope_theta > 1):
+        raise QroarError(f"config.json: rope_theta must be a number above 1, got {rope_theta!r}")
     return LlamaHparams(
         architecture=arch,
-        n_layer=n_layer,
+        n_layer=count("num_hidden_layers"),
         n_embd=n_embd,
-        n_ff=n_ff,
+        n_ff=count("intermediate_size"),
         n_head=n_head,
-        n_kv_head=int(config.get("num_key_value_heads") or n_head),
+        n_kv_head=n_kv_head,
         head_dim=head_dim,
         n_rot=n_rot,
-        rope_theta=rope_theta,
-        rms_eps=float(config.get("rms_norm_eps", 1e-5)),
-        vocab_size=vocab_size,
-        context_length=context_length,
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope_theta=float(rope_theta),
+        rms_eps=number("rms_norm_eps", default=1e-5),
+        vocab_size=count("vocab_size"),
+        context_length=count("max_position_embeddings"),
+        tie_embeddings=config.get("tie_word_embeddings", False) is True,
     )
 
 
-def _rope_theta(config: dict) -> float:
+class _Reader:
+    """Typed reads of config.json values, each failing with one line that names the key."""
+
+    _MAX_COUNT = 2**31 - 1  # llama.cpp keeps these in int32/uint32
+
+    def __init__(self, config: dict, arch: str):
+        self.config, self.arch = config, arch
+
+    def _value(self, key: str, default):
+        value = self.config.get(key, default)
+        if value is None:
+            raise QroarError(f"config.json lacks {key!r}, which a {self.arch} config must have")
+        return value
+
+    def count(self, key: str, default: int | None = None) -> int:
+        value = self._value(key, default)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= self._MAX_COUNT:
+            raise QroarError(f"config.json: {key} must be a positive whole number, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float | None = None) -> float:
+        value = self._value(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise QroarError(f"config.json: {key} must be a positive number, got {value!r}")
+        return float(value)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]  # HF layout [out, in]
+    required: bool
+
+
+def expected_tensors(hp: LlamaHparams) -> dict[str, TensorSpec]:
+    """Every tensor llama.cpp's llama arch loads, by HF name, with the shape the config implies.
+
+    Biases of the attention and MLP projections are optional (llama.cpp loads them when present);
+    lm_head is optional when the embeddings are tied.
+    """
+    d, q_rows, kv_rows = hp.n_embd, hp.n_head * hp.head_dim, hp.n_kv_head * hp.head_dim
+    specs = {
+        "model.embed_tokens.weight": TensorSpec((hp.vocab_size, d), True),
+        "model.norm.weight": TensorSpec((d,), True),
+        "lm_head.weight": TensorSpec((hp.vocab_size, d), not hp.tie_embeddings),
+    }
+    projections = {"self_attn.q_proj": (q_rows, d), "self_attn.k_proj": (kv_rows, d),
+                   "self_attn.v_proj": (kv_rows, d), "self_attn.o_proj": (d, q_rows),
+                   "mlp.gate_proj": (hp.n_ff, d), "mlp.up_proj": (hp.n_ff, d), "mlp.down_proj": (d, hp.n_ff)}
+    for i in range(hp.n_layer):
+        prefix = f"model.layers.{i}."
+        for name, shape in projections.items():
+            specs[f"{prefix}{name}.weight"] = TensorSpec(shape, True)
+            specs[f"{prefix}{name}.bias"] = TensorSpec(shape[:1], False)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            specs[f"{prefix}{norm}.weight"] = TensorSpec((d,), True)
+    return specs
+
+
+def _rope_theta(config: dict):
     # transformers >= 5 moved rope_theta into rope_parameters.
-    params = config.get("rope_parameters") or {}
-    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
-    return float(theta)
-
-
-def rope_scaling(config: dict) -> dict | None:
-    """The config's rope scaling block (old `rope_scaling` or new `rope_parameters`), None when absent."""
-    block = config.get("rope_scaling") or config.get("rope_parameters")
-    if not block:
-        return None
-    kind = block.get("rope_type", block.get("type"))
-    if kind in (None, "default"):
-        return None
-    return dict(block, rope_type=kind)
+    params = config.get("rope_parameters")
+    params = params if isinstance(params, dict) else {}
+    return config.get("rope_theta", params.get("rope_theta", 10000.0))
 
 
 class TensorNames:

@@ -30,13 +30,25 @@ class Vocab:
 
 
 def read_vocab(directory: Path, vocab_size: int) -> Vocab:
-    if (directory / "tokenizer.model").is_file():
-        vocab = _sentencepiece_vocab(directory, vocab_size)
-    elif (directory / "tokenizer.json").is_file():
-        vocab = _bpe_vocab(directory, vocab_size)
-    else:
-        raise QroarError(f"{directory} has no tokenizer.json or tokenizer.model")
-    vocab.add_space_prefix = _tokenizer_config(directory).get("add_prefix_space")
+    config = _tokenizer_config(directory)  # first: gguf-py's SpecialVocab reads it too, less carefully
+    try:
+        if (directory / "tokenizer.model").is_file():
+            vocab = _sentencepiece_vocab(directory, vocab_size, config)
+        elif (directory / "tokenizer.json").is_file():
+            vocab = _bpe_vocab(directory, vocab_size)
+        else:
+            raise QroarError(f"{directory} has no tokenizer.json or tokenizer.model")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # odd values in the tokenizer's JSON files
+        raise QroarError(f"{directory}: the tokenizer files could not be read ({type(exc).__name__}: {exc}); "
+                         "restore the model's own tokenizer files") from None
+    template = vocab.special.chat_template
+    if template is not None and not (isinstance(template, str) or (isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template))):
+        raise QroarError(f"{directory / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+                         "{name, template} objects; restore the model's own file")
+    add_space_prefix = config.get("add_prefix_space")
+    vocab.add_space_prefix = add_space_prefix if isinstance(add_space_prefix, bool) else None
     return vocab
 
 
@@ -45,9 +57,12 @@ def _tokenizer_config(directory: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise QroarError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise QroarError(f"{path} is not a JSON object: restore the model's own tokenizer_config.json")
+    return config
 
 
 def write_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
@@ -124,7 +139,7 @@ def _bpe_vocab(directory: Path, vocab_size: int) -> Vocab:
     return Vocab(model="gpt2", add_space_prefix=None, pre=pre, tokens=tokens, types=types, scores=None, special=special)
 
 
-def _sentencepiece_vocab(directory: Path, vocab_size: int) -> Vocab:
+def _sentencepiece_vocab(directory: Path, vocab_size: int, config: dict) -> Vocab:
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor()
@@ -149,7 +164,7 @@ def _sentencepiece_vocab(directory: Path, vocab_size: int) -> Vocab:
             if i < vocab_size:
                 tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, gguf.TokenType.USER_DEFINED
 
-    for key, entry in _tokenizer_config(directory).get("added_tokens_decoder", {}).items():
+    for key, entry in config.get("added_tokens_decoder", {}).items():
         i, text = int(key), entry["content"]
         if i >= vocab_size:
             continue

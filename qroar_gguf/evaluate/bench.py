@@ -22,6 +22,7 @@ import numpy as np
 from qroar_gguf import __version__
 from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.perplexity import n_scored_per_chunk, ppl_standard_error
+from qroar_gguf.outputs import temporary_beside
 
 REFERENCE_QTYPE = "F16"
 
@@ -132,9 +133,9 @@ class Bench:
             convert(self.model, path, spec.convert_options(ctx, qtype, self.threads, self.progress))
         else:
             reference = self.build(spec, ctx, REFERENCE_QTYPE)
-            partial = path.with_name(path.name + ".partial")
-            quantize_gguf(reference, partial, qtype, self.threads, progress=self.progress)
-            partial.replace(path)
+            with temporary_beside(path, "partial") as partial:
+                quantize_gguf(reference, partial, qtype, self.threads, progress=self.progress)
+                partial.replace(path)
         return path
 
     # -- measuring -----------------------------------------------------------------------------

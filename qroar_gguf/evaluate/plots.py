@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from qroar_gguf.errors import QroarError
+from qroar_gguf.outputs import check_destination, temporary_beside
 from qroar_gguf.rope.plans import YARN_BETA_FAST, YARN_BETA_SLOW, RopeFacts, make_plan, yarn_correction_range
 from qroar_gguf.rope.sensitivity import AGGREGATIONS, SensitivityResult, frequency_bands
 
@@ -221,15 +220,7 @@ def _check_output(output_png: Path) -> Path:
     output_png = Path(output_png)
     if output_png.suffix.lower() != ".png":
         raise QroarError(f"{output_png}: the plot is a PNG image, give a file name ending in .png")
-    if output_png.is_dir():
-        raise QroarError(f"{output_png} is a directory: give a file name such as {output_png / 'factors.png'}")
-    parent = output_png.resolve().parent
-    if not parent.is_dir():
-        raise QroarError(f"output directory {parent} does not exist: create it first")
-    try:  # os.access says yes to root even on read-only mounts: try for real
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as exc:
-        raise QroarError(f"output directory {parent} is not writable ({exc.strerror}): choose another path") from None
+    check_destination(output_png, force=True, what="output", inputs=())
     return output_png
 
 
@@ -379,15 +370,9 @@ def _draw(data: dict[str, Any], title: str, subtitle: str, output_png: Path) -> 
     fig.suptitle(title, fontsize=15, fontweight="bold", x=0.065, ha="left", y=0.985)
     fig.text(0.065, 0.945, subtitle, fontsize=10, ha="left", va="top", color="#333333")
 
-    # Write next to the target and rename, so a failure never leaves a half-written PNG behind; the
-    # file is created by an ordinary open (permissions follow the umask, unlike mkstemp's 0600).
-    tmp = output_png.resolve().parent / f".{output_png.name}.{os.getpid()}.{secrets.token_hex(4)}.png"
-    try:
+    with temporary_beside(output_png, "png") as tmp:  # a failure never leaves a half-written PNG behind
         fig.savefig(tmp, dpi=_DPI, format="png")
         os.replace(tmp, output_png)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def plot_factors(model_path: Path, output_png: Path, target_ctx: int | None = None, agg: str = "max",

@@ -95,14 +95,6 @@ def set_llama_logging(verbose: bool) -> None:
     _log_verbose = verbose
 
 
-def reinstall_llama_logging() -> None:
-    """Put our log callback back after code that installed its own (the quantizer's progress)."""
-    global _log_verbose
-    verbose = bool(_log_verbose)
-    _log_verbose = None
-    set_llama_logging(verbose)
-
-
 def _ensure_backend(verbose: bool) -> None:
     global _backend_ready
     set_llama_logging(verbose)

@@ -3,13 +3,22 @@
 Using libllama rather than gguf-py's reference quantizers gives exactly the tensor-type choices
 (Q4_K_M's Q6_K layers, fallbacks for rows that are not a multiple of 256, ...) that `llama-quantize`
 makes. The quantizer copies 1-D tensors such as rope_freqs.weight unchanged (F32).
+
+libllama's quantizer cannot be cancelled: a Ctrl-C arriving while it runs would only reach Python
+inside its log callback, where ctypes swallows the exception, and the file would be finished and
+published. So it runs in a child process (quantize_child.py) that reports progress and errors
+line by line; whatever stops the parent (Ctrl-C, SIGTERM, an error) kills the child first, and the
+caller removes the partial file.
 """
 
 from __future__ import annotations
 
-import ctypes
-import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from qroar_gguf.errors import QroarError
 
@@ -34,51 +43,56 @@ FTYPES: dict[str, int] = {
     "BF16": 32,
 }
 UNQUANTIZED = ("F32", "F16", "BF16")
-
-_PROGRESS_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
+_NEARLY_FULL = 16 * 2**20  # bytes free below which a failed write is put down to a full disk
 
 
 def quantize_gguf(source: Path, target: Path, qtype: str, threads: int, progress: bool = True) -> None:
     """Write `target` as `source` quantized to `qtype`, with a tensor progress bar."""
-    import llama_cpp
-    from tqdm import tqdm
-
     if qtype not in FTYPES:
         raise QroarError(f"unknown --qtype {qtype}; choose one of {', '.join(FTYPES)}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[qtype]
-    params.nthread = threads
-
+    command = [sys.executable, "-m", "qroar_gguf.gguf_io.quantize_child", str(source), str(target),
+               str(FTYPES[qtype]), str(threads)]
+    log: list[str] = []
     bar = tqdm(desc=f"quantize {qtype}", unit="tensor", disable=not progress, leave=False)
-    errors: list[str] = []
-
-    # llama.cpp reports each tensor on its log ("[  12/ 272] blk.1.attn_q.weight ..."): we turn those
-    # lines into the progress bar and keep errors for the message, instead of flooding the terminal.
-    @llama_cpp.llama_log_callback
-    def on_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-        match = _PROGRESS_LINE.search(text)
-        if match:
-            done, total = int(match.group(1)), int(match.group(2))
-            if bar.total != total:
-                bar.reset(total=total)
-            bar.n = done
-            bar.refresh()
-        elif level == 3:  # GGML_LOG_LEVEL_ERROR
-            errors.append(text.decode("utf-8", "replace").strip())
-
-    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace")
     try:
-        status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+        for line in child.stdout:
+            kind, _, rest = line.rstrip("\n").partition(" ")
+            if kind == "progress":
+                done, total = map(int, rest.split())
+                if bar.total != total:
+                    bar.reset(total=total)
+                bar.n = done
+                bar.refresh()
+            elif rest or kind:
+                log.append(rest if kind in ("error", "log") else line.strip())
+        status = child.wait()
     finally:
-        _restore_default_log()
+        if child.poll() is None:  # we are being stopped: the child must not finish the file
+            child.kill()
+            child.wait()
+        child.stdout.close()
         bar.close()
     if status != 0:
-        detail = "; ".join(e for e in errors if e) or f"status {status}"
-        raise QroarError(f"llama.cpp could not quantize {source.name} to {qtype}: {detail}")
+        reason = _failure(status, log)
+        if _disk_full(target.parent):  # llama.cpp's stream error does not say why its write failed
+            reason += f" (the disk is full: free space in {target.parent} or write the output elsewhere)"
+        raise QroarError(f"llama.cpp could not quantize {source.name} to {qtype}: {reason}")
 
 
-def _restore_default_log() -> None:
-    """Back to the process-wide setting the evaluators use (quiet unless asked)."""
-    from qroar_gguf.evaluate.runtime import reinstall_llama_logging
+def _failure(status: int, log: list[str]) -> str:
+    """The reason in llama.cpp's words where it gave one, else what became of the quantizer."""
+    reasons = [line for line in log if "failed to quantize" in line or "error" in line.lower()]
+    if reasons:
+        return reasons[-1].split("failed to quantize:", 1)[-1].strip()
+    if status < 0:
+        return f"the quantizer crashed (signal {-status}); {log[-1] if log else 'it printed nothing'}"
+    return log[-1] if log else f"the quantizer stopped with status {status} and printed nothing"
 
-    reinstall_llama_logging()
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL
+    except OSError:
+        return False

@@ -13,6 +13,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qroar_gguf.errors import QroarError
+
 Q = gguf.GGMLQuantizationType
 
 _BYTES_PER_ELEMENT = {Q.F32: 4, Q.F16: 2, Q.BF16: 2}
@@ -35,10 +37,18 @@ def encode(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     if qtype == Q.F32:
         return np.ascontiguousarray(values, dtype=np.float32)
     if qtype == Q.F16:
-        return np.ascontiguousarray(values, dtype=np.float16)
+        with np.errstate(over="ignore"):  # values beyond float16 become Inf: write_streaming refuses them
+            return np.ascontiguousarray(values, dtype=np.float16)
     if qtype == Q.BF16:
         return gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), Q.BF16)
     raise ValueError(f"not an unquantized GGUF type: {qtype.name}")
+
+
+def all_finite(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> bool:
+    """Whether stored values (as `encode` returns them) are all finite; BF16 arrives as raw uint16."""
+    if qtype == Q.BF16:
+        return not np.any((data.view(np.uint16) & 0x7F80) == 0x7F80)  # exponent all ones: Inf or NaN
+    return bool(np.isfinite(data).all())
 
 
 def write_streaming(path: Path, writer: gguf.GGUFWriter, tensors: list[PlannedTensor],
@@ -60,6 +70,9 @@ def write_streaming(path: Path, writer: gguf.GGUFWriter, tensors: list[PlannedTe
             data = encode(t.produce(), t.qtype)
             if data.nbytes != t.nbytes:
                 raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
+            if not all_finite(data, t.qtype):
+                raise QroarError(f"{t.name} would hold NaN or Inf as {t.qtype.name}: the checkpoint holds them, or a "
+                                 f"scale pushed values beyond {t.qtype.name}'s range; nothing was written")
             writer.write_tensor_data(data)
             bar.update(t.nbytes)
             del data

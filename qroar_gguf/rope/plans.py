@@ -486,7 +486,8 @@ def source_factors(config: dict, n_rot: int) -> tuple[np.ndarray | None, int]:
     original = scaling.get("original_max_position_embeddings", config.get("original_max_position_embeddings", max_pos))
     if original is None:
         raise QroarError("config has no max_position_embeddings")
-    original = int(original)
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+        raise QroarError(f"config original_max_position_embeddings must be a positive whole number, got {original!r}")
 
     if kind == "linear":
         return np.full(n_rot // 2, factor, dtype=np.float32), original

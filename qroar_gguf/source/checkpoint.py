@@ -107,8 +107,10 @@ def _read_config(directory: Path) -> dict:
         raise QroarError(f"{directory} has no config.json: put the model's config.json next to its weights")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise QroarError(f"{config_path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise QroarError(f"{config_path} is not a JSON object: restore the model's own config.json")
     # Multimodal wrappers keep the language model's settings under text_config.
     if isinstance(config.get("text_config"), dict):
         config = {**config, **config["text_config"]}
@@ -118,8 +120,10 @@ def _read_config(directory: Path) -> dict:
 def _shards_of_index(index_path: Path) -> list[Path]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as exc:
         raise QroarError(f"{index_path} is not a valid safetensors index ({exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise QroarError(f"{index_path} is not a valid safetensors index (weight_map must map names to files)")
     shard_paths = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
     missing = [p.name for p in shard_paths if not p.is_file()]
     if missing:

@@ -10,6 +10,7 @@ towards the process's resident memory until unmapped, so peak RSS would grow to 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ _STORED_DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
+
+#: The stored types a weight may have; the others (integers, bool) are refused by the converter.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -89,27 +93,52 @@ def _read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
                              "the file is truncated or corrupt, re-download it")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise QroarError(f"{damaged} (header is not JSON: {exc}): re-download it") from None
     if not isinstance(header, dict):
         raise QroarError(f"{damaged} (header is not a JSON object): re-download it")
 
     data_start = 8 + header_len
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise QroarError(f"{damaged} (__metadata__ is not a JSON object): re-download it")
     tensors: dict[str, StoredTensor] = {}
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise QroarError(f"{damaged} (tensor {name!r} has a malformed entry): re-download it") from None
+        dtype, shape, begin, end = _entry(entry, damaged, name)
         if dtype not in _STORED_DTYPES:
             raise QroarError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        expected = _STORED_DTYPES[dtype].itemsize * int(np.prod(shape, dtype=np.int64))
-        if end - begin != expected or begin < 0:
+        expected = _STORED_DTYPES[dtype].itemsize * math.prod(shape)
+        if end - begin != expected:
             raise QroarError(f"{damaged} (tensor {name!r}: {end - begin} bytes for shape {list(shape)} {dtype}): "
                              "re-download it")
         if data_start + end > size:
             raise QroarError(f"{damaged}: tensor {name!r} ends at byte {data_start + end} but the file has {size} "
                              "bytes; the file is truncated, re-download it")
         tensors[name] = StoredTensor(name, dtype, shape, data_start + begin, data_start + end)
+    _check_no_overlap(tensors, damaged)
     return tensors, metadata
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(entry: object, damaged: str, name: str) -> tuple[str, tuple[int, ...], int, int]:
+    """dtype, shape and data offsets of one header entry, each of the right JSON type."""
+    malformed = QroarError(f"{damaged} (tensor {name!r} has a malformed entry): re-download it")
+    if not isinstance(entry, dict):
+        raise malformed
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offsets, list):
+        raise malformed
+    if len(offsets) != 2 or not all(_is_count(v) for v in (*shape, *offsets)) or offsets[0] > offsets[1]:
+        raise malformed
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _check_no_overlap(tensors: dict[str, StoredTensor], damaged: str) -> None:
+    """Two tensors sharing bytes means a forged or corrupt header: each would read the other's data."""
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise QroarError(f"{damaged} (tensors {first!r} and {second!r} overlap in the file): re-download it")

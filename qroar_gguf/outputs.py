@@ -1,0 +1,122 @@
+"""Writing files safely: checked destinations, one run per output, unique temporaries, clear OS errors.
+
+Every file the tool writes appears only when complete: it is written under a hidden name of its own
+beside the destination (`.NAME.XXXXXXXX.TAG`, created exclusively, so a user's file is never taken
+for ours) and renamed over the destination. A run holds a lock on each destination for as long as it
+works on it, so a second run to the same file fails at once instead of publishing over the first
+one's file (or having its own report describe the other's file).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from qroar_gguf.errors import QroarError
+from qroar_gguf.paths import cache_dir
+
+_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space or write elsewhere",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter one",
+    errno.EACCES: "permission denied: choose a folder you can write to",
+    errno.EPERM: "permission denied: choose a folder you can write to",
+    errno.EROFS: "the file system is read-only: choose another folder",
+}
+
+
+def describe_os_error(exc: OSError, verb: str, path: Path | str) -> str:
+    """One line for an OSError: what could not be done to which file, why, and what to do."""
+    target = exc.filename or path
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = _HINTS.get(exc.errno)
+    if hint is None and exc.errno is None and "written" in str(exc):  # numpy's short write: "N requested and M written"
+        hint = "the disk is probably full: free space or write elsewhere"
+    return f"could not {verb} {target}: {reason}" + (f" ({hint})" if hint else "")
+
+
+def check_destination(path: Path, *, force: bool, what: str, inputs: Iterable[Path] = ()) -> None:
+    """Refuse, in one line, a destination that is an input, a directory, a special file, an existing
+    file without `force`, or in a folder that is missing or not writable."""
+    path = Path(path)
+    try:
+        resolved = path.resolve()
+        if any(resolved == Path(f).resolve() for f in inputs):
+            raise QroarError(f"{what} {path} is one of the input files: choose another output path")
+        if path.is_dir():
+            raise QroarError(f"{what} {path} is a directory: give a file name such as {path / 'model.gguf'}")
+        if path.exists():
+            if not path.is_file():
+                raise QroarError(f"{what} {path} is not a regular file (a device, pipe or socket): it is never "
+                                 "replaced, choose a file name")
+            if not force:
+                raise QroarError(f"{what} {path} already exists: pass --force to overwrite it")
+        parent = resolved.parent
+        if not parent.is_dir():
+            raise QroarError(f"{what} directory {parent} does not exist: create it first")
+        try:  # os.access says yes to root even on read-only mounts: try for real
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as exc:
+            raise QroarError(f"{what} directory {parent} is not writable ({exc.strerror}): choose another "
+                             "output path") from None
+    except OSError as exc:  # e.g. a name too long to stat
+        raise QroarError(describe_os_error(exc, "write", path)) from None
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold the right to write `path` (a lock under the cache, keyed by the absolute path, never in the
+    user's folder); another run asking for the same path meanwhile fails at once."""
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+    locks = cache_dir() / "locks"
+    locks.mkdir(exist_ok=True)
+    fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QroarError(f"another qroar-gguf run is writing {path} right now: wait for it to finish or "
+                             "choose another output") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def temporary_beside(path: Path, tag: str) -> Iterator[Path]:
+    """A new empty file `.NAME.XXXXXXXX.TAG` next to `path`, unique to this run; removed on the way out
+    unless it was renamed (published) meanwhile."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{tag}", dir=path.resolve().parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the published file gets the usual mode
+    finally:
+        os.close(fd)
+    temporary = Path(name)
+    try:
+        yield temporary
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def publish_text(path: Path, text: str) -> None:
+    """Write a small text file (JSON, a report) completely or not at all."""
+    path = Path(path)
+    try:
+        with temporary_beside(path, "tmp") as temporary:
+            temporary.write_text(text, encoding="utf-8")
+            os.replace(temporary, path)
+    except OSError as exc:
+        raise QroarError(describe_os_error(exc, "write", path)) from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
