@@ -13,7 +13,13 @@ import click
 from qroar_gguf import __version__
 from qroar_gguf.errors import QroarError, Stopped, stop_on_signals
 from qroar_gguf.outputs import check_destination, describe_os_error, publish_text
-from qroar_gguf.search_settings import DEFAULT_BUDGET, DEFAULT_DEV_CHUNKS, DEFAULT_SPACE, OBJECTIVES, SPACES
+from qroar_gguf.search_settings import (
+    DEFAULT_BUDGET,
+    DEFAULT_DEV_CHUNKS,
+    DEFAULT_SPACE,
+    OBJECTIVES,
+    SPACES,
+)
 
 QTYPES = ["Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
 METHODS = ["none", "linear", "ntk", "yarn", "llama3", "qroar"]
@@ -183,7 +189,8 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
             search_report: Path | None, force: bool, quiet: bool) -> None:
     """Convert MODEL (a .safetensors file with config.json and tokenizer beside it, a
     model.safetensors.index.json, or the checkpoint directory) to a GGUF file."""
-    from qroar_gguf.convert import ConvertOptions, convert as run_convert
+    from qroar_gguf.convert import ConvertOptions
+    from qroar_gguf.convert import convert as run_convert
 
     plan_options = {k: v for k, v in {"beta": beta, "agg": agg, "base": base, "attn_scale": attn_scale}.items()
                     if v is not None}
@@ -192,10 +199,10 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
     options = ConvertOptions(method=method, target_ctx=target_ctx, scale=scale, qtype=qtype.upper(),
                              threads=threads, keep_f16=keep_f16, force=force, progress=_show_progress(quiet),
                              plan_options=plan_options)
-    from qroar_gguf.search import apply_band_cli
+    from qroar_gguf.convert import set_band_options
     from qroar_gguf.search_settings import SearchSettings
 
-    apply_band_cli(options, bands, band_factors, band_scales, (not search) if symmetric is None else symmetric)
+    set_band_options(options, bands, band_factors, band_scales, (not search) if symmetric is None else symmetric)
     if search:
         from qroar_gguf.search import search_and_convert
 
@@ -231,7 +238,7 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(gguf_file: Path, as_json: bool) -> None:
     """Show a GGUF file's context, rope_freqs factors and qroar provenance."""
-    from qroar_gguf.gguf_io.provenance import read_summary
+    from qroar_gguf.summary import read_summary
 
     summary = read_summary(gguf_file)
     if as_json:

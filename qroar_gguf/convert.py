@@ -24,8 +24,14 @@ from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.quantize import FTYPES, UNQUANTIZED, quantize_gguf
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
-from qroar_gguf.outputs import check_destination, describe_os_error, exclusive, temporary_beside
-from qroar_gguf.rope.bands import BandFold, band_fold
+from qroar_gguf.outputs import (
+    check_destination,
+    describe_os_error,
+    exclusive,
+    temporary_beside,
+)
+from qroar_gguf.rope.bands import BandFold, band_fold, parse_band_values
+from qroar_gguf.rope.measure import measure_sensitivity
 from qroar_gguf.rope.plans import RopeFacts, RopePlan, make_plan, source_factors
 from qroar_gguf.source.checkpoint import Checkpoint, open_checkpoint
 from qroar_gguf.source.safetensors_lazy import FLOAT_DTYPES
@@ -56,6 +62,17 @@ class ConvertOptions:
     band_search: dict | None = None  # provenance of the search that chose the band values (search.py)
 
 
+def set_band_options(options: ConvertOptions, bands: int, band_factors: str | None, band_scales: str | None,
+                     symmetric: bool) -> None:
+    """Parse the command line's band options (`--band-factors 1,1,0.9,1`) into ``options``."""
+    options.bands = int(bands)
+    options.symmetric = bool(symmetric)
+    if band_factors is not None:
+        options.band_factors = parse_band_values(band_factors, bands, "--band-factors")
+    if band_scales is not None:
+        options.band_scales = parse_band_values(band_scales, bands, "--band-scales")
+
+
 @dataclass
 class ConvertResult:
     output: Path
@@ -83,7 +100,7 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
             if keep_f16.resolve() == output.resolve():
                 raise QroarError("--keep-f16 must name a different file than the output")
         vocab = read_vocab(ckpt.directory, hp.vocab_size)
-        plan = _make_plan(options, facts, ckpt, hp)
+        plan = make_conversion_plan(options, src)
         fold = band_fold(facts, options.bands, options.band_factors, options.band_scales, options.symmetric,
                          n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_dim)
         factors = plan.factors.astype(np.float32) if fold is None else fold.apply_factors(facts, plan.factors)
@@ -208,12 +225,12 @@ def _rope_facts(config: dict, hp: llama.LlamaHparams, options: ConvertOptions) -
     return RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=trained, target_ctx=target), existing
 
 
-def _make_plan(options: ConvertOptions, facts: RopeFacts, ckpt: Checkpoint, hp: llama.LlamaHparams) -> RopePlan:
+def make_conversion_plan(options: ConvertOptions, src: Source) -> RopePlan:
+    """The second stage: the plan's factors and attention scale (qroar measures W_Q/W_K first)."""
+    facts, ckpt, hp = src.facts, src.ckpt, src.hp
     plan_options = dict(options.plan_options)
     agg = plan_options.pop("agg", "max")
     if options.method == "qroar" and "sensitivity" not in plan_options:
-        from qroar_gguf.rope.measure import measure_sensitivity
-
         plan_options["sensitivity"] = measure_sensitivity(ckpt, hp, agg=agg, progress=options.progress).sensitivity
     plan = make_plan(options.method, facts, **plan_options)
     if options.method == "qroar":

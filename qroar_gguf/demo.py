@@ -13,13 +13,13 @@ from pathlib import Path
 
 import click
 
+from qroar_gguf.arch.llama import checkpoint_hparams
 from qroar_gguf.assets.austen import austen_text
 from qroar_gguf.assets.smollm2 import default_model_dir
 from qroar_gguf.convert import ConvertOptions, convert
 from qroar_gguf.evaluate.perplexity import perplexity
 from qroar_gguf.evaluate.runtime import Runtime
 from qroar_gguf.paths import cache_dir
-from qroar_gguf.source.checkpoint import checkpoint_hparams
 
 
 def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads: int, progress: bool,

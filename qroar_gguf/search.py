@@ -46,10 +46,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import llama_cpp
 import numpy as np
 
+from qroar_gguf import __version__
+from qroar_gguf.convert import convert, make_conversion_plan, read_source
 from qroar_gguf.errors import QroarError
+from qroar_gguf.evaluate.kld import kl_divergence
+from qroar_gguf.evaluate.perplexity import perplexity
+from qroar_gguf.evaluate.runtime import Runtime
+from qroar_gguf.gguf_io.quantize import UNQUANTIZED
 from qroar_gguf.outputs import check_destination, publish_text
+from qroar_gguf.paths import cache_dir
+from qroar_gguf.rope.bands import apply_band_factors, band_starts, pair_bands
+from qroar_gguf.rope.measure import measure_sensitivity
+from qroar_gguf.rope.sensitivity import interpolation_pressure
 from qroar_gguf.search_settings import OBJECTIVES, SPACES, SearchSettings
 
 CACHE_VERSION = 1
@@ -86,18 +97,6 @@ class SearchResult:
         return len(self.history)
 
 
-def apply_band_cli(options, bands: int, band_factors: str | None, band_scales: str | None, symmetric: bool) -> None:
-    """Parse the convert command's band options into ``options`` (a ConvertOptions)."""
-    from qroar_gguf.rope.bands import parse_band_values
-
-    options.bands = int(bands)
-    options.symmetric = bool(symmetric)
-    if band_factors is not None:
-        options.band_factors = parse_band_values(band_factors, bands, "--band-factors")
-    if band_scales is not None:
-        options.band_scales = parse_band_values(band_scales, bands, "--band-scales")
-
-
 def _fmt(values) -> str:
     return ",".join(f"{v:g}" for v in values)
 
@@ -126,20 +125,12 @@ class _Context:
     """Everything a search needs about the model, computed once."""
 
     def __init__(self, source: Path, options, settings: SearchSettings):
-        from qroar_gguf import __version__
-        from qroar_gguf import convert as conv
-        from qroar_gguf.arch import llama
-        from qroar_gguf.rope.bands import band_starts, pair_bands
-        from qroar_gguf.rope.measure import measure_sensitivity
-        from qroar_gguf.rope.sensitivity import interpolation_pressure
-        from qroar_gguf.source.checkpoint import open_checkpoint
-
-        ckpt = open_checkpoint(source)
+        quiet = dataclasses.replace(options, progress=False)
+        src = read_source(source, quiet)
+        ckpt, hp = src.ckpt, src.hp
         try:
-            hp = llama.read_hparams(ckpt.config)
-            quiet = dataclasses.replace(options, progress=False)
-            self.facts, _existing = conv._rope_facts(ckpt.config, hp, quiet)
-            self.plan = conv._make_plan(quiet, self.facts, ckpt, hp)
+            self.facts = src.facts
+            self.plan = make_conversion_plan(quiet, src)
             sensitivity = measure_sensitivity(ckpt, hp).sensitivity
             self.fingerprint = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(ckpt.source_files)]
             config = ckpt.directory / "config.json"
@@ -156,18 +147,10 @@ class _Context:
         zmean = [float(np.mean(z[self.pair_band == b])) for b in range(self.n_bands)]
         self.band_order = sorted(range(self.n_bands), key=lambda b: (-round(score[b], 12), -round(zmean[b], 12), b))
         self.prior = {"score": score, "z_mean": zmean}
-        try:
-            import llama_cpp
-
-            llama_version = llama_cpp.__version__
-        except Exception:  # pragma: no cover
-            llama_version = None
-        self.versions = [__version__, llama_version]
+        self.versions = [__version__, llama_cpp.__version__]
 
     def effective(self, factors: tuple[float, ...], scales: tuple[float, ...], symmetric: bool) -> dict:
         """What determines the candidate's weights and rope_freqs (nominal values that clamp alike agree)."""
-        from qroar_gguf.rope.bands import apply_band_factors
-
         rope = apply_band_factors(self.plan.factors, self.facts, self.n_bands, factors)
         per_pair = np.asarray(scales, dtype=np.float64)[self.pair_band]
         scaled = bool(np.any(per_pair != 1.0))
@@ -177,9 +160,6 @@ class _Context:
 
 class _Searcher:
     def __init__(self, source: Path, options, settings: SearchSettings, log, on_evaluate):
-        from qroar_gguf.gguf_io.quantize import UNQUANTIZED
-        from qroar_gguf.paths import cache_dir
-
         _validate(options, settings)
         if settings.objective == "kld" and options.qtype in UNQUANTIZED:
             raise QroarError(f"--search-objective kld needs a quantized --qtype (got {options.qtype}): "
@@ -230,11 +210,6 @@ class _Searcher:
         return ev, True
 
     def measure(self, factors, scales, key: str) -> Evaluation:
-        from qroar_gguf.convert import convert
-        from qroar_gguf.evaluate.kld import kl_divergence
-        from qroar_gguf.evaluate.perplexity import perplexity
-        from qroar_gguf.evaluate.runtime import Runtime
-
         o, s = self.options, self.settings
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="qroar-search-") as tmp:
@@ -389,10 +364,7 @@ def write_report(result: SearchResult, path: Path, base: dict) -> None:
 def search_and_convert(source: str | Path, output: str | Path, options, settings: SearchSettings, *,
                        log: Callable[[str], None] | None = None, on_evaluate=None):
     """Search, then write ``output`` with the best band values and the search record in provenance."""
-    from qroar_gguf import convert as conv
-    from qroar_gguf.source.checkpoint import open_checkpoint
-
-    ckpt = open_checkpoint(source)  # fail on the destinations before spending time on the search
+    ckpt = read_source(source, options).ckpt  # fail on the input and destinations before the search
     try:
         check_destination(Path(output), force=options.force, what="output", inputs=ckpt.source_files)
         if settings.report is not None:  # a report is rewritten by every run: no --force needed
@@ -402,4 +374,4 @@ def search_and_convert(source: str | Path, output: str | Path, options, settings
     result = run_search(source, options, settings, log=log, on_evaluate=on_evaluate)
     final = dataclasses.replace(options, band_factors=result.best.factors, band_scales=result.best.scales,
                                 band_search=result.record)
-    return conv.convert(source, output, final)
+    return convert(source, output, final)

@@ -16,8 +16,9 @@ from checkpoints import make_tiny_llama  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the tool lives beside its bench
 
-from qroar_gguf.errors import QroarError  # noqa: E402
 from tail_inflation import _load_model, patched_rope, tail_inflation  # noqa: E402
+
+from qroar_gguf.errors import QroarError  # noqa: E402
 from qroar_gguf.rope.plans import RopeFacts, make_plan  # noqa: E402
 
 TRAINED, SHORT, LONG = 256, 128, 512

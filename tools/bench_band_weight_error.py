@@ -53,10 +53,10 @@ def band_errors(f32: Path, quant: Path, pair_band: np.ndarray, n_bands: int) -> 
 
 
 def main() -> None:
+    from qroar_gguf.arch.llama import checkpoint_hparams
     from qroar_gguf.convert import ConvertOptions, convert
     from qroar_gguf.rope.bands import pair_bands
     from qroar_gguf.rope.plans import RopeFacts
-    from qroar_gguf.source.checkpoint import checkpoint_hparams
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import gguf
 import numpy as np
 
 from qroar_gguf.errors import QroarError
+from qroar_gguf.source.checkpoint import open_checkpoint
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 GGUF_ARCH = gguf.MODEL_ARCH.LLAMA
@@ -83,6 +85,15 @@ def read_hparams(config: dict) -> LlamaHparams:
         context_length=count("max_position_embeddings"),
         tie_embeddings=config.get("tie_word_embeddings", False) is True,
     )
+
+
+def checkpoint_hparams(path: str | Path) -> LlamaHparams:
+    """The validated hyperparameters of the checkpoint at `path` (reads config.json and headers only)."""
+    ckpt = open_checkpoint(path)
+    try:
+        return read_hparams(ckpt.config)
+    finally:
+        ckpt.close()
 
 
 class _Reader:

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 TABLE_PATH = Path(__file__).with_name("pre_tokenizers.json")
 
 
@@ -31,8 +33,6 @@ def token_hash(ids: list[int]) -> str:
 
 def detect_pre_tokenizer(tokenizer_json_path: str | Path) -> str | None:
     """The llama.cpp pre-tokenizer name for a HF tokenizer.json, or None if llama.cpp does not know it."""
-    from tokenizers import Tokenizer
-
     table = load_table()
     # encode() adds special tokens per the post-processor, as the converter's AutoTokenizer.encode does.
     ids = Tokenizer.from_file(str(tokenizer_json_path)).encode(table["chktxt"]).ids

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+from sentencepiece import SentencePieceProcessor
+from tokenizers import Tokenizer
 
+from qroar_gguf.arch.pretokenizer import detect_pre_tokenizer
 from qroar_gguf.errors import QroarError
 
 
@@ -86,9 +89,6 @@ def _looks_special(text: str) -> bool:
 
 
 def _bpe_vocab(directory: Path, vocab_size: int) -> Vocab:
-    from tokenizers import Tokenizer
-
-    from qroar_gguf.arch.pretokenizer import detect_pre_tokenizer
 
     path = directory / "tokenizer.json"
     try:
@@ -140,8 +140,6 @@ def _bpe_vocab(directory: Path, vocab_size: int) -> Vocab:
 
 
 def _sentencepiece_vocab(directory: Path, vocab_size: int, config: dict) -> Vocab:
-    from sentencepiece import SentencePieceProcessor
-
     sp = SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(directory / "tokenizer.model"))

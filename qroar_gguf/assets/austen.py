@@ -18,6 +18,8 @@ import tempfile
 import zlib
 from pathlib import Path
 
+import rdata
+
 from qroar_gguf.errors import QroarError
 from qroar_gguf.paths import cache_dir
 
@@ -107,8 +109,6 @@ def _read_lazyload_db(rdx: Path, rdb: Path) -> dict[str, list[str]]:
     the compressed serialization; for compressed = 2 or 3 a type byte ('Z' zlib, '2' bzip2, 'X' xz,
     '0' stored) sits after the length.
     """
-    import rdata
-
     index = rdata.read_rds(rdx)
     compressed = int(index["compressed"][0])
     blob = rdb.read_bytes()

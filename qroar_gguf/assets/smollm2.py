@@ -21,7 +21,10 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from qroar_gguf.errors import QroarError
 from qroar_gguf.paths import cache_dir
@@ -164,9 +167,6 @@ def _f32(x: float) -> float:
 
 def build_checkpoint(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     """Write an HF Llama checkpoint (fp16) equivalent to a llama-arch GGUF into out_dir."""
-    import gguf
-    from safetensors.numpy import save_file
-
     reader = gguf.GGUFReader(gguf_path)
     arch = _field(reader, "general.architecture")
     if arch != "llama":
@@ -229,8 +229,6 @@ def build_checkpoint(gguf_path: Path, out_dir: Path, progress: bool = True) -> N
 
 def _write_tokenizer(reader: Any, out_dir: Path, *, bos: int, eos: int, pad: int, unk: int | None) -> None:
     """tokenizer.json (+ config, special map) for a GGUF 'gpt2' (byte-level BPE) vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise QroarError(f"GGUF tokenizer model {model!r} is not byte-level BPE ('gpt2'); cannot rebuild it")

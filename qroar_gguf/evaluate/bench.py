@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,18 @@ import click
 import numpy as np
 
 from qroar_gguf import __version__
+from qroar_gguf.arch.llama import checkpoint_hparams
+from qroar_gguf.convert import ConvertOptions, convert, set_band_options
 from qroar_gguf.errors import QroarError
+from qroar_gguf.evaluate.kld import kl_divergence
+from qroar_gguf.evaluate.paired import paired_compare
+from qroar_gguf.evaluate.passkey import DEFAULT_DEPTHS, passkey
 from qroar_gguf.evaluate.perplexity import n_scored_per_chunk, ppl_standard_error
+from qroar_gguf.evaluate.runtime import Runtime
+from qroar_gguf.gguf_io.quantize import quantize_gguf
 from qroar_gguf.outputs import temporary_beside
+from qroar_gguf.paths import cache_dir
+from qroar_gguf.rope.plans import PLANS
 
 REFERENCE_QTYPE = "F16"
 
@@ -44,9 +54,6 @@ class PlanSpec:
 
     def convert_options(self, ctx: int, qtype: str, threads: int, progress: bool):
         """The ConvertOptions that build this plan's file for target context `ctx`."""
-        from qroar_gguf.convert import ConvertOptions
-        from qroar_gguf.search import apply_band_cli
-
         plan_options = {k: v for k, v in self.options.items() if k not in BAND_KEYS}
         options = ConvertOptions(method=self.method, target_ctx=ctx, qtype=qtype, threads=threads,
                                  progress=progress, plan_options=plan_options)
@@ -54,7 +61,7 @@ class PlanSpec:
         if band:
             values = {k: None if k not in band else str(band[k]).replace("/", ",")
                       for k in ("band_factors", "band_scales")}
-            apply_band_cli(options, int(band.get("bands", options.bands)), values["band_factors"],
+            set_band_options(options, int(band.get("bands", options.bands)), values["band_factors"],
                            values["band_scales"], bool(band.get("symmetric", True)))
         return options
 
@@ -67,7 +74,6 @@ class PlanSpec:
             if not eq:
                 raise QroarError(f"plan {text!r}: options are key=value, e.g. qroar:beta=4")
             options[key.strip()] = _parse_value(value.strip())
-        from qroar_gguf.rope.plans import PLANS
 
         if method not in PLANS:
             raise QroarError(f"unknown plan {method!r} in {text!r}; choose from {', '.join(PLANS)}")
@@ -104,9 +110,6 @@ def _file_digest(path: Path) -> str:
 class Bench:
     def __init__(self, model: Path, text: Path, out: Path, threads: int, progress: bool, chunks: int,
                  passkey_trials: int, passkey_depths: tuple[float, ...] | None = None):
-        from qroar_gguf.evaluate.passkey import DEFAULT_DEPTHS
-        from qroar_gguf.paths import cache_dir
-
         self.model, self.text_path, self.out = model, text, out
         self.threads, self.progress, self.chunks = threads, progress, chunks
         self.passkey_trials = passkey_trials
@@ -122,9 +125,6 @@ class Bench:
     # -- building ------------------------------------------------------------------------------
     def build(self, spec: PlanSpec, ctx: int, qtype: str) -> Path:
         """The GGUF of one plan at one context and quantization, built once."""
-        from qroar_gguf.convert import convert
-        from qroar_gguf.gguf_io.quantize import quantize_gguf
-
         key = _digest(__version__, self.source, spec.method, spec.options, ctx, qtype)
         path = self.out / "models" / f"{_safe(spec.label)}.{ctx}.{qtype}.{key}.gguf"
         if path.is_file():
@@ -160,9 +160,6 @@ class Bench:
         return row
 
     def _measure(self, spec, ctx, qtype, type_k, quant: Path, reference: Path) -> tuple[dict, np.ndarray]:
-        from qroar_gguf.evaluate.kld import kl_divergence
-        from qroar_gguf.evaluate.runtime import Runtime
-
         with Runtime(reference, n_ctx=ctx, threads=self.threads, type_k=type_k) as ref, \
                 Runtime(quant, n_ctx=ctx, threads=self.threads, type_k=type_k) as rt:
             res = kl_divergence(rt, ref, self.text, max_chunks=self.chunks, quiet=not self.progress,
@@ -174,9 +171,6 @@ class Bench:
         return measured, np.stack([res.nll, res.ref_nll])
 
     def _passkey(self, spec, ctx, qtype, type_k, quant: Path, quant_digest: str) -> dict:
-        from qroar_gguf.evaluate.passkey import passkey
-        from qroar_gguf.evaluate.runtime import Runtime
-
         key = _digest(quant_digest, ctx, type_k, self.passkey_trials, self.passkey_depths)
         name = f"{_safe(spec.label)}.{ctx}.{qtype}.passkey.{key}.json"
         record = self._cached(name)
@@ -203,8 +197,6 @@ class Bench:
         return None
 
     def _copy_local(self, record: Path, arrays: Path | None) -> None:
-        import shutil
-
         for path in filter(None, (arrays, record)):  # the record last: it marks the entry complete
             shutil.copyfile(path, self.runs / path.name)
 
@@ -231,7 +223,6 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
     qtypes = [q.upper() for q in qtypes]
     type_ks = [type_k] if isinstance(type_k, str) else list(type_k)
     bench = Bench(model, text, out, threads, progress, chunks, passkey_trials, passkey_depths)
-    from qroar_gguf.source.checkpoint import checkpoint_hparams
 
     trained = checkpoint_hparams(model).context_length
     extended = sorted(c for c in ctxs if c > trained)
@@ -262,8 +253,6 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
 
 def _add_ratios(bench: Bench, rows: list[dict]) -> None:
     """Paired ratios to linear and yarn (same ctx, qtype and key cache, same tokens) with 95% intervals."""
-    from qroar_gguf.evaluate.paired import paired_compare
-
     index = {(r["plan"], r["ctx"], r["qtype"], r["type_k"]): r for r in rows}
     for row in rows:
         for other in ("linear", "yarn"):

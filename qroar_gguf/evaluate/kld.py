@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
 from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.perplexity import (
@@ -179,8 +180,6 @@ def kl_divergence(
     ref_nll = np.empty(n, dtype=np.float64)
     spans = list(batch_spans(n_ctx, min(rt.n_batch, ref.n_batch)))
     first = scored_positions(n_ctx)[0]
-
-    from tqdm import tqdm
 
     bar = tqdm(total=n_chunks, desc=desc, unit="chunk", disable=not progress_enabled(quiet), leave=False)
     t0 = time.perf_counter()

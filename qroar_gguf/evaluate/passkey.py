@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.perplexity import progress_enabled
@@ -174,8 +175,6 @@ def passkey(
     n_filler = fit_filler(rt, target)
     jobs = [(d, str(rng.randint(10000, 99999))) for d in depths for _ in range(trials)]
     order = sorted(range(len(jobs)), key=lambda i: jobs[i][0])  # shallow first: consecutive prompts share more
-
-    from tqdm import tqdm
 
     results: list[PasskeyTrial | None] = [None] * len(jobs)
     rt.clear()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from qroar_gguf.errors import QroarError
 
@@ -216,8 +217,6 @@ def perplexity(
     nll = np.empty(n_chunks * per_chunk, dtype=np.float64)
     spans = list(batch_spans(n_ctx, rt.n_batch))
     first = scored_positions(n_ctx)[0]
-
-    from tqdm import tqdm
 
     bar = tqdm(total=n_chunks, desc=desc, unit="chunk", disable=not progress_enabled(quiet), leave=False)
     t0 = time.perf_counter()

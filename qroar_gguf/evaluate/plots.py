@@ -25,10 +25,22 @@ from typing import Any
 
 import numpy as np
 
+from qroar_gguf.arch.llama import read_hparams
 from qroar_gguf.errors import QroarError
+from qroar_gguf.gguf_io.provenance import TRAINED_CTX
+from qroar_gguf.gguf_io.reader import field_value, open_gguf
+from qroar_gguf.gguf_io.reader import read_hparams as read_gguf_hparams
 from qroar_gguf.outputs import check_destination, temporary_beside
-from qroar_gguf.rope.plans import YARN_BETA_FAST, YARN_BETA_SLOW, RopeFacts, make_plan, yarn_correction_range
+from qroar_gguf.rope.measure import measure_gguf_sensitivity, measure_sensitivity
+from qroar_gguf.rope.plans import (
+    YARN_BETA_FAST,
+    YARN_BETA_SLOW,
+    RopeFacts,
+    make_plan,
+    yarn_correction_range,
+)
 from qroar_gguf.rope.sensitivity import AGGREGATIONS, SensitivityResult, frequency_bands
+from qroar_gguf.source.checkpoint import open_checkpoint
 
 #: The plans drawn, in legend order; qroar is computed on a yarn base.
 PLOT_METHODS = ("none", "linear", "ntk", "yarn", "llama3", "qroar")
@@ -102,10 +114,6 @@ def read_model_rope(model_path: str | Path, agg: str = "max") -> ModelRope:
 
 
 def _read_checkpoint(path: Path, agg: str) -> ModelRope:
-    from qroar_gguf.arch.llama import read_hparams
-    from qroar_gguf.rope.measure import measure_sensitivity
-    from qroar_gguf.source.checkpoint import open_checkpoint
-
     ckpt = open_checkpoint(path)
     try:
         hp = read_hparams(ckpt.config)
@@ -118,28 +126,9 @@ def _read_checkpoint(path: Path, agg: str) -> ModelRope:
 
 
 def _read_gguf(path: Path, agg: str) -> ModelRope:
-    from qroar_gguf.gguf_io.provenance import TRAINED_CTX, field_value, open_gguf
-    from qroar_gguf.rope.measure import measure_gguf_sensitivity
-
     reader = open_gguf(path)
-    arch = field_value(reader, "general.architecture")
-    if arch is None:
-        raise QroarError(f"{path} has no general.architecture: not a model GGUF")
-
-    def number(key: str, required: bool = True):
-        value = field_value(reader, key)
-        if value is None and required:
-            raise QroarError(f"{path} lacks {key}, which a RoPE model GGUF must have")
-        return value
-
-    theta = number(f"{arch}.rope.freq_base", required=False)
-    theta = 10000.0 if theta is None else float(theta)  # llama.cpp's default when the key is absent
-    n_rot = number(f"{arch}.rope.dimension_count", required=False)
-    if n_rot is None:
-        n_rot = int(number(f"{arch}.embedding_length")) // int(number(f"{arch}.attention.head_count"))
-    trained = field_value(reader, TRAINED_CTX)
-    if trained is None:
-        trained = number(f"{arch}.context_length")
+    hp = read_gguf_hparams(reader, path)
+    trained = field_value(reader, TRAINED_CTX) or hp.context_length
     del reader  # release the memory map before the measurement opens the file again
     try:
         result = measure_gguf_sensitivity(path, agg=agg)
@@ -147,7 +136,7 @@ def _read_gguf(path: Path, agg: str) -> ModelRope:
         raise QroarError(f"{path}: gguf-py cannot dequantize its attention weights ({exc})") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise QroarError(f"{path}: cannot read its attention weights ({exc})") from None
-    return ModelRope(name=path.name.removesuffix(".gguf"), kind="gguf", n_rot=int(n_rot), theta=theta,
+    return ModelRope(name=path.name.removesuffix(".gguf"), kind="gguf", n_rot=hp.n_rot, theta=hp.rope_theta,
                      trained_ctx=int(trained), sensitivity=result)
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from qroar_gguf.errors import QroarError
+from qroar_gguf.evaluate.kld import kl_divergence
+from qroar_gguf.evaluate.passkey import passkey
+from qroar_gguf.evaluate.perplexity import perplexity
+from qroar_gguf.evaluate.runtime import Runtime
 
 
 def evaluate_file(model: Path, text_path: Path, ctx: int, *, chunks: int | None = None, reference: Path | None = None,
                   passkey_trials: int = 0, type_k: str = "f16", threads: int = 2, progress: bool = True) -> dict:
     """Perplexity (and KLD against `reference`, passkey accuracy) of `model`; returns printable lines and JSON."""
-    from qroar_gguf.evaluate.kld import kl_divergence
-    from qroar_gguf.evaluate.perplexity import perplexity
-    from qroar_gguf.evaluate.runtime import Runtime
-
     try:
         text = text_path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -39,8 +39,6 @@ def evaluate_file(model: Path, text_path: Path, ctx: int, *, chunks: int | None 
             lines.append(f"PPL {res.ppl:.4f} +/- {res.ppl_se:.4f} over {res.n_chunks} x {ctx} tokens "
                          f"({res.n_scored} scored), {res.tokens_per_second:.0f} tokens/s")
         if passkey_trials:
-            from qroar_gguf.evaluate.passkey import passkey
-
             pk = passkey(rt, trials=passkey_trials, quiet=not progress)
             out["passkey"] = pk.to_dict()
             depths = ", ".join(f"{d:.0%}: {a:.0%}" for d, a in pk.by_depth.items())

@@ -1,14 +1,13 @@
-"""The `qroar.*` metadata keys that record how a file was made, and reading a GGUF back for `inspect`."""
+"""The `qroar.*` metadata keys that record how a file was made: writing them, and reading them back."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gguf
 import numpy as np
 
-from qroar_gguf.errors import QroarError
+from qroar_gguf.gguf_io.reader import field_value
 
 PREFIX = "qroar."
 VERSION = "qroar.version"
@@ -55,42 +54,8 @@ def add_band_provenance(writer: gguf.GGUFWriter, bands: dict | None, search: dic
         writer.add_string(SEARCH, json.dumps(search, sort_keys=True))
 
 
-def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    path = Path(path)
-    if not path.is_file():
-        raise QroarError(f"{path} does not exist")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # GGUFReader raises ValueError/struct errors on non-GGUF input
-        raise QroarError(f"{path} is not a readable GGUF file ({exc})") from None
-
-
-def field_value(reader: gguf.GGUFReader, key: str):
-    field = reader.get_field(key)
-    if field is None:
-        return None
-    value = field.contents()
-    return value
-
-
-def read_summary(path: str | Path) -> dict:
-    """Everything `inspect` reports, as plain JSON-ready values."""
-    reader = open_gguf(path)
-    arch = field_value(reader, "general.architecture")
-    summary: dict = {
-        "file": str(path),
-        "architecture": arch,
-        "name": field_value(reader, "general.name"),
-        "file_type": _file_type_name(field_value(reader, "general.file_type")),
-        "context_length": field_value(reader, f"{arch}.context_length"),
-        "rope_freq_base": field_value(reader, f"{arch}.rope.freq_base"),
-        "rope_dimension_count": field_value(reader, f"{arch}.rope.dimension_count"),
-        "n_tensors": len(reader.tensors),
-        "tensor_types": _count_types(reader),
-    }
-    rope = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    summary["rope_freqs"] = None if rope is None else [float(v) for v in np.asarray(rope.data, dtype=np.float32)]
-    summary["rope_freqs_type"] = None if rope is None else rope.tensor_type.name
+def read_provenance(reader: gguf.GGUFReader) -> dict | None:
+    """The file's `qroar.*` keys without the prefix (JSON values decoded), None when it has none."""
     provenance = {}
     for key in reader.fields:
         if key.startswith(PREFIX):
@@ -98,44 +63,4 @@ def read_summary(path: str | Path) -> dict:
             if key in (PARAMS, SEARCH):
                 value = json.loads(value)
             provenance[key[len(PREFIX):]] = value
-    summary["qroar"] = provenance or None
-    summary["bands"] = _bands(path, summary, provenance)
-    return summary
-
-
-def _bands(path: str | Path, summary: dict, provenance: dict) -> list[dict] | None:
-    """Per-band diagnostics; sensitivity from the provenance (qroar files) or measured from attn_q/attn_k."""
-    from qroar_gguf.rope.diagnostics import band_report
-    from qroar_gguf.rope.measure import measure_gguf_sensitivity
-    from qroar_gguf.rope.plans import RopeFacts
-
-    n_rot, theta = summary["rope_dimension_count"], summary["rope_freq_base"]
-    if summary["architecture"] is None or n_rot is None or theta is None:
-        return None
-    trained = provenance.get("trained_context") or summary["context_length"]
-    target = provenance.get("target_context") or summary["context_length"]
-    facts = RopeFacts(n_rot=int(n_rot), theta=float(theta), trained_ctx=int(trained), target_ctx=int(target))
-    factors = summary["rope_freqs"] or [1.0] * facts.n_pairs
-    sensitivity = (provenance.get("params") or {}).get("sensitivity")
-    if sensitivity is None:
-        try:
-            sensitivity = measure_gguf_sensitivity(path).sensitivity
-        except (QroarError, NotImplementedError, KeyError, ValueError):
-            sensitivity = None  # e.g. a quantization gguf-py cannot dequantize: report without it
-    return band_report(facts, np.asarray(factors), sensitivity)
-
-
-def _count_types(reader: gguf.GGUFReader) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def _file_type_name(value) -> str | None:
-    if value is None:
-        return None
-    try:
-        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
-    except ValueError:
-        return str(value)
+    return provenance or None

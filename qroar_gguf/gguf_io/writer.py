@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from tqdm import tqdm
 
 from qroar_gguf.errors import QroarError
 
@@ -54,8 +55,6 @@ def all_finite(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> bool:
 def write_streaming(path: Path, writer: gguf.GGUFWriter, tensors: list[PlannedTensor],
                     progress: bool = True) -> None:
     """Write metadata already added to `writer`, then every tensor in order, to `path`."""
-    from tqdm import tqdm
-
     for t in tensors:
         # dtype float16 stands for "2-byte element" here; raw_dtype carries the real type (BF16 too).
         stand_in = np.float32 if t.qtype == Q.F32 else np.float16

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
+from tqdm import tqdm
 
 from qroar_gguf.arch import llama
 from qroar_gguf.errors import QroarError
+from qroar_gguf.gguf_io.reader import open_gguf
+from qroar_gguf.gguf_io.reader import read_hparams as read_gguf_hparams
 from qroar_gguf.rope.sensitivity import SensitivityAccumulator, SensitivityResult
 from qroar_gguf.source.checkpoint import Checkpoint
 
@@ -16,8 +20,6 @@ from qroar_gguf.source.checkpoint import Checkpoint
 def measure_sensitivity(ckpt: Checkpoint, hp: llama.LlamaHparams, agg: str = "max",
                         progress: bool = False) -> SensitivityResult:
     """S_k from the checkpoint's q_proj/k_proj weights (reads only those tensors)."""
-    from tqdm import tqdm
-
     acc = SensitivityAccumulator(hp.n_layer, hp.n_rot // 2, agg=agg)
     wanted = [n for n in ckpt.names if n.endswith(("q_proj.weight", "k_proj.weight"))]
     for name in tqdm(wanted, desc="sensitivity", unit="tensor", disable=not progress, leave=False):
@@ -32,22 +34,14 @@ def measure_sensitivity(ckpt: Checkpoint, hp: llama.LlamaHparams, agg: str = "ma
 
 def measure_gguf_sensitivity(path: str | Path, agg: str = "max") -> SensitivityResult:
     """S_k from a GGUF's attn_q/attn_k tensors (dequantized one at a time; llama.cpp layout)."""
-    import gguf
-
-    from qroar_gguf.gguf_io.provenance import field_value, open_gguf
-
     reader = open_gguf(path)
-    arch = field_value(reader, "general.architecture")
-    n_layer = int(field_value(reader, f"{arch}.block_count"))
-    n_head = int(field_value(reader, f"{arch}.attention.head_count"))
-    n_kv_head = int(field_value(reader, f"{arch}.attention.head_count_kv") or n_head)
-    n_embd = int(field_value(reader, f"{arch}.embedding_length"))
-    n_rot = int(field_value(reader, f"{arch}.rope.dimension_count") or n_embd // n_head)
-    acc = SensitivityAccumulator(n_layer, n_rot // 2, agg=agg)
+    hp = read_gguf_hparams(reader, path)
+    acc = SensitivityAccumulator(hp.n_layer, hp.n_rot // 2, agg=agg)
     for t in reader.tensors:
         parts = t.name.split(".")
         if len(parts) == 4 and parts[0] == "blk" and parts[2] in ("attn_q", "attn_k") and parts[3] == "weight":
             w = gguf.quants.dequantize(t.data, t.tensor_type)
             query = parts[2] == "attn_q"
-            acc.add_weight(int(parts[1]), "q" if query else "k", w, n_head if query else n_kv_head, n_rot, "gguf")
+            acc.add_weight(int(parts[1]), "q" if query else "k", w, hp.n_head if query else hp.n_kv_head, hp.n_rot,
+                           "gguf")
     return acc.result()

@@ -56,17 +56,6 @@ class Checkpoint:
             shard.close()
 
 
-def checkpoint_hparams(path: str | Path):
-    """The validated Llama hyperparameters of the checkpoint at `path` (reads config.json and headers only)."""
-    from qroar_gguf.arch.llama import read_hparams
-
-    ckpt = open_checkpoint(path)
-    try:
-        return read_hparams(ckpt.config)
-    finally:
-        ckpt.close()
-
-
 def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
