@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from qroar_gguf import __version__
+from qroar_gguf.choices import DEFAULT_METHOD, KEY_CACHE_TYPES, METHODS, QTYPES
 from qroar_gguf.errors import QroarError, Stopped, stop_on_signals
 from qroar_gguf.outputs import check_destination, describe_os_error, publish_text
 from qroar_gguf.search_settings import (
@@ -20,12 +21,6 @@ from qroar_gguf.search_settings import (
     OBJECTIVES,
     SPACES,
 )
-
-QTYPES = ["Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
-METHODS = ["none", "linear", "ntk", "yarn", "llama3", "qroar"]
-# Measured on SmolLM2 Q4_0 (README, bench/): qroar ties yarn at 2x and is 1.4% worse at 4x (the default
-# scale); yarn beats ntk, llama3 and linear everywhere. So the default is yarn; qroar and --search are opt-in.
-DEFAULT_METHOD = "yarn"
 
 
 class DefaultToConvert(click.Group):
@@ -157,9 +152,8 @@ def main() -> None:
                    "scales barely change 4-bit weight error, so a search over them measures noise).")
 @click.option("--search", is_flag=True,
               help="Search per-band factors (and scales, with --search-space), starting from --method, on --dev-text "
-                   "for the quantized file (cached). `--search` alone is the configuration measured in README at 4x "
-                   "(2.3% below yarn's perplexity on held-out text, about 37 minutes of measurement on two cores for "
-                   "a 135M model at 32768).")
+                   "for the quantized file (cached). `--search` alone is the configuration README measures at 4x; "
+                   "each candidate is a full-context evaluation (README gives the time it takes).")
 @click.option("--dev-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="--search: UTF-8 text to measure candidates on. Default: Jane Austen's Emma "
                    "(public domain, from Debian's r-cran-janeaustenr).")
@@ -175,7 +169,7 @@ def main() -> None:
               help="--search: perplexity, or KL divergence against each candidate's unquantized file.")
 @click.option("--search-space", type=click.Choice(SPACES), default=DEFAULT_SPACE,
               show_default=True, help="--search: which band values to search.")
-@click.option("--search-type-k", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+@click.option("--search-type-k", type=click.Choice(KEY_CACHE_TYPES), default="f16", show_default=True,
               help="--search: key cache type while measuring.")
 @click.option("--search-report", type=click.Path(dir_okay=False, path_type=Path),
               help="--search: also write the search (every candidate, the best) to this JSON file.")
@@ -319,7 +313,7 @@ def plot(model: Path, output: Path, target_ctx: int | None, agg: str, beta: floa
 @click.option("--passkey", is_flag=True, help="Also measure passkey retrieval at the full context.")
 @click.option("--passkey-trials", type=click.IntRange(min=1), default=1, show_default=True,
               help="Keys per depth (depths 10%..90%).")
-@click.option("--type-k", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+@click.option("--type-k", type=click.Choice(KEY_CACHE_TYPES), default="f16", show_default=True,
               help="KV cache type of keys (llama.cpp type_k).")
 @click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -347,11 +341,11 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
               help="Context(s) to evaluate at; repeat or list: --ctx 8192 16384 32768.")
 @click.option("--qtype", "qtypes", multiple=True, default=["Q4_0", "Q4_K_M"], show_default=True,
               help="Quantization(s); every plan's F16 file is the KL reference.")
-@click.option("--plans", "plans", multiple=True, default=["none", "linear", "ntk", "yarn", "llama3", "qroar"],
+@click.option("--plans", "plans", multiple=True, default=list(METHODS),
               show_default=True, help="Plans, each `method[:key=value,...]`, e.g. yarn:attn_scale=false qroar:beta=4.")
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--chunks", type=click.IntRange(min=1), default=1, show_default=True, help="Windows per context.")
-@click.option("--type-k", "type_ks", type=click.Choice(["f16", "q8_0", "q4_0"]), multiple=True, default=["f16"],
+@click.option("--type-k", "type_ks", type=click.Choice(KEY_CACHE_TYPES), multiple=True, default=["f16"],
               show_default=True, help="Key cache type(s), an axis like --ctx: --type-k f16 q4_0.")
 @click.option("--passkey-trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="Passkey keys per depth (0: no passkey test).")

@@ -20,9 +20,10 @@ import numpy as np
 from qroar_gguf import __version__
 from qroar_gguf.arch import llama
 from qroar_gguf.arch.vocab import read_vocab, write_vocab
+from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
-from qroar_gguf.gguf_io.quantize import FTYPES, UNQUANTIZED, quantize_gguf
+from qroar_gguf.gguf_io.quantize import FTYPES, quantize_gguf
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
 from qroar_gguf.outputs import (
     check_destination,
@@ -30,9 +31,16 @@ from qroar_gguf.outputs import (
     exclusive,
     temporary_beside,
 )
-from qroar_gguf.rope.bands import BandFold, band_fold, parse_band_values
+from qroar_gguf.rope.bands import DEFAULT_BANDS, BandFold, band_fold, parse_band_values
 from qroar_gguf.rope.measure import measure_sensitivity
-from qroar_gguf.rope.plans import RopeFacts, RopePlan, make_plan, source_factors
+from qroar_gguf.rope.plans import (
+    RopeFacts,
+    RopePlan,
+    combine_with_source,
+    make_plan,
+    require_extension,
+    source_factors,
+)
 from qroar_gguf.source.checkpoint import Checkpoint, open_checkpoint
 from qroar_gguf.source.safetensors_lazy import FLOAT_DTYPES
 
@@ -55,7 +63,7 @@ class ConvertOptions:
     force: bool = False
     progress: bool = True
     plan_options: dict = field(default_factory=dict)
-    bands: int = 4  # frequency bands (rope/bands.py) for band_factors / band_scales
+    bands: int = DEFAULT_BANDS  # frequency bands (rope/bands.py) for band_factors / band_scales
     band_factors: tuple[float, ...] | None = None  # per-band rope_freqs multipliers (None: all 1)
     band_scales: tuple[float, ...] | None = None  # per-band W_Q/W_K row scales (None: all 1)
     symmetric: bool = True  # band scales: W_Q *= a, W_K /= a (True) or both *= a (False)
@@ -93,54 +101,51 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
         raise QroarError(f"unknown --qtype {options.qtype}; choose one of {', '.join(FTYPES)}")
     src = read_source(source, options)
     ckpt, hp, facts, existing = src.ckpt, src.hp, src.facts, src.existing
-    try:
-        check_destination(output, force=options.force, what="output", inputs=ckpt.source_files)
-        if keep_f16 is not None:
-            check_destination(keep_f16, force=options.force, what="--keep-f16", inputs=ckpt.source_files)
-            if keep_f16.resolve() == output.resolve():
-                raise QroarError("--keep-f16 must name a different file than the output")
-        vocab = read_vocab(ckpt.directory, hp.vocab_size)
-        plan = make_conversion_plan(options, src)
-        fold = band_fold(facts, options.bands, options.band_factors, options.band_scales, options.symmetric,
-                         n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_dim)
-        factors = plan.factors.astype(np.float32) if fold is None else fold.apply_factors(facts, plan.factors)
-        if existing is not None:
-            factors = (factors.astype(np.float64) * existing).astype(np.float32)
+    check_destination(output, force=options.force, what="output", inputs=ckpt.source_files)
+    if keep_f16 is not None:
+        check_destination(keep_f16, force=options.force, what="--keep-f16", inputs=ckpt.source_files)
+        if keep_f16.resolve() == output.resolve():
+            raise QroarError("--keep-f16 must name a different file than the output")
+    vocab = read_vocab(ckpt.directory, hp.vocab_size)
+    plan = make_conversion_plan(options, src)
+    fold = band_fold(facts, options.bands, options.band_factors, options.band_scales, options.symmetric,
+                     n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_dim)
+    factors = plan.factors.astype(np.float32) if fold is None else fold.apply_factors(facts, plan.factors)
+    if existing is not None:
+        factors = combine_with_source(factors, existing)
 
-        unquantized = options.qtype in UNQUANTIZED
-        store = options.qtype if unquantized else ("BF16" if ckpt.source_dtype == "BF16" else "F16")
-        writer = gguf.GGUFWriter(path=None, arch=llama.GGUF_ARCH_NAME)
-        _add_metadata(writer, ckpt, hp, facts, plan, factors, existing, store)
-        if fold is not None or options.band_search is not None:
-            provenance.add_band_provenance(writer, fold.provenance() if fold else None, options.band_search)
-        write_vocab(writer, vocab)
-        tensors = _plan_tensors(ckpt, hp, plan.attn_scale, factors, Q[store], fold)
+    unquantized = options.qtype in UNQUANTIZED
+    store = options.qtype if unquantized else ("BF16" if ckpt.source_dtype == "BF16" else "F16")
+    writer = gguf.GGUFWriter(path=None, arch=llama.GGUF_ARCH_NAME)
+    _add_metadata(writer, ckpt, hp, facts, plan, factors, existing, store)
+    if fold is not None or options.band_search is not None:
+        provenance.add_band_provenance(writer, fold.provenance() if fold else None, options.band_search)
+    write_vocab(writer, vocab)
+    tensors = _plan_tensors(ckpt, hp, plan.attn_scale, factors, Q[store], fold)
 
-        destinations = [(output, "output")] + ([] if keep_f16 is None else [(keep_f16, "--keep-f16")])
-        with ExitStack() as held:
-            for path, what in destinations:  # again under the lock: another run may have finished meanwhile
-                held.enter_context(exclusive(path))
-                check_destination(path, force=options.force, what=what, inputs=ckpt.source_files)
-            try:
-                final_tmp = held.enter_context(temporary_beside(output, "partial"))
-                if unquantized:
-                    first = final_tmp
-                else:
-                    first = held.enter_context(temporary_beside(keep_f16 or output, f"{store.lower()}.tmp"))
-                _check_free_space(first, sum(t.nbytes for t in tensors))
-                write_streaming(first, writer, tensors, progress=options.progress)
-                if not unquantized:
-                    quantize_gguf(first, final_tmp, options.qtype, options.threads, progress=options.progress)
-                os.replace(final_tmp, output)
-                if keep_f16 is not None and not unquantized:
-                    os.replace(first, keep_f16)
-            except OSError as exc:
-                raise QroarError(describe_os_error(exc, "write", output)) from None
-        return ConvertResult(output=output, plan=plan, factors=factors, trained_ctx=facts.trained_ctx,
-                             target_ctx=facts.target_ctx, qtype=options.qtype, intermediate=keep_f16,
-                             seconds=time.monotonic() - start)
-    finally:
-        ckpt.close()
+    destinations = [(output, "output")] + ([] if keep_f16 is None else [(keep_f16, "--keep-f16")])
+    with ExitStack() as held:
+        for path, what in destinations:  # again under the lock: another run may have finished meanwhile
+            held.enter_context(exclusive(path))
+            check_destination(path, force=options.force, what=what, inputs=ckpt.source_files)
+        try:
+            final_tmp = held.enter_context(temporary_beside(output, "partial"))
+            if unquantized:
+                first = final_tmp
+            else:
+                first = held.enter_context(temporary_beside(keep_f16 or output, f"{store.lower()}.tmp"))
+            _check_free_space(first, sum(t.nbytes for t in tensors))
+            write_streaming(first, writer, tensors, progress=options.progress)
+            if not unquantized:
+                quantize_gguf(first, final_tmp, options.qtype, options.threads, progress=options.progress)
+            os.replace(final_tmp, output)
+            if keep_f16 is not None and not unquantized:
+                os.replace(first, keep_f16)
+        except OSError as exc:
+            raise QroarError(describe_os_error(exc, "write", output)) from None
+    return ConvertResult(output=output, plan=plan, factors=factors, trained_ctx=facts.trained_ctx,
+                         target_ctx=facts.target_ctx, qtype=options.qtype, intermediate=keep_f16,
+                         seconds=time.monotonic() - start)
 
 
 @dataclass
@@ -157,13 +162,9 @@ def read_source(source: str | Path, options: ConvertOptions) -> Source:
     """The first stage: open the checkpoint, validate config.json and every tensor against it, and fix
     the trained and target contexts. Reads headers only; every problem is one QroarError line."""
     ckpt = open_checkpoint(source)
-    try:
-        hp = llama.read_hparams(ckpt.config)
-        check_tensors(ckpt, hp)
-        facts, existing = _rope_facts(ckpt.config, hp, options)
-    except BaseException:
-        ckpt.close()
-        raise
+    hp = llama.read_hparams(ckpt.config)
+    check_tensors(ckpt, hp)
+    facts, existing = _rope_facts(ckpt.config, hp, options)
     return Source(ckpt, hp, facts, existing)
 
 
@@ -219,10 +220,9 @@ def _rope_facts(config: dict, hp: llama.LlamaHparams, options: ConvertOptions) -
         target = trained if options.method == "none" else trained * DEFAULT_SCALE
     if not 0 < target <= MAX_CONTEXT:
         raise QroarError(f"target context {target} is out of range: GGUF stores at most {MAX_CONTEXT} tokens")
-    if options.method != "none" and target <= trained:
-        raise QroarError(f"target context {target} must be larger than the trained context {trained} "
-                         "(use --method none to keep it)")
-    return RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=trained, target_ctx=target), existing
+    facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=trained, target_ctx=target)
+    require_extension(facts, options.method)
+    return facts, existing
 
 
 def make_conversion_plan(options: ConvertOptions, src: Source) -> RopePlan:

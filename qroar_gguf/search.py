@@ -50,12 +50,13 @@ import llama_cpp
 import numpy as np
 
 from qroar_gguf import __version__
+from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.convert import convert, make_conversion_plan, read_source
+from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.kld import kl_divergence
 from qroar_gguf.evaluate.perplexity import perplexity
 from qroar_gguf.evaluate.runtime import Runtime
-from qroar_gguf.gguf_io.quantize import UNQUANTIZED
 from qroar_gguf.outputs import check_destination, publish_text
 from qroar_gguf.paths import cache_dir
 from qroar_gguf.rope.bands import apply_band_factors, band_starts, pair_bands
@@ -101,14 +102,6 @@ def _fmt(values) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
 
@@ -128,15 +121,12 @@ class _Context:
         quiet = dataclasses.replace(options, progress=False)
         src = read_source(source, quiet)
         ckpt, hp = src.ckpt, src.hp
-        try:
-            self.facts = src.facts
-            self.plan = make_conversion_plan(quiet, src)
-            sensitivity = measure_sensitivity(ckpt, hp).sensitivity
-            self.fingerprint = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(ckpt.source_files)]
-            config = ckpt.directory / "config.json"
-            self.fingerprint.append(["config.json", _sha256_file(config) if config.is_file() else None])
-        finally:
-            ckpt.close()
+        self.facts = src.facts
+        self.plan = make_conversion_plan(quiet, src)
+        sensitivity = measure_sensitivity(ckpt, hp).sensitivity
+        self.fingerprint = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(ckpt.source_files)]
+        config = ckpt.directory / "config.json"
+        self.fingerprint.append(["config.json", sha256_file(config) if config.is_file() else None])
         self.n_bands = options.bands
         self.starts = band_starts(self.facts, self.n_bands)
         self.pair_band = pair_bands(self.facts, self.n_bands)
@@ -168,7 +158,7 @@ class _Searcher:
         self.log = log or (lambda line: None)
         self.on_evaluate = on_evaluate
         self.text = Path(settings.dev_text).read_text(encoding="utf-8")
-        self.text_sha = _sha256_file(Path(settings.dev_text))
+        self.text_sha = sha256_file(Path(settings.dev_text))
         self.ctx = _Context(self.source, options, settings)
         self.dev_ctx = int(settings.dev_ctx or self.ctx.facts.target_ctx)
         self.cache = Path(settings.cache) if settings.cache is not None else cache_dir() / "search"
@@ -178,6 +168,7 @@ class _Searcher:
         self.new = 0
 
     # -- one candidate --------------------------------------------------------------------------
+
     def key(self, factors, scales) -> tuple[str, dict]:
         o = self.options
         inputs = {
@@ -235,6 +226,7 @@ class _Searcher:
                           n_text_tokens=int(n_tokens), seconds=time.monotonic() - t0, key=key)
 
     # -- the descent -------------------------------------------------------------------------------
+
     def run(self) -> SearchResult:
         s = self.settings
         n = self.ctx.n_bands
@@ -365,12 +357,9 @@ def search_and_convert(source: str | Path, output: str | Path, options, settings
                        log: Callable[[str], None] | None = None, on_evaluate=None):
     """Search, then write ``output`` with the best band values and the search record in provenance."""
     ckpt = read_source(source, options).ckpt  # fail on the input and destinations before the search
-    try:
-        check_destination(Path(output), force=options.force, what="output", inputs=ckpt.source_files)
-        if settings.report is not None:  # a report is rewritten by every run: no --force needed
-            check_destination(Path(settings.report), force=True, what="--search-report", inputs=ckpt.source_files)
-    finally:
-        ckpt.close()
+    check_destination(Path(output), force=options.force, what="output", inputs=ckpt.source_files)
+    if settings.report is not None:  # a report is rewritten by every run: no --force needed
+        check_destination(Path(settings.report), force=True, what="--search-report", inputs=ckpt.source_files)
     result = run_search(source, options, settings, log=log, on_evaluate=on_evaluate)
     final = dataclasses.replace(options, band_factors=result.best.factors, band_scales=result.best.scales,
                                 band_search=result.record)

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qroar_gguf.arch.llama import permute_for_gguf as permute_rope_rows
 from qroar_gguf.arch.pretokenizer import detect_pre_tokenizer, extract_from_converter, load_table
 from qroar_gguf.assets.austen import austen_text, list_titles
-from qroar_gguf.assets.smollm2 import CHECKPOINT_FILES, hf_tensor_name, permute_rope_rows, unpermute_rope_rows
+from qroar_gguf.assets.smollm2 import CHECKPOINT_FILES, hf_tensor_name, unpermute_rope_rows
 from qroar_gguf.errors import QroarError
 
 SDIST = Path("/tmp/wb/sdist/llama_cpp_python-0.3.36.tar.gz")

@@ -131,10 +131,7 @@ def test_band_scales_equal_hf_layout_statement(tiny: Path, tmp_path: Path):
                "--band-scales", "2,0.5,1,1.25")
     scale_of_pair = np.repeat([2, 0.5, 1, 1.25], np.diff([0, 1, 7, 13, 32]))
     ckpt = open_checkpoint(tiny)
-    try:
-        hf = ckpt.load("model.layers.1.self_attn.k_proj.weight").astype(np.float32)
-    finally:
-        ckpt.close()
+    hf = ckpt.load("model.layers.1.self_attn.k_proj.weight").astype(np.float32)
     ours = values(gguf_tensors(out)["blk.1.attn_k.weight"])
     for h in range(N_KV):
         for k in range(P):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from checkpoints import make_tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from checkpoints import make_tiny_llama
 from qroar_gguf.convert import ConvertOptions, convert, read_source
 from qroar_gguf.errors import QroarError
 from qroar_gguf.source.safetensors_lazy import SafetensorsFile
@@ -153,7 +153,7 @@ def test_config_reader_fails_only_cleanly(fuzz_checkpoint: Path, tmp_path_factor
         (directory / "config.json").write_text(json.dumps(config))  # NaN/Infinity as Python writes them
         options = ConvertOptions(method=method, qtype="F16", progress=False, force=True)
         try:
-            read_source(directory, options).ckpt.close()
+            read_source(directory, options)
         except QroarError as exc:
             assert "\n" not in str(exc) and str(exc)
             outcomes["refused"] += 1

@@ -15,13 +15,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qroar_gguf"
 
 LAYERS = [
     # 0. facts every layer may use
-    ["qroar_gguf", "errors", "paths", "search_settings", "gguf_io.quantize_child"],
+    ["qroar_gguf", "errors", "paths", "digests", "choices", "search_settings", "gguf_io.quantize_child"],
     # 1. reading what the user gives, writing files safely, the packaged assets
     ["source.checkpoint", "source.safetensors_lazy", "gguf_io.reader", "outputs", "assets.austen", "assets.smollm2"],
     # 2. model families: hyperparameters, tensor names and shapes, vocabularies
     ["arch.llama", "arch.pretokenizer", "arch.vocab"],
     # 3. RoPE math: plans, sensitivity, bands, diagnostics, measuring weights
-    ["rope.plans", "rope.sensitivity", "rope.bands", "rope.diagnostics", "rope.measure"],
+    ["rope.plans", "rope.layout", "rope.sensitivity", "rope.bands", "rope.diagnostics", "rope.measure"],
     # 4. GGUF writing and quantizing; llama.cpp's runtime; statistics
     ["gguf_io.provenance", "gguf_io.writer", "gguf_io.quantize", "evaluate.runtime", "evaluate.paired"],
     # 5. evaluators on the runtime

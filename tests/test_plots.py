@@ -91,11 +91,8 @@ def test_checkpoint_plot_is_a_png_of_the_plans(smollm2_plots, smollm2_dir: Path)
     assert data["output"] == str(smollm2_plots["out"] / "ckpt.png")
     assert data["kind"] == "checkpoint" and data["model"] == smollm2_dir.name
     ckpt = open_checkpoint(smollm2_dir)
-    try:
-        hp = llama.read_hparams(ckpt.config)
-        measured = measure_sensitivity(ckpt, hp, agg="max")
-    finally:
-        ckpt.close()
+    hp = llama.read_hparams(ckpt.config)
+    measured = measure_sensitivity(ckpt, hp, agg="max")
     # default target: 4 x the trained context
     facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=hp.context_length,
                       target_ctx=4 * hp.context_length)
@@ -139,10 +136,7 @@ def test_agg_mean_and_beta_are_used(smollm2_dir: Path, tmp_path: Path):
     data = plot_factors(smollm2_dir, tmp_path / "mean.png", target_ctx=16384, agg="mean", beta=2.0)
     assert data["agg"] == "mean" and data["beta"] == 2.0
     ckpt = open_checkpoint(smollm2_dir)
-    try:
-        measured = measure_sensitivity(ckpt, llama.read_hparams(ckpt.config), agg="mean")
-    finally:
-        ckpt.close()
+    measured = measure_sensitivity(ckpt, llama.read_hparams(ckpt.config), agg="mean")
     facts = RopeFacts(n_rot=64, theta=1e5, trained_ctx=8192, target_ctx=16384)
     _check_against_plans(data, facts, measured.sensitivity, beta=2.0)
 

@@ -44,7 +44,6 @@ def main() -> None:
             t0 = time.perf_counter()
             measure_sensitivity(ckpt, read_hparams(ckpt.config))
             analysis.append(time.perf_counter() - t0)
-            ckpt.close()
             t0 = time.perf_counter()
             convert(args.model, Path(tmp) / "q.gguf", ConvertOptions(method="qroar", qtype="Q4_K_M", force=True,
                                                                       progress=False, threads=os.cpu_count() or 1))

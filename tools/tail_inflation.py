@@ -5,7 +5,7 @@ formula. The definition below is OURS.
 
 Definition
 ----------
-Notation as in DESIGN.md: trained context ``L``, rotary pairs ``k = 0..P-1``, Hugging Face layout
+Notation as in README's "Plans" table: trained context ``L``, rotary pairs ``k = 0..P-1``, Hugging Face layout
 (rotate_half: pair ``k`` of a head is dims ``(k, k + P)``). Given a text, a short context ``S <= L``
 and a long context ``L' > L``:
 
@@ -89,6 +89,8 @@ BULK_QUANTILE = 0.5
 
 
 # -- model, tokens, plans ------------------------------------------------------------------------
+
+
 def _load_model(model_dir: Path):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
@@ -114,10 +116,7 @@ def _plan_for(spec, facts, model_dir: Path, cache: dict):
     if spec.method == "qroar" and "sensitivity" not in options:
         if agg not in cache:
             ckpt = open_checkpoint(model_dir)
-            try:
-                cache[agg] = measure_sensitivity(ckpt, read_hparams(ckpt.config), agg=agg).sensitivity
-            finally:
-                ckpt.close()
+            cache[agg] = measure_sensitivity(ckpt, read_hparams(ckpt.config), agg=agg).sensitivity
         options["sensitivity"] = cache[agg]
     return make_plan(spec.method, facts, **options)
 
@@ -150,6 +149,8 @@ def patched_rope(model, factors: np.ndarray | None, attn_scale: float = 1.0) -> 
 
 
 # -- one forward -> pair norms -------------------------------------------------------------------
+
+
 def _pair_norms(model, ids: np.ndarray, first: int, n_kv: int, n_pairs: int) -> list[np.ndarray]:
     """Per layer, float32 ``[len(ids) - first, n_kv, P]`` pair norms of ``k_proj``'s output at positions >= first."""
     layers = model.model.layers
@@ -191,6 +192,8 @@ def _ratio(a: float, b: float) -> float:
 
 
 # -- the diagnostic -------------------------------------------------------------------------------
+
+
 def tail_inflation(model_dir: Path, text: str, plans: list[str], short_ctx: int, long_ctx: int,
                    quantile: float = DEFAULT_QUANTILE, threads: int = 2, progress: bool = False,
                    control_ctx: int | None = None) -> dict:

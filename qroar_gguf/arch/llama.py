@@ -90,10 +90,7 @@ def read_hparams(config: dict) -> LlamaHparams:
 def checkpoint_hparams(path: str | Path) -> LlamaHparams:
     """The validated hyperparameters of the checkpoint at `path` (reads config.json and headers only)."""
     ckpt = open_checkpoint(path)
-    try:
-        return read_hparams(ckpt.config)
-    finally:
-        ckpt.close()
+    return read_hparams(ckpt.config)
 
 
 class _Reader:

@@ -138,12 +138,6 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotate_half rows -> llama.cpp's interleaved rows (what the converter does); inverse of the above."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def hf_tensor_name(gguf_name: str) -> str:
     """GGUF tensor name -> HF Llama name; KeyError for names a Llama checkpoint has no place for."""
     if gguf_name in _GLOBAL_NAMES:

@@ -23,6 +23,7 @@ import numpy as np
 from qroar_gguf import __version__
 from qroar_gguf.arch.llama import checkpoint_hparams
 from qroar_gguf.convert import ConvertOptions, convert, set_band_options
+from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.kld import kl_divergence
 from qroar_gguf.evaluate.paired import paired_compare
@@ -99,14 +100,6 @@ def _source_fingerprint(model: Path) -> list:
     return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 class Bench:
     def __init__(self, model: Path, text: Path, out: Path, threads: int, progress: bool, chunks: int,
                  passkey_trials: int, passkey_depths: tuple[float, ...] | None = None):
@@ -144,9 +137,9 @@ class Bench:
         (both models), of the files built for target context `built_for`, and passkey retrieval when
         asked; each part cached on its own."""
         quant, reference = self.build(spec, built_for, qtype), self.build(spec, built_for, REFERENCE_QTYPE)
-        quant_digest = _file_digest(quant)
+        quant_digest = sha256_file(quant)[:16]
         # (the trailing 0 keeps keys of evaluations recorded before passkey had its own record)
-        key = _digest(quant_digest, _file_digest(reference), ctx, self.chunks, self.text_digest, type_k, 0)
+        key = _digest(quant_digest, sha256_file(reference)[:16], ctx, self.chunks, self.text_digest, type_k, 0)
         name = f"{_safe(spec.label)}.{ctx}.{qtype}.{key}.json"
         row = self._cached(name, ".nll.npy")
         if row is None:

@@ -1,6 +1,6 @@
 """Perplexity exactly as llama.cpp's ``llama-perplexity`` computes it.
 
-Protocol (DESIGN.md section 3): tokenize the whole text (BOS only where the vocabulary adds it),
+Protocol (llama.cpp's tools/perplexity/perplexity.cpp): tokenize the whole text (BOS only where the vocabulary adds it),
 cut consecutive chunks of ``n_ctx`` tokens, make the first token of each chunk BOS where the
 vocabulary adds BOS (it replaces the chunk's first token, as llama-perplexity does), decode each
 chunk from an empty KV cache, and score only the second half: the logits at positions

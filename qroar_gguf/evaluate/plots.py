@@ -33,17 +33,20 @@ from qroar_gguf.gguf_io.reader import read_hparams as read_gguf_hparams
 from qroar_gguf.outputs import check_destination, temporary_beside
 from qroar_gguf.rope.measure import measure_gguf_sensitivity, measure_sensitivity
 from qroar_gguf.rope.plans import (
+    PLANS,
     YARN_BETA_FAST,
     YARN_BETA_SLOW,
     RopeFacts,
     make_plan,
+    require_extension,
+    rotation_pair,
     yarn_correction_range,
 )
 from qroar_gguf.rope.sensitivity import AGGREGATIONS, SensitivityResult, frequency_bands
 from qroar_gguf.source.checkpoint import open_checkpoint
 
 #: The plans drawn, in legend order; qroar is computed on a yarn base.
-PLOT_METHODS = ("none", "linear", "ntk", "yarn", "llama3", "qroar")
+PLOT_METHODS = tuple(PLANS)
 DEFAULT_SCALE = 4  # target context = 4 x trained when none is given
 
 _FIGSIZE = (14.0, 9.0)  # inches at _DPI: 1400 x 900 px
@@ -115,14 +118,11 @@ def read_model_rope(model_path: str | Path, agg: str = "max") -> ModelRope:
 
 def _read_checkpoint(path: Path, agg: str) -> ModelRope:
     ckpt = open_checkpoint(path)
-    try:
-        hp = read_hparams(ckpt.config)
-        result = measure_sensitivity(ckpt, hp, agg=agg)
-        name = ckpt.directory.resolve().name
-        return ModelRope(name=name, kind="checkpoint", n_rot=hp.n_rot, theta=hp.rope_theta,
-                         trained_ctx=hp.context_length, sensitivity=result)
-    finally:
-        ckpt.close()
+    hp = read_hparams(ckpt.config)
+    result = measure_sensitivity(ckpt, hp, agg=agg)
+    name = ckpt.directory.resolve().name
+    return ModelRope(name=name, kind="checkpoint", n_rot=hp.n_rot, theta=hp.rope_theta,
+                     trained_ctx=hp.context_length, sensitivity=result)
 
 
 def _read_gguf(path: Path, agg: str) -> ModelRope:
@@ -143,15 +143,6 @@ def _read_gguf(path: Path, agg: str) -> ModelRope:
 # --------------------------------------------------------------------------------------------------
 # The numbers
 # --------------------------------------------------------------------------------------------------
-
-
-def turns_crossing(facts: RopeFacts, turns: float) -> float:
-    """Fractional pair index whose pair completes exactly ``turns`` rotations within ``L``.
-
-    ``L / lam_k = turns`` with ``lam_k = 2*pi*b**(2k/n_rot)`` gives ``k = n_rot*ln(L/(2*pi*turns))/(2*ln b)``
-    (YaRN's correction dimension before rounding). May fall outside ``[0, P-1]``.
-    """
-    return facts.n_rot * math.log(facts.trained_ctx / (2.0 * math.pi * turns)) / (2.0 * math.log(facts.theta))
 
 
 def factor_plot_data(facts: RopeFacts, sensitivity: SensitivityResult, beta: float = 8.0) -> dict[str, Any]:
@@ -191,11 +182,11 @@ def factor_plot_data(facts: RopeFacts, sensitivity: SensitivityResult, beta: flo
         "bands": bands,
         # fractional pair indices of the marked lines; the bands split at these turn counts
         "band_boundaries": {
-            "turns_32": turns_crossing(facts, YARN_BETA_FAST),
-            "turns_1": turns_crossing(facts, YARN_BETA_SLOW),
+            "turns_32": rotation_pair(facts, YARN_BETA_FAST),
+            "turns_1": rotation_pair(facts, YARN_BETA_SLOW),
         },
-        "trained_ctx_pair": turns_crossing(facts, 1.0),  # wavelength = L
-        "target_ctx_pair": turns_crossing(facts, 1.0 / facts.scale),  # wavelength = L'
+        "trained_ctx_pair": rotation_pair(facts, 1.0),  # wavelength = L
+        "target_ctx_pair": rotation_pair(facts, 1.0 / facts.scale),  # wavelength = L'
         "yarn_ramp": [lo, hi],  # YaRN's whole-pair ramp after rounding
     }
 
@@ -345,9 +336,11 @@ def _draw(data: dict[str, Any], title: str, subtitle: str, output_png: Path) -> 
         ax.grid(axis="y", color="#bbbbbb", lw=0.5, alpha=0.7)
         ax.tick_params(labelsize=9)
 
-    # Top axis: wavelength in tokens at the pair positions of powers of ten.
+    # Top axis: wavelength in tokens at the pair positions of powers of ten (lam = L / rotations).
+    facts = RopeFacts(n_rot=n_rot, theta=theta, trained_ctx=L, target_ctx=L2)
+
     def k_of(lam: float) -> float:
-        return n_rot * math.log(lam / (2.0 * math.pi)) / (2.0 * math.log(theta))
+        return rotation_pair(facts, L / lam)
 
     wl = [10.0 ** e for e in range(1, 12)]
     tick_k = [(k_of(w), w) for w in wl if x_lo <= k_of(w) <= x_hi]
@@ -382,9 +375,8 @@ def plot_factors(model_path: Path, output_png: Path, target_ctx: int | None = No
         target_ctx = model.trained_ctx * DEFAULT_SCALE
     if isinstance(target_ctx, bool) or not isinstance(target_ctx, (int, np.integer)):
         raise QroarError(f"the target context must be an integer number of tokens, got {target_ctx!r}")
-    if target_ctx <= model.trained_ctx:
-        raise QroarError(f"target context {target_ctx} must be larger than the trained context {model.trained_ctx}")
     facts = RopeFacts(n_rot=model.n_rot, theta=model.theta, trained_ctx=model.trained_ctx, target_ctx=int(target_ctx))
+    require_extension(facts, None)
     data = factor_plot_data(facts, model.sensitivity, beta=beta)
     data.update(model=model.name, kind=model.kind, output=str(output_png))
 

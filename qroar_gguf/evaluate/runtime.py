@@ -29,6 +29,7 @@ import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import gguf
 import numpy as np
 
 from qroar_gguf.errors import QroarError
@@ -41,17 +42,10 @@ except ImportError as exc:  # pragma: no cover - the project installs it
 else:
     _IMPORT_ERROR = None
 
-#: KV cache types accepted by ``Runtime(type_k=..., type_v=...)``.
+#: KV cache types accepted by ``Runtime(type_k=..., type_v=...)``: ggml type ids from gguf-py's table.
 KV_CACHE_TYPES: dict[str, int] = {
-    "f32": 0,
-    "f16": 1,
-    "bf16": 30,
-    "q8_0": 8,
-    "q4_0": 2,
-    "q4_1": 3,
-    "q5_0": 6,
-    "q5_1": 7,
-    "iq4_nl": 20,
+    name: gguf.GGMLQuantizationType[name.upper()].value
+    for name in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 }
 _FLOAT_CACHE_TYPES = {"f32", "f16", "bf16"}
 
@@ -166,17 +160,6 @@ class GgufModel(_Closing):
             self._vocab = None
 
     # -- vocabulary ------------------------------------------------------------------------------
-    def meta(self, key: str) -> str | None:
-        """A GGUF metadata value as libllama renders it, or None if absent."""
-        buf = ctypes.create_string_buffer(512)
-        n = _lib().llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
-        if n < 0:
-            return None
-        if n >= len(buf):
-            buf = ctypes.create_string_buffer(n + 1)
-            _lib().llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace")
-
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> np.ndarray:
         """Tokenize a whole text (int32 array). ``add_special`` adds BOS only if the vocab asks for it."""
         lib = _lib()

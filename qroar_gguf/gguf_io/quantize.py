@@ -18,31 +18,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 from tqdm import tqdm
 
+from qroar_gguf.choices import QTYPES
 from qroar_gguf.errors import QroarError
 
-# --qtype name -> llama_ftype value (llama.h)
+#: --qtype name -> llama.cpp's llama_ftype, from gguf-py's table of the same enum.
 FTYPES: dict[str, int] = {
-    "F32": 0,
-    "F16": 1,
-    "Q4_0": 2,
-    "Q4_1": 3,
-    "Q8_0": 7,
-    "Q5_0": 8,
-    "Q5_1": 9,
-    "Q2_K": 10,
-    "Q3_K_S": 11,
-    "Q3_K_M": 12,
-    "Q3_K_L": 13,
-    "Q4_K_S": 14,
-    "Q4_K_M": 15,
-    "Q5_K_S": 16,
-    "Q5_K_M": 17,
-    "Q6_K": 18,
-    "BF16": 32,
+    name: gguf.LlamaFileType["ALL_F32" if name == "F32" else f"MOSTLY_{name}"].value for name in QTYPES
 }
-UNQUANTIZED = ("F32", "F16", "BF16")
 _NEARLY_FULL = 16 * 2**20  # bytes free below which a failed write is put down to a full disk
 
 

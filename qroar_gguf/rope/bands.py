@@ -44,10 +44,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from qroar_gguf.errors import QroarError
+from qroar_gguf.rope.layout import pair_rows
 from qroar_gguf.rope.plans import YARN_BETA_FAST, YARN_BETA_SLOW, RopeFacts
 
 DEFAULT_BANDS = 4
-LAYOUTS = ("gguf", "hf")
 
 
 def band_edges(n_bands: int) -> np.ndarray:
@@ -82,21 +82,6 @@ def pair_bands(facts: RopeFacts, n_bands: int) -> np.ndarray:
     """The band of every pair: int ``[P]`` with values ``0..N-1``, non-decreasing."""
     starts = band_starts(facts, n_bands)
     return np.repeat(np.arange(n_bands), np.diff(starts))
-
-
-@dataclass(frozen=True)
-class Band:
-    index: int
-    pairs: tuple[int, int]  # first and last pair, inclusive
-    rotations: tuple[float, float]  # max and min rotations within the trained context
-
-
-def describe_bands(facts: RopeFacts, n_bands: int) -> list[Band]:
-    starts = band_starts(facts, n_bands)
-    rotations = facts.rotations()
-    return [Band(index=j, pairs=(int(starts[j]), int(starts[j + 1] - 1)),
-                 rotations=(float(rotations[starts[j]]), float(rotations[starts[j + 1] - 1])))
-            for j in range(n_bands)]
 
 
 def check_band_values(values, n_bands: int, what: str) -> tuple[float, ...]:
@@ -146,14 +131,11 @@ def row_scales(n_head: int, head_dim: int, n_rot: int, pair_scale: np.ndarray, l
         raise QroarError(f"expected {n_pairs} pair scales, got shape {pair_scale.shape}")
     if n_rot > head_dim or n_rot % 2:
         raise QroarError(f"rotary dims {n_rot} must be even and at most the head size {head_dim}")
-    head = np.ones(head_dim, dtype=np.float64)
-    if layout == "gguf":
-        head[:n_rot] = np.repeat(pair_scale, 2)
-    elif layout == "hf":
-        head[:n_rot] = np.concatenate([pair_scale, pair_scale])
-    else:
-        raise QroarError(f"unknown weight layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    return np.tile(head, n_head)
+    a, b = pair_rows(n_head, head_dim, n_rot, layout)
+    scales = np.ones(n_head * head_dim, dtype=np.float64)
+    scales[a] = pair_scale
+    scales[b] = pair_scale
+    return scales
 
 
 def qk_row_scales(facts: RopeFacts, n_bands: int, scales, symmetric: bool, *, n_head: int, n_kv_head: int,

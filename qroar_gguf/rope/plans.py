@@ -4,7 +4,7 @@ Styled after transformers' ``modeling_rope_utils.py``: every plan is one pure fu
 ``(facts, **options) -> RopePlan`` with its own validation, all registered in :data:`PLANS`, and
 :func:`make_plan` is the one validating entry point the CLI uses. No I/O here.
 
-Conventions (DESIGN.md sections 1-2): ``n_rot`` rotary dims, ``P = n_rot/2`` pairs, base ``b``,
+Conventions (README's "Plans" table): ``n_rot`` rotary dims, ``P = n_rot/2`` pairs, base ``b``,
 ``w_k = b**(-2k/n_rot)``, wavelength ``lam_k = 2*pi/w_k``, trained context ``L``, target ``L'``,
 ``r = L'/L``. llama.cpp turns pair ``k`` by ``m * w_k / f_k`` where ``f_k = rope_freqs.weight[k]``, so
 ``f_k = 1`` leaves a pair alone and ``f_k = r`` is linear position interpolation for it. An attention
@@ -158,19 +158,23 @@ def _ntk_factors(facts: RopeFacts) -> np.ndarray:
     return np.exp(2.0 * k / (facts.n_rot - 2) * math.log(facts.scale))
 
 
+def rotation_pair(facts: RopeFacts, rotations: float) -> float:
+    """The fractional pair index whose pair completes exactly ``rotations`` turns within ``L``.
+
+    ``L / lam_k = n`` with ``lam_k = 2*pi*b**(2k/n_rot)`` gives ``c(n) = n_rot * ln(L / (2*pi*n)) / (2 * ln b)``:
+    YaRN's correction dimension before rounding. May fall outside ``[0, P-1]``.
+    """
+    return facts.n_rot * math.log(facts.trained_ctx / (rotations * 2.0 * math.pi)) / (2.0 * math.log(facts.theta))
+
+
 def yarn_correction_range(facts: RopeFacts, beta_fast: float, beta_slow: float) -> tuple[float, float]:
     """YaRN's ramp ends ``(lo, hi)`` in pair indices, exactly as transformers and llama.cpp compute them.
 
-    ``c(n) = n_rot * ln(L / (2*pi*n)) / (2 * ln b)`` is the (fractional) pair index that completes
-    ``n`` rotations within ``L``; ``lo = max(floor(c(beta_fast)), 0)``, ``hi = min(ceil(c(beta_slow)),
+    With ``c`` = :func:`rotation_pair`: ``lo = max(floor(c(beta_fast)), 0)``, ``hi = min(ceil(c(beta_slow)),
     n_rot - 1)``, and ``hi`` is nudged by 0.001 when both coincide (both implementations do that).
     """
-
-    def corr(n_rotations: float) -> float:
-        return facts.n_rot * math.log(facts.trained_ctx / (n_rotations * 2.0 * math.pi)) / (2.0 * math.log(facts.theta))
-
-    lo = float(max(math.floor(corr(beta_fast)), 0))
-    hi = float(min(math.ceil(corr(beta_slow)), facts.n_rot - 1))
+    lo = float(max(math.floor(rotation_pair(facts, beta_fast)), 0))
+    hi = float(min(math.ceil(rotation_pair(facts, beta_slow)), facts.n_rot - 1))
     if lo == hi:
         hi += 0.001
     return lo, hi
@@ -323,22 +327,8 @@ def _plan_qroar(
 
         p_k = 1 - exp(-beta * max(z_k - 1, 0))
 
-    ``max(z_k - 1, 0)`` is how far pair k's sensitivity exceeds the average, as a fraction of it, and
-    ``beta`` is the protection strength per unit of that excess. Why this form rather than the seed's
-    ``p = softmax(beta*z) / max(softmax(beta*z)) = exp(beta*(z_k - max z))``: the seed's weights give
-    ``p = 1`` everywhere at ``beta = 0`` (f = 1: no extension at all) and *fall* as beta grows (they
-    reach the base plan only as beta -> inf). The excess form satisfies what we need exactly:
-
-    * ``beta = 0`` -> ``p = 0`` -> bit-for-bit the base plan (``f_base ** 1.0 == f_base``);
-    * ``p_k`` is non-decreasing in beta for every pair, so a larger beta never interpolates a pair
-      more; ``f_k`` stays in ``[1, f_k(base)]``;
-    * a flat sensitivity profile (no outliers) protects nothing, whatever beta; pairs at or below the
-      average sensitivity always keep the base factor, so unlike the seed there is no floor of
-      protection under every pair (the seed's "yarn with a shallower ramp" effect);
-    * for large beta every clearly above-average pair approaches full protection (``f -> 1``), the
-      strongest first: at the prototype's beta = 8 and its profile (z about 0.83..1.2) the top pair
-      gets p = 0.80 (seed: 1.0), z = 1.1 gets 0.55 (seed: 0.45), z = 1.0 gets 0 (seed: 0.20). As
-      beta -> inf the seed protects only the argmax pair, this form every above-average pair.
+    ``beta = 0`` gives the base plan bit for bit, a larger beta never interpolates a pair more, and a
+    flat profile protects nothing; why this form and not the seed's softmax: docs/qroar_formulation.md.
 
     ``protection="softmax"`` is the seed's literal formula, kept only to reproduce the prototype's
     measurements; it does NOT reproduce the base plan at beta 0.
@@ -428,12 +418,17 @@ def make_plan(method: str, facts: RopeFacts, **options: Any) -> RopePlan:
         raise QroarError(f"method {method} needs option(s) {', '.join(missing)}")
     if not isinstance(facts, RopeFacts):
         raise QroarError(f"make_plan needs RopeFacts, got {type(facts).__name__}")
-    if method != "none" and facts.target_ctx <= facts.trained_ctx:
-        raise QroarError(
-            f"target context {facts.target_ctx} must be larger than the trained context "
-            f"{facts.trained_ctx} (use --method none to keep it)"
-        )
+    require_extension(facts, method)
     return PLANS[method](facts, **options)
+
+
+def require_extension(facts: RopeFacts, method: str | None) -> None:
+    """Every plan but "none" extends the context: the target must exceed the trained context.
+    ``method=None``: a caller that draws every plan at once."""
+    if method != "none" and facts.target_ctx <= facts.trained_ctx:
+        hint = " (use --method none to keep it)" if method is not None else ""
+        raise QroarError(f"target context {facts.target_ctx} must be larger than the trained context "
+                         f"{facts.trained_ctx}{hint}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,10 +459,10 @@ def source_factors(config: dict, n_rot: int) -> tuple[np.ndarray | None, int]:
     ``max_position_embeddings`` as transformers does), and for "linear" the same key when present,
     else ``max_position_embeddings``. Other scaling types (dynamic, yarn, longrope, ...) raise.
 
-    Note: with llama3 the returned context is the *pre-training* length (8192 for Llama 3.1), as
-    DESIGN.md asks; ``r = L'/L`` measured from it and :func:`combine_with_source` multiplying our
-    factors into the source's count the source's own extension twice. Callers should decide that
-    consciously.
+    Note: with llama3 the returned context is the *pre-training* length (8192 for Llama 3.1); ``r =
+    L'/L`` measured from it and :func:`combine_with_source` multiplying our factors into the source's
+    would count the source's own extension twice, so the converter measures ``r`` from
+    ``max_position_embeddings`` instead (convert.py, ``_rope_facts``).
     """
     if isinstance(n_rot, bool) or not isinstance(n_rot, numbers.Integral) or n_rot <= 0 or n_rot % 2:
         raise QroarError(f"the rotary dimension count must be even and positive, got {n_rot!r}")

@@ -19,27 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from qroar_gguf.errors import QroarError
+from qroar_gguf.rope.layout import LAYOUTS, pair_rows
 from qroar_gguf.rope.plans import YARN_BETA_FAST, YARN_BETA_SLOW, RopeFacts
 
-LAYOUTS = ("hf", "gguf")
 AGGREGATIONS = ("max", "mean")
 KINDS = ("q", "k")
 
 _CHUNK_ELEMENTS = 1 << 22  # float64 working set per chunk: 32 MiB
-
-
-def _pair_rows(n_head: int, head_dim: int, n_rot: int, layout: str) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices ``(a, b)``, each ``[n_head, P]``, of the two rows that make up every pair."""
-    n_pairs = n_rot // 2
-    k = np.arange(n_pairs)
-    if layout == "hf":
-        a, b = k, k + n_pairs
-    elif layout == "gguf":
-        a, b = 2 * k, 2 * k + 1
-    else:
-        raise QroarError(f"unknown weight layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    offsets = (np.arange(n_head) * head_dim)[:, None]
-    return offsets + a[None, :], offsets + b[None, :]
 
 
 def _row_norms(w: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -79,7 +65,7 @@ def pair_channel_norms(w: np.ndarray, n_head: int, n_rot: int, layout: str) -> n
     head_dim = w.shape[0] // n_head
     if n_rot <= 0 or n_rot % 2 or n_rot > head_dim:
         raise QroarError(f"rotary dims {n_rot} must be even, positive and at most the head size {head_dim}")
-    a, b = _pair_rows(n_head, head_dim, n_rot, layout)
+    a, b = pair_rows(n_head, head_dim, n_rot, layout)
     norms = _row_norms(w, np.concatenate([a.ravel(), b.ravel()]))
     na, nb = norms[: a.size].reshape(a.shape), norms[a.size:].reshape(b.shape)
     return np.hypot(na, nb)

@@ -51,10 +51,6 @@ class Checkpoint:
                 return dtype
         raise QroarError(f"{self.directory}: no float16/bfloat16/float32 weight matrices found")
 
-    def close(self) -> None:
-        for shard in self.shards:
-            shard.close()
-
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)

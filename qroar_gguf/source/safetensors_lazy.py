@@ -75,9 +75,6 @@ class SafetensorsFile:
             values = (values.astype(np.uint32) << 16).view(np.float32)
         return values.reshape(info.shape)
 
-    def close(self) -> None:
-        """Nothing is held open between reads; kept so callers can release sources uniformly."""
-
 
 def _read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     """Parse and validate the header; every failure names the file and says it is damaged."""

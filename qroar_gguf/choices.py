@@ -1,0 +1,17 @@
+"""What the command line offers by name, kept free of imports so `--help` starts fast.
+
+Each list mirrors the table that owns the fact, and tests/test_choices.py holds them equal: quantization
+types (gguf-py's LlamaFileType, through gguf_io/quantize.py), RoPE plans (rope/plans.py's PLANS) and
+key-cache types (gguf-py's GGMLQuantizationType, through evaluate/runtime.py).
+"""
+
+#: --qtype names, in the order --help lists them; gguf_io/quantize.py maps each to llama.cpp's file type.
+QTYPES = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0", "F16", "BF16", "F32")
+#: Written as they are, with no quantizer run.
+UNQUANTIZED = ("F32", "F16", "BF16")
+#: --method names: rope/plans.py's PLANS, in its order.
+METHODS = ("none", "linear", "ntk", "yarn", "llama3", "qroar")
+#: yarn beats ntk, llama3 and linear in every measurement so far (README's tables say by how much).
+DEFAULT_METHOD = "yarn"
+#: --type-k names (llama.cpp's KV cache types a key cache may take).
+KEY_CACHE_TYPES = ("f16", "q8_0", "q4_0")
