@@ -22,6 +22,8 @@ from qroar_gguf.search_settings import (
     SPACES,
 )
 
+THREADS = click.IntRange(min=1, max=512)  # ggml's GGML_MAX_N_THREADS: more crash its thread pool
+
 
 class DefaultToConvert(click.Group):
     """A group whose first argument, when it is not a subcommand, is the model to convert."""
@@ -41,8 +43,8 @@ class DefaultToConvert(click.Group):
         """Exit statuses: 0 done, 1 an error in the input or the environment, 2 a command-line usage
         error, 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP). Each error is one line
         on stderr, and no output file is left half-written."""
-        stop_on_signals()
         try:
+            stop_on_signals()
             status = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as exc:
             click.echo(exc.ctx.get_help())
@@ -56,6 +58,8 @@ class DefaultToConvert(click.Group):
             sys.exit(exc.exit_code)
         except click.Abort as exc:  # click turns a KeyboardInterrupt outside a command into Abort
             _exit_interrupted(exc.__cause__)
+        except KeyboardInterrupt as exc:  # one that arrived outside click's own handling
+            _exit_interrupted(exc)
         sys.exit(status if isinstance(status, int) else 0)
 
     def invoke(self, ctx: click.Context):
@@ -70,11 +74,31 @@ class DefaultToConvert(click.Group):
 
 
 def _exit_interrupted(exc: BaseException | None) -> None:
-    if isinstance(exc, Stopped):
-        click.echo(f"stopped by {signal.Signals(exc.signum).name}", err=True)
-        sys.exit(128 + exc.signum)
-    click.echo("interrupted", err=True)
-    sys.exit(130)
+    """Every `finally` has run by now; leave at once with 128 + the signal's number, so that nothing in
+    the interpreter's shutdown (a second Ctrl-C, a library's exit hook) can change the status."""
+    signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+    click.echo("interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def _refuse_same_file(named: list[tuple[str, Path | None]]) -> None:
+    """Two options naming one file would have one overwrite the other (or an input)."""
+    seen: dict[Path, str] = {}
+    for option, path in named:
+        if path is None:
+            continue
+        key = path.resolve()
+        if key in seen:
+            raise click.UsageError(f"{seen[key]} and {option} name the same file {path}: give each its own")
+        seen[key] = option
+
+
+def _model_files(model: Path) -> list[Path]:
+    """The files a model argument stands for: a checkpoint's folder holds config, tokenizer and weights."""
+    folder = model if model.is_dir() else model.parent if model.suffix != ".gguf" else None
+    return [model] + ([p for p in folder.iterdir() if p.is_file()] if folder is not None else [])
 
 
 def _one_line(message: str) -> str:
@@ -126,7 +150,7 @@ def main() -> None:
                    "(outlier-protecting factors measured from W_Q/W_K).")
 @click.option("--qtype", type=click.Choice(QTYPES, case_sensitive=False), default="Q4_K_M", show_default=True,
               help="Quantization, done by llama.cpp's own quantizer.")
-@click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
+@click.option("--threads", type=THREADS, default=os.cpu_count() or 1, show_default=True,
               help="Threads for quantization.")
 @click.option("--keep-f16", type=click.Path(path_type=Path), default=None,
               help="Also keep the unquantized intermediate GGUF at this path.")
@@ -190,6 +214,16 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
                     if v is not None}
     if method != "qroar" and set(plan_options) - {"attn_scale"}:
         raise click.UsageError(f"--beta, --agg and --base apply to --method qroar only (got --method {method})")
+    if target_ctx is not None and scale is not None:
+        raise click.UsageError("give either --ctx or --scale, not both")
+    if not search and any(v is not None for v in (dev_text, dev_ctx, dev_chunks, search_report)):
+        raise click.UsageError("--dev-text, --dev-ctx, --dev-chunks and --search-report apply to --search only")
+    if symmetric is not None and band_scales is None and not search:
+        raise click.UsageError("--symmetric/--no-symmetric applies to --band-scales or --search only")
+    if not output.name:
+        raise click.UsageError("-o needs a file name")
+    _refuse_same_file([("-o", output), ("--keep-f16", keep_f16), ("--search-report", search_report),
+                       ("--dev-text", dev_text)])
     options = ConvertOptions(method=method, target_ctx=target_ctx, scale=scale, qtype=qtype.upper(),
                              threads=threads, keep_f16=keep_f16, force=force, progress=_show_progress(quiet),
                              plan_options=plan_options)
@@ -213,8 +247,6 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
                                   type_k=search_type_k, report=search_report)
         result = search_and_convert(model, output, options, settings, log=None if quiet else click.echo)
     else:
-        if dev_text is not None or dev_ctx is not None or dev_chunks is not None:
-            raise QroarError("--dev-text, --dev-ctx and --dev-chunks apply to --search only")
         result = run_convert(model, output, options)
     if not quiet:
         f = result.factors
@@ -295,7 +327,8 @@ def plot(model: Path, output: Path, target_ctx: int | None, agg: str, beta: floa
     from qroar_gguf.evaluate.plots import plot_factors
 
     if json_out is not None:  # before drawing: a bad --json must not leave the PNG behind
-        check_destination(json_out, force=True, what="--json", inputs=[model])
+        _refuse_same_file([("-o", output), ("--json", json_out)])
+        check_destination(json_out, force=True, what="--json", inputs=_model_files(model))
     data = plot_factors(model, output, target_ctx=target_ctx, agg=agg, beta=beta)
     if json_out is not None:
         publish_text(json_out, json.dumps(data, indent=2) + "\n")
@@ -315,7 +348,7 @@ def plot(model: Path, output: Path, target_ctx: int | None, agg: str, beta: floa
               help="Keys per depth (depths 10%..90%).")
 @click.option("--type-k", type=click.Choice(KEY_CACHE_TYPES), default="f16", show_default=True,
               help="KV cache type of keys (llama.cpp type_k).")
-@click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
+@click.option("--threads", type=THREADS, default=os.cpu_count() or 1, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write all results to this JSON file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -326,7 +359,7 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
     from qroar_gguf.evaluate.report import evaluate_file
 
     if json_out is not None:  # before minutes of evaluation
-        check_destination(json_out, force=True, what="--json", inputs=[model, text_path])
+        check_destination(json_out, force=True, what="--json", inputs=[p for p in (model, text_path, reference) if p])
     result = evaluate_file(model, text_path, ctx, chunks=chunks, reference=reference, passkey_trials=passkey_trials
                            if passkey else 0, type_k=type_k, threads=threads, progress=_show_progress(quiet))
     for line in result["lines"]:
@@ -339,7 +372,8 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--ctx", "ctxs", type=click.IntRange(min=8), multiple=True, required=True,
               help="Context(s) to evaluate at; repeat or list: --ctx 8192 16384 32768.")
-@click.option("--qtype", "qtypes", multiple=True, default=["Q4_0", "Q4_K_M"], show_default=True,
+@click.option("--qtype", "qtypes", type=click.Choice(QTYPES, case_sensitive=False), multiple=True,
+              default=["Q4_0", "Q4_K_M"], show_default=True,
               help="Quantization(s); every plan's F16 file is the KL reference.")
 @click.option("--plans", "plans", multiple=True, default=list(METHODS),
               show_default=True, help="Plans, each `method[:key=value,...]`, e.g. yarn:attn_scale=false qroar:beta=4.")
@@ -352,7 +386,7 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
 @click.option("--passkey-depths", "passkey_depths", type=click.FloatRange(0, 1), multiple=True,
               help="Depths of the hidden key, fractions of the prompt: --passkey-depths 0.1 0.5 0.9. "
                    "Default: 0.1 to 0.9 in steps of 0.1.")
-@click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
+@click.option("--threads", type=THREADS, default=os.cpu_count() or 1, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for results.json, results.md, ppl_vs_ctx.png and the cached files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -381,7 +415,7 @@ def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tu
 @click.option("--qtype", type=click.Choice(QTYPES, case_sensitive=False), default="Q4_K_M", show_default=True)
 @click.option("--text", "text_title", default="Emma", show_default=True,
               help="Which Jane Austen novel to measure on.")
-@click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
+@click.option("--threads", type=THREADS, default=os.cpu_count() or 1, show_default=True)
 @click.option("--perplexity/--no-perplexity", "measure", default=True, show_default=True,
               help="Measure perplexity (minutes); --no-perplexity stops after converting.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")

@@ -29,6 +29,7 @@ from qroar_gguf.outputs import (
     check_destination,
     describe_os_error,
     exclusive,
+    remove_stale_temporaries,
     temporary_beside,
 )
 from qroar_gguf.rope.bands import DEFAULT_BANDS, BandFold, band_fold, parse_band_values
@@ -128,6 +129,7 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
         for path, what in destinations:  # again under the lock: another run may have finished meanwhile
             held.enter_context(exclusive(path))
             check_destination(path, force=options.force, what=what, inputs=ckpt.source_files)
+            remove_stale_temporaries(path)  # a killed run's leftovers; ours are made after this
         try:
             final_tmp = held.enter_context(temporary_beside(output, "partial"))
             if unquantized:
@@ -219,7 +221,7 @@ def _rope_facts(config: dict, hp: llama.LlamaHparams, options: ConvertOptions) -
     else:
         target = trained if options.method == "none" else trained * DEFAULT_SCALE
     if not 0 < target <= MAX_CONTEXT:
-        raise QroarError(f"target context {target} is out of range: GGUF stores at most {MAX_CONTEXT} tokens")
+        raise QroarError(f"target context {target:.4g} is out of range: GGUF stores at most {MAX_CONTEXT} tokens")
     facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=trained, target_ctx=target)
     require_extension(facts, options.method)
     return facts, existing

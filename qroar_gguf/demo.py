@@ -17,6 +17,7 @@ from qroar_gguf.arch.llama import checkpoint_hparams
 from qroar_gguf.assets.austen import austen_text
 from qroar_gguf.assets.smollm2 import default_model_dir
 from qroar_gguf.convert import ConvertOptions, convert
+from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.perplexity import perplexity
 from qroar_gguf.evaluate.runtime import Runtime
 from qroar_gguf.paths import cache_dir
@@ -36,6 +37,9 @@ def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads:
     work.mkdir(exist_ok=True)
     trained = checkpoint_hparams(model_dir).context_length
     target = ctx or 2 * trained
+    if target <= trained:
+        raise QroarError(f"--ctx {target} must be larger than the model's trained context {trained}: the demo "
+                         "shows a longer context")
 
     say(f"2/4 convert: --method {method} --ctx {target} --qtype {qtype} (and an unscaled file to compare)")
     files = {}

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -58,6 +60,8 @@ def check_destination(path: Path, *, force: bool, what: str, inputs: Iterable[Pa
             if not force:
                 raise QroarError(f"{what} {path} already exists: pass --force to overwrite it")
         parent = resolved.parent
+        if parent.exists() and not parent.is_dir():
+            raise QroarError(f"{what} {path}: {parent} is a file, not a folder: choose another path")
         if not parent.is_dir():
             raise QroarError(f"{what} directory {parent} does not exist: create it first")
         try:  # os.access says yes to root even on read-only mounts: try for real
@@ -90,10 +94,12 @@ def exclusive(path: Path) -> Iterator[None]:
 
 @contextmanager
 def temporary_beside(path: Path, tag: str) -> Iterator[Path]:
-    """A new empty file `.NAME.XXXXXXXX.TAG` next to `path`, unique to this run; removed on the way out
-    unless it was renamed (published) meanwhile."""
+    """A new empty file `.NAME.qroarPID.XXXXXXXX.TAG` next to `path`, unique to this run; removed on the
+    way out unless it was renamed (published) meanwhile. The process id lets a later run recognise the
+    leftovers of a run that was killed outright (SIGKILL, a power cut): see `remove_stale_temporaries`."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{tag}", dir=path.resolve().parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.qroar{os.getpid()}.", suffix=f".{tag}",
+                                dir=path.resolve().parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the published file gets the usual mode
     finally:
@@ -103,6 +109,30 @@ def temporary_beside(path: Path, tag: str) -> Iterator[Path]:
         yield temporary
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries that runs no longer alive left beside `path`; call it holding `exclusive(path)`.
+    Only names of exactly our pattern whose process is gone are touched: a user's file never is."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.qroar(\d+)\.[A-Za-z0-9_]{{8}}\.[A-Za-z0-9_.]+$")
+    removed = []
+    for candidate in path.resolve().parent.glob(f".{glob.escape(path.name)}.qroar*"):
+        match = pattern.match(candidate.name)
+        if match and candidate.is_file() and not _alive(int(match.group(1))):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def publish_text(path: Path, text: str) -> None:

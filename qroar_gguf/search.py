@@ -63,6 +63,7 @@ from qroar_gguf.rope.bands import apply_band_factors, band_starts, pair_bands
 from qroar_gguf.rope.measure import measure_sensitivity
 from qroar_gguf.rope.sensitivity import interpolation_pressure
 from qroar_gguf.search_settings import OBJECTIVES, SPACES, SearchSettings
+from qroar_gguf.source.text import read_text
 
 CACHE_VERSION = 1
 
@@ -157,7 +158,7 @@ class _Searcher:
         self.source, self.options, self.settings = Path(source), options, settings
         self.log = log or (lambda line: None)
         self.on_evaluate = on_evaluate
-        self.text = Path(settings.dev_text).read_text(encoding="utf-8")
+        self.text = read_text(settings.dev_text)
         self.text_sha = sha256_file(Path(settings.dev_text))
         self.ctx = _Context(self.source, options, settings)
         self.dev_ctx = int(settings.dev_ctx or self.ctx.facts.target_ctx)
@@ -359,7 +360,8 @@ def search_and_convert(source: str | Path, output: str | Path, options, settings
     ckpt = read_source(source, options).ckpt  # fail on the input and destinations before the search
     check_destination(Path(output), force=options.force, what="output", inputs=ckpt.source_files)
     if settings.report is not None:  # a report is rewritten by every run: no --force needed
-        check_destination(Path(settings.report), force=True, what="--search-report", inputs=ckpt.source_files)
+        inputs = [*ckpt.source_files, *([Path(settings.dev_text)] if settings.dev_text else [])]
+        check_destination(Path(settings.report), force=True, what="--search-report", inputs=inputs)
     result = run_search(source, options, settings, log=log, on_evaluate=on_evaluate)
     final = dataclasses.replace(options, band_factors=result.best.factors, band_scales=result.best.scales,
                                 band_search=result.record)

@@ -33,7 +33,7 @@ def read_summary(path: str | Path) -> dict:
         "tensor_types": _count_types(reader),
     }
     rope = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
-    summary["rope_freqs"] = None if rope is None else [float(v) for v in np.asarray(rope.data, dtype=np.float32)]
+    summary["rope_freqs"] = None if rope is None else [float(v) for v in np.asarray(rope.data, np.float32).ravel()]
     summary["rope_freqs_type"] = None if rope is None else rope.tensor_type.name
     provenance = read_provenance(reader)
     summary["qroar"] = provenance
@@ -42,21 +42,29 @@ def read_summary(path: str | Path) -> dict:
 
 
 def _bands(path: str | Path, summary: dict, provenance: dict) -> list[dict] | None:
-    """Per-band diagnostics; sensitivity from the provenance (qroar files) or measured from attn_q/attn_k."""
+    """Per-band diagnostics; sensitivity from the provenance (qroar files) or measured from attn_q/attn_k.
+    None where the file's keys do not describe RoPE well enough: `inspect` still shows the rest."""
     n_rot, theta = summary["rope_dimension_count"], summary["rope_freq_base"]
-    if summary["architecture"] is None or n_rot is None or theta is None:
-        return None
     trained = provenance.get("trained_context") or summary["context_length"]
     target = provenance.get("target_context") or summary["context_length"]
-    facts = RopeFacts(n_rot=int(n_rot), theta=float(theta), trained_ctx=int(trained), target_ctx=int(target))
+    try:
+        facts = RopeFacts(n_rot=n_rot, theta=theta, trained_ctx=trained, target_ctx=target)
+    except QroarError:
+        return None
     factors = summary["rope_freqs"] or [1.0] * facts.n_pairs
-    sensitivity = (provenance.get("params") or {}).get("sensitivity")
+    params = provenance.get("params")
+    sensitivity = params.get("sensitivity") if isinstance(params, dict) else None
     if sensitivity is None:
         try:
             sensitivity = measure_gguf_sensitivity(path).sensitivity
         except (QroarError, NotImplementedError, KeyError, ValueError):
             sensitivity = None  # e.g. a quantization gguf-py cannot dequantize: report without it
-    return band_report(facts, np.asarray(factors), sensitivity)
+    for candidate in (sensitivity, None):  # a recorded sensitivity that does not fit is left out
+        try:
+            return band_report(facts, np.asarray(factors, dtype=np.float64), candidate)
+        except (QroarError, ValueError, TypeError, IndexError):
+            continue
+    return None
 
 
 def _count_types(reader: gguf.GGUFReader) -> dict[str, int]:

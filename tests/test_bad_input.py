@@ -259,3 +259,124 @@ def test_the_tiny_checkpoint_still_converts(tiny, tmp_path: Path):
     directory, tensors = tiny
     convert_ok(directory, "-o", tmp_path / "ok.gguf", "--qtype", "F16")
     assert len(gguf_tensors(tmp_path / "ok.gguf")) == 1 + len(tensors)
+
+
+# Found by an adversarial review: inputs that must never be overwritten, and options that clash ----------
+
+def test_plot_json_never_overwrites_the_checkpoint(scratch: Path, tmp_path: Path):
+    weights = scratch / "model.safetensors"
+    before = weights.read_bytes()
+    fail_cleanly(["plot", scratch, "-o", tmp_path / "f.png", "--json", weights], tmp_path, "is one of the input files")
+    assert weights.read_bytes() == before
+    fail_cleanly(["plot", scratch, "-o", tmp_path / "f.png", "--json", tmp_path / "f.png"], tmp_path,
+                 "name the same file", status=2)
+
+
+def test_eval_json_never_overwrites_the_reference(tiny, tmp_path: Path):
+    directory, _ = tiny
+    model, reference = tmp_path / "q.gguf", tmp_path / "ref.gguf"
+    convert_ok(directory, "-o", model, "--qtype", "Q8_0")
+    convert_ok(directory, "-o", reference, "--qtype", "F16")
+    text = tmp_path / "text.txt"
+    text.write_text("Emma Woodhouse, handsome, clever, and rich. " * 50)
+    before = reference.read_bytes()
+    fail_cleanly(["eval", model, "--text", text, "--ctx", "64", "--reference", reference, "--json", reference],
+                 tmp_path, "is one of the input files")
+    assert reference.read_bytes() == before
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--search", "--search-report", "DEV"], "--search-report and --dev-text name the same file"),
+    (["--search", "--search-report", "OUT"], "-o and --search-report name the same file"),
+    (["--keep-f16", "OUT"], "-o and --keep-f16 name the same file"),
+    (["--ctx", "4096", "--scale", "2"], "either --ctx or --scale"),
+    (["--dev-ctx", "64"], "apply to --search only"),
+    (["--search-report", "r.json"], "apply to --search only"),
+    (["--symmetric"], "applies to --band-scales or --search only"),
+    (["--threads", "100000"], "--threads"),
+])
+def test_options_that_clash_are_usage_errors(tiny, tmp_path: Path, extra: list[str], needle: str):
+    directory, _ = tiny
+    dev = tmp_path / "dev.txt"
+    dev.write_text("a short dev text. " * 20)
+    out = tmp_path / "out.gguf"
+    args = [str(out) if a == "OUT" else str(dev) if a == "DEV" else a for a in extra]
+    if "--search" in extra and "DEV" not in extra:
+        args += ["--dev-text", str(dev)]
+    elif "DEV" in extra:
+        args = ["--dev-text", str(dev), *args]
+    fail_cleanly([directory, "-o", out, *args], tmp_path, needle, status=2)
+    assert dev.read_text() == "a short dev text. " * 20
+
+
+def test_dev_text_that_is_not_utf8(tiny, tmp_path: Path):
+    directory, _ = tiny
+    dev = tmp_path / "dev.bin"
+    dev.write_bytes(bytes(range(256)) * 8)
+    fail_cleanly([directory, "-o", tmp_path / "out.gguf", "--search", "--dev-text", dev], tmp_path, "is not UTF-8 text")
+
+
+def test_output_under_a_file_is_not_a_missing_folder(tiny, tmp_path: Path):
+    directory, _ = tiny
+    (tmp_path / "afile").write_text("x")
+    fail_cleanly([directory, "-o", tmp_path / "afile" / "x.gguf"], tmp_path, "is a file, not a folder")
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not silu"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ({"architectures": []}, "config.json names no architectures (model_type 'llama')"),
+])
+def test_config_the_llama_arch_cannot_honour(scratch: Path, tmp_path: Path, changes: dict, needle: str):
+    _edit_config(scratch, **changes)
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path, needle, protect=scratch)
+
+
+def test_bench_refuses_before_building_anything(tiny, tmp_path: Path):
+    directory, _ = tiny
+    text = tmp_path / "text.txt"
+    text.write_text("Emma Woodhouse, handsome, clever, and rich. " * 50)
+    out = tmp_path / "bench"
+    fail_cleanly(["bench", directory, "--ctx", "4096", "--qtype", "Q9", "--plans", "yarn", "--text", text,
+                  "--out", out], tmp_path, "Q9", status=2)
+    fail_cleanly(["bench", directory, "--ctx", "4096", "--qtype", "Q8_0", "--plans", "yarn:beta=4", "--text", text,
+                  "--out", out], tmp_path, "takes no option beta")
+    fail_cleanly(["bench", directory, "--ctx", "4096", "--qtype", "Q8_0", "--plans", "yarn", "--text", "/dev/null",
+                  "--out", out], tmp_path, "is not a regular file")
+    assert not out.exists()
+
+
+def test_demo_refuses_a_context_it_cannot_show_before_converting(smollm2_dir: Path, tmp_path: Path):
+    result = run_cli("demo", "--ctx", "100", env={**os.environ, "QROAR_CACHE": str(smollm2_dir.parent)})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "must be larger than the model's trained context" in lines[0]
+    assert "2/4 convert" not in result.stdout
+
+
+def test_eval_says_why_llama_cpp_refuses_a_file(smollm2_gguf: Path, tmp_path: Path):
+    damaged = tmp_path / "half.gguf"
+    damaged.write_bytes(smollm2_gguf.read_bytes()[: smollm2_gguf.stat().st_size // 2])
+    text = tmp_path / "text.txt"
+    text.write_text("Emma Woodhouse, handsome, clever, and rich. " * 50)
+    fail_cleanly(["eval", damaged, "--text", text, "--ctx", "64"], tmp_path, "not within the file bounds")
+
+
+def test_inspect_reads_odd_files_without_a_traceback(tmp_path: Path):
+    import gguf
+
+    odd = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(odd), "llama")
+    writer.add_string("llama.context_length", "long")  # a string where a number belongs
+    writer.add_string("qroar.params", "{not json")
+    writer.add_string("qroar.method", "yarn")
+    writer.add_tensor("rope_freqs.weight", np.ones((2, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = run_cli("inspect", odd, "--json")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["qroar"]["params"] == "{not json" and summary["bands"] is None
+    assert len(summary["rope_freqs"]) == 8
+    fail_cleanly(["inspect", "/dev/null"], tmp_path, "is not a regular file")

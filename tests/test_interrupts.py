@@ -165,3 +165,21 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_a_killed_runs_leftovers_are_removed_by_the_next_run(smollm2_dir: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    lookalike = out / ".model.gguf.partial"  # a user's file with an old-style name stays
+    lookalike.write_bytes(b"mine")
+    proc = _start(smollm2_dir, "-o", out / "model.gguf", "--qtype", "Q4_K_M", "--threads", "1")
+    ours = lambda: any(p.stat().st_size > 0 for p in out.glob(".model.gguf.qroar*.partial"))  # noqa: E731
+    _wait_for(ours, proc, "the quantize phase")
+    os.killpg(proc.pid, signal.SIGKILL)  # nothing can clean up after this
+    proc.wait(timeout=60)
+    time.sleep(0.2)
+    left = sorted(p.name for p in out.iterdir() if p != lookalike)
+    assert left and all(".qroar" in name for name in left), left
+    convert_ok(smollm2_dir, "-o", out / "model.gguf", "--qtype", "Q8_0")
+    assert sorted(p.name for p in out.iterdir()) == [".model.gguf.partial", "model.gguf"]
+    assert lookalike.read_bytes() == b"mine"

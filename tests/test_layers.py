@@ -17,7 +17,7 @@ LAYERS = [
     # 0. facts every layer may use
     ["qroar_gguf", "errors", "paths", "digests", "choices", "search_settings", "gguf_io.quantize_child"],
     # 1. reading what the user gives, writing files safely, the packaged assets
-    ["source.checkpoint", "source.safetensors_lazy", "gguf_io.reader", "outputs", "assets.austen", "assets.smollm2"],
+    ["source.checkpoint", "source.safetensors_lazy", "source.text", "gguf_io.reader", "outputs", "assets.austen", "assets.smollm2"],
     # 2. model families: hyperparameters, tensor names and shapes, vocabularies
     ["arch.llama", "arch.pretokenizer", "arch.vocab"],
     # 3. RoPE math: plans, sensitivity, bands, diagnostics, measuring weights

@@ -46,10 +46,20 @@ def read_hparams(config: dict) -> LlamaHparams:
     if not isinstance(archs, list):
         raise QroarError(f"config.json: architectures must be a list of class names, got {archs!r}")
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None and not archs:
+        raise QroarError(f"config.json names no architectures (model_type {config.get('model_type')!r}): add the "
+                         f"model's class, e.g. \"architectures\": [\"{SUPPORTED_ARCHITECTURES[0]}\"], if it is one of "
+                         f"{' and '.join(SUPPORTED_ARCHITECTURES)}")
     if arch is None:
-        named = ", ".join(map(str, archs)) if archs else f"model_type {config.get('model_type')!r}"
-        raise QroarError(f"unsupported architecture {named}: qroar-gguf converts "
+        raise QroarError(f"unsupported architecture {', '.join(map(str, archs))}: qroar-gguf converts "
                          f"{' and '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3.x, SmolLM, TinyLlama, Mistral)")
+    activation = config.get("hidden_act", "silu")
+    if activation != "silu":  # llama.cpp's llama arch computes SiLU whatever the file says
+        raise QroarError(f"config.json: hidden_act {activation!r} is not silu, which llama.cpp's llama arch computes; "
+                         "this checkpoint would run wrongly")
+    tied = config.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise QroarError(f"config.json: tie_word_embeddings must be true or false, got {tied!r}")
     count = _Reader(config, arch).count
     number = _Reader(config, arch).number
     n_embd, n_head = count("hidden_size"), count("num_attention_heads")
@@ -83,7 +93,7 @@ def read_hparams(config: dict) -> LlamaHparams:
         rms_eps=number("rms_norm_eps", default=1e-5),
         vocab_size=count("vocab_size"),
         context_length=count("max_position_embeddings"),
-        tie_embeddings=config.get("tie_word_embeddings", False) is True,
+        tie_embeddings=tied,
     )
 
 

@@ -30,10 +30,11 @@ from qroar_gguf.evaluate.paired import paired_compare
 from qroar_gguf.evaluate.passkey import DEFAULT_DEPTHS, passkey
 from qroar_gguf.evaluate.perplexity import n_scored_per_chunk, ppl_standard_error
 from qroar_gguf.evaluate.runtime import Runtime
-from qroar_gguf.gguf_io.quantize import quantize_gguf
+from qroar_gguf.gguf_io.quantize import FTYPES, quantize_gguf
 from qroar_gguf.outputs import temporary_beside
 from qroar_gguf.paths import cache_dir
-from qroar_gguf.rope.plans import PLANS
+from qroar_gguf.rope.plans import PLANS, plan_options
+from qroar_gguf.source.text import read_text
 
 REFERENCE_QTYPE = "F16"
 
@@ -103,13 +104,13 @@ def _source_fingerprint(model: Path) -> list:
 class Bench:
     def __init__(self, model: Path, text: Path, out: Path, threads: int, progress: bool, chunks: int,
                  passkey_trials: int, passkey_depths: tuple[float, ...] | None = None):
+        self.text = read_text(text)  # before any folder is made: a bad text leaves nothing behind
         self.model, self.text_path, self.out = model, text, out
         self.threads, self.progress, self.chunks = threads, progress, chunks
         self.passkey_trials = passkey_trials
         self.passkey_depths = tuple(float(d) for d in (passkey_depths or DEFAULT_DEPTHS))
         self.runs, self.shared = out / "runs", cache_dir() / "bench-runs"
         self.shared.mkdir(parents=True, exist_ok=True)
-        self.text = text.read_text(encoding="utf-8")
         self.text_digest = _digest(self.text)
         self.source = _source_fingerprint(model if model.is_dir() else model.parent)
         (out / "models").mkdir(parents=True, exist_ok=True)
@@ -209,15 +210,30 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_=" else "_" for c in label)
 
 
+def _check_before_work(specs: list[PlanSpec], qtypes: list[str], ctxs: list[int], threads: int) -> None:
+    """What can be refused without building anything: unknown types, plan options, band values."""
+    unknown = [q for q in qtypes if q not in FTYPES]
+    if unknown:
+        raise QroarError(f"unknown --qtype {unknown[0]}; choose one of {', '.join(FTYPES)}")
+    for spec in specs:
+        options = spec.convert_options(max(ctxs), qtypes[0], threads, False)  # parses band values
+        accepted = set(plan_options(spec.method)) | {"agg"}  # agg: how convert aggregates qroar's S
+        extra = sorted(set(options.plan_options) - accepted)
+        if extra:
+            raise QroarError(f"plan {spec.label!r}: {spec.method} takes no option {extra[0]} (it takes "
+                             f"{', '.join(sorted(accepted - {'sensitivity'}))})")
+
+
 def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str], text: Path, out: Path,
               chunks: int = 1, type_k: str | list[str] = "f16", passkey_trials: int = 0, threads: int = 2,
               progress: bool = True, passkey_depths: list[float] | None = None) -> dict:
     specs = [PlanSpec.parse(p) for p in plans]
     qtypes = [q.upper() for q in qtypes]
     type_ks = [type_k] if isinstance(type_k, str) else list(type_k)
+    trained = checkpoint_hparams(model).context_length
+    _check_before_work(specs, qtypes, ctxs, threads)
     bench = Bench(model, text, out, threads, progress, chunks, passkey_trials, passkey_depths)
 
-    trained = checkpoint_hparams(model).context_length
     extended = sorted(c for c in ctxs if c > trained)
     rows: list[dict] = []
     jobs = [(s, c, q, k) for k in type_ks for c in ctxs for s in specs for q in qtypes]

@@ -9,15 +9,13 @@ from qroar_gguf.evaluate.kld import kl_divergence
 from qroar_gguf.evaluate.passkey import passkey
 from qroar_gguf.evaluate.perplexity import perplexity
 from qroar_gguf.evaluate.runtime import Runtime
+from qroar_gguf.source.text import read_text
 
 
 def evaluate_file(model: Path, text_path: Path, ctx: int, *, chunks: int | None = None, reference: Path | None = None,
                   passkey_trials: int = 0, type_k: str = "f16", threads: int = 2, progress: bool = True) -> dict:
     """Perplexity (and KLD against `reference`, passkey accuracy) of `model`; returns printable lines and JSON."""
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise QroarError(f"{text_path} is not UTF-8 text") from None
+    text = read_text(text_path)
     _require_gguf(model)
     lines: list[str] = []
     out: dict = {"model": str(model), "text": str(text_path), "ctx": ctx, "type_k": type_k}

@@ -22,6 +22,7 @@ comparable token for token).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import sys
 import threading
@@ -64,8 +65,16 @@ def _lib():
     return _llama
 
 
+_GGML_LOG_LEVEL_ERROR = 4
+# llama.cpp's latest error lines, kept while its log is silenced: they say why a load failed.
+_recent_errors: collections.deque[str] = collections.deque(maxlen=4)
+
+
 def _quiet_log(level, text, user_data):  # pragma: no cover - called from C
-    return None
+    if level == _GGML_LOG_LEVEL_ERROR:
+        line = text.decode("utf-8", errors="replace").strip()
+        if line:
+            _recent_errors.append(line)
 
 
 def _stderr_log(level, text, user_data):  # pragma: no cover - called from C
@@ -128,12 +137,12 @@ class GgufModel(_Closing):
         _ensure_backend(verbose)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
+        _recent_errors.clear()
         self._model = lib.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
         if not self._model:
-            raise QroarError(
-                f"llama.cpp could not load {self.path}: not a GGUF it supports "
-                "(rerun with verbose logging to see why)"
-            )
+            reasons = [e for e in _recent_errors if "failed to load model" not in e] or list(_recent_errors)
+            reason = reasons[0] if reasons else "not a GGUF it supports"
+            raise QroarError(f"llama.cpp could not load {self.path}: {reason}")
         self._vocab = lib.llama_model_get_vocab(self._model)
         self._runtimes: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
         self.n_vocab: int = int(lib.llama_vocab_n_tokens(self._vocab))

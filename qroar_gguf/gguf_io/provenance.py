@@ -61,6 +61,9 @@ def read_provenance(reader: gguf.GGUFReader) -> dict | None:
         if key.startswith(PREFIX):
             value = field_value(reader, key)
             if key in (PARAMS, SEARCH):
-                value = json.loads(value)
+                try:
+                    value = json.loads(value)
+                except (TypeError, ValueError):  # written by something else: shown as it is
+                    pass
             provenance[key[len(PREFIX):]] = value
     return provenance or None

@@ -20,12 +20,14 @@ LLAMA_ROPE_THETA_DEFAULT = 10000.0  # llama.cpp's value when <arch>.rope.freq_ba
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise QroarError(f"{path} does not exist")
+    if not path.is_file():
+        raise QroarError(f"{path} is not a regular file: give a .gguf file")
     try:
         return gguf.GGUFReader(path)
-    except Exception as exc:  # GGUFReader raises ValueError/struct errors on non-GGUF input
-        raise QroarError(f"{path} is not a readable GGUF file ({exc})") from None
+    except Exception as exc:  # GGUFReader raises ValueError/struct/numpy errors on non-GGUF input
+        raise QroarError(f"{path} is not a readable GGUF file: it is truncated, damaged or not GGUF ({exc})") from None
 
 
 def field_value(reader: gguf.GGUFReader, key: str) -> Any:
