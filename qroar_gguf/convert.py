@@ -19,6 +19,8 @@ import numpy as np
 
 from qroar_gguf import __version__
 from qroar_gguf.arch import llama
+from qroar_gguf.arch.base import ModelFamily
+from qroar_gguf.arch.families import family_for
 from qroar_gguf.arch.vocab import read_vocab, write_vocab
 from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.errors import QroarError
@@ -117,12 +119,12 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
 
     unquantized = options.qtype in UNQUANTIZED
     store = options.qtype if unquantized else ("BF16" if ckpt.source_dtype == "BF16" else "F16")
-    writer = gguf.GGUFWriter(path=None, arch=llama.GGUF_ARCH_NAME)
-    _add_metadata(writer, ckpt, hp, facts, plan, factors, existing, store)
+    writer = gguf.GGUFWriter(path=None, arch=src.family.gguf_arch_name)
+    _add_metadata(writer, ckpt, src.family, facts, plan, factors, existing, store)
     if fold is not None or options.band_search is not None:
         provenance.add_band_provenance(writer, fold.provenance() if fold else None, options.band_search)
     write_vocab(writer, vocab)
-    tensors = _plan_tensors(ckpt, hp, plan.attn_scale, factors, Q[store], fold)
+    tensors = _plan_tensors(ckpt, src.family, plan.attn_scale, factors, Q[store], fold)
 
     destinations = [(output, "output")] + ([] if keep_f16 is None else [(keep_f16, "--keep-f16")])
     with ExitStack() as held:
@@ -155,25 +157,29 @@ class Source:
     """A checkpoint whose config and tensors were checked, with its RoPE facts for the target context."""
 
     ckpt: Checkpoint
-    hp: llama.LlamaHparams
+    family: ModelFamily  # the hooks that differ between model families (arch/)
     facts: RopeFacts
     existing: np.ndarray | None  # factors the checkpoint's own rope scaling implies
+
+    @property
+    def hp(self):
+        return self.family.hparams
 
 
 def read_source(source: str | Path, options: ConvertOptions) -> Source:
     """The first stage: open the checkpoint, validate config.json and every tensor against it, and fix
     the trained and target contexts. Reads headers only; every problem is one QroarError line."""
     ckpt = open_checkpoint(source)
-    hp = llama.read_hparams(ckpt.config)
-    check_tensors(ckpt, hp)
-    facts, existing = _rope_facts(ckpt.config, hp, options)
-    return Source(ckpt, hp, facts, existing)
+    family = family_for(ckpt.config)
+    check_tensors(ckpt, family)
+    facts, existing = _rope_facts(ckpt.config, family.hparams, options)
+    return Source(ckpt, family, facts, existing)
 
 
-def check_tensors(ckpt: Checkpoint, hp: llama.LlamaHparams) -> None:
+def check_tensors(ckpt: Checkpoint, family: ModelFamily) -> None:
     """Every tensor llama.cpp will need, with the shape config.json implies and a float type, and no
     tensor it would not load: checked before anything is written, naming the first mismatch."""
-    expected = llama.expected_tensors(hp)
+    hp, expected = family.hparams, family.expected_tensors()
     for name in ckpt.names:
         if name.endswith(".rotary_emb.inv_freq"):
             continue
@@ -240,62 +246,50 @@ def make_conversion_plan(options: ConvertOptions, src: Source) -> RopePlan:
     return plan
 
 
-def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, hp: llama.LlamaHparams, facts: RopeFacts,
+def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, family: ModelFamily, facts: RopeFacts,
                   plan: RopePlan, factors: np.ndarray, existing: np.ndarray | None, store: str) -> None:
     name = ckpt.config.get("_name_or_path") or ckpt.directory.name
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(str(name).rstrip("/").split("/")[-1])
     writer.add_file_type(_FILE_TYPES[store])
-    writer.add_vocab_size(hp.vocab_size)
-    writer.add_context_length(facts.target_ctx)
-    writer.add_embedding_length(hp.n_embd)
-    writer.add_block_count(hp.n_layer)
-    writer.add_feed_forward_length(hp.n_ff)
-    writer.add_head_count(hp.n_head)
-    writer.add_head_count_kv(hp.n_kv_head)
-    writer.add_rope_freq_base(hp.rope_theta)
-    writer.add_layer_norm_rms_eps(hp.rms_eps)
-    writer.add_rope_dimension_count(hp.n_rot)
-    if "head_dim" in ckpt.config and hp.head_dim != hp.n_embd // hp.n_head:
-        writer.add_key_length(hp.head_dim)
-        writer.add_value_length(hp.head_dim)
+    family.set_gguf_parameters(writer, facts.target_ctx)
     provenance.add_provenance(
         writer, version=__version__, method=plan.method, params=plan.params, trained_ctx=facts.trained_ctx,
         target_ctx=facts.target_ctx, factors=factors, source_factors=existing, attn_scale=plan.attn_scale,
         source=str(ckpt.config.get("_name_or_path") or ckpt.directory.name))
 
 
-def _plan_tensors(ckpt: Checkpoint, hp: llama.LlamaHparams, attn_scale: float, factors: np.ndarray,
+def _plan_tensors(ckpt: Checkpoint, family: ModelFamily, attn_scale: float, factors: np.ndarray,
                   store: gguf.GGMLQuantizationType, fold: BandFold | None = None) -> list[PlannedTensor]:
-    names = llama.TensorNames(hp.n_layer)
     planned = [PlannedTensor(ROPE_FREQS, factors.shape, Q.F32, lambda: factors)]
     for hf_name in ckpt.names:
-        gguf_name = names.gguf_name(hf_name)
+        gguf_name = family.gguf_name(hf_name)
         if gguf_name is None:
             if hf_name.endswith(".rotary_emb.inv_freq"):
                 continue
             raise QroarError(f"tensor {hf_name!r} has no llama.cpp counterpart; is this really a "
-                             f"{hp.architecture} checkpoint?")
+                             f"{family.hparams.architecture} checkpoint?")
         shape = ckpt.info(hf_name).shape
         qtype = store if len(shape) >= 2 else Q.F32  # norms and biases stay F32, as llama.cpp expects
+        kind = family.rotary_kind(hf_name)
         rows = None  # band scales (per row) for W_Q / W_K and their biases
         if fold is not None:
-            rows = fold.q_rows if llama.is_query(hf_name) else fold.k_rows if llama.is_key(hf_name) else None
-        planned.append(PlannedTensor(gguf_name, shape, qtype, _producer(ckpt, hf_name, hp, attn_scale, rows)))
+            rows = fold.q_rows if kind == "q" else fold.k_rows if kind == "k" else None
+        planned.append(PlannedTensor(gguf_name, shape, qtype, _producer(ckpt, hf_name, family, attn_scale, rows)))
     return planned
 
 
-def _producer(ckpt: Checkpoint, hf_name: str, hp: llama.LlamaHparams, attn_scale: float,
+def _producer(ckpt: Checkpoint, hf_name: str, family: ModelFamily, attn_scale: float,
               row_scale: np.ndarray | None = None):
-    n_head = hp.n_head if llama.is_query(hf_name) else hp.n_kv_head if llama.is_key(hf_name) else None
+    rotary = family.rotary_kind(hf_name) is not None
 
     def produce() -> np.ndarray:
         values = ckpt.load(hf_name)
-        if n_head is None:
-            return values
+        if not rotary:
+            return family.modify_tensor(hf_name, values)
         if not np.isfinite(values).all():
             raise QroarError(f"{hf_name} contains NaN or Inf values: the checkpoint is damaged")
-        values = llama.permute_for_gguf(values, n_head)
+        values = family.modify_tensor(hf_name, values)
         if attn_scale != 1.0:
             # Folding the attention scale into both W_Q and W_K multiplies q.k by its square, which is
             # how transformers and llama.cpp apply YaRN's mscale (to cos and sin of both q and k).

@@ -19,7 +19,7 @@ LAYERS = [
     # 1. reading what the user gives, writing files safely, the packaged assets
     ["source.checkpoint", "source.safetensors_lazy", "source.text", "gguf_io.reader", "outputs", "assets.austen", "assets.smollm2"],
     # 2. model families: hyperparameters, tensor names and shapes, vocabularies
-    ["arch.llama", "arch.pretokenizer", "arch.vocab"],
+    ["arch.base", "arch.llama", "arch.families", "arch.pretokenizer", "arch.vocab"],
     # 3. RoPE math: plans, sensitivity, bands, diagnostics, measuring weights
     ["rope.plans", "rope.layout", "rope.sensitivity", "rope.bands", "rope.diagnostics", "rope.measure"],
     # 4. GGUF writing and quantizing; llama.cpp's runtime; statistics

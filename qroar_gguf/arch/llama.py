@@ -13,6 +13,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qroar_gguf.arch.base import ModelFamily, TensorSpec, config_architectures, unsupported
 from qroar_gguf.errors import QroarError
 from qroar_gguf.source.checkpoint import open_checkpoint
 
@@ -40,19 +41,10 @@ class LlamaHparams:
 
 def read_hparams(config: dict) -> LlamaHparams:
     """Validate that the config describes a supported model and pull out what the GGUF needs."""
-    archs = config.get("architectures") or []
-    if isinstance(archs, str):  # a hand-written config may give the one name as a string
-        archs = [archs]
-    if not isinstance(archs, list):
-        raise QroarError(f"config.json: architectures must be a list of class names, got {archs!r}")
+    archs = config_architectures(config)
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None and not archs:
-        raise QroarError(f"config.json names no architectures (model_type {config.get('model_type')!r}): add the "
-                         f"model's class, e.g. \"architectures\": [\"{SUPPORTED_ARCHITECTURES[0]}\"], if it is one of "
-                         f"{' and '.join(SUPPORTED_ARCHITECTURES)}")
     if arch is None:
-        raise QroarError(f"unsupported architecture {', '.join(map(str, archs))}: qroar-gguf converts "
-                         f"{' and '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3.x, SmolLM, TinyLlama, Mistral)")
+        raise unsupported(config, archs, SUPPORTED_ARCHITECTURES)
     activation = config.get("hidden_act", "silu")
     if activation != "silu":  # llama.cpp's llama arch computes SiLU whatever the file says
         raise QroarError(f"config.json: hidden_act {activation!r} is not silu, which llama.cpp's llama arch computes; "
@@ -132,12 +124,6 @@ class _Reader:
         return float(value)
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    shape: tuple[int, ...]  # HF layout [out, in]
-    required: bool
-
-
 def expected_tensors(hp: LlamaHparams) -> dict[str, TensorSpec]:
     """Every tensor llama.cpp's llama arch loads, by HF name, with the shape the config implies.
 
@@ -208,3 +194,49 @@ def layer_of(hf_name: str) -> int | None:
         if part == "layers" and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None
+
+
+class LlamaFamily(ModelFamily):
+    """Llama 2/3.x, SmolLM/SmolLM2, TinyLlama and Mistral as GGUF arch `llama`, whose loader reads
+    rope_freqs (and optional Q/K/V biases)."""
+
+    hf_architectures = SUPPORTED_ARCHITECTURES
+    gguf_arch = GGUF_ARCH
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self._names = TensorNames(self.hparams.n_layer)
+
+    def read_hparams(self, config: dict) -> LlamaHparams:
+        return read_hparams(config)
+
+    def expected_tensors(self) -> dict[str, TensorSpec]:
+        return expected_tensors(self.hparams)
+
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter, context_length: int) -> None:
+        hp = self.hparams
+        writer.add_vocab_size(hp.vocab_size)
+        writer.add_context_length(context_length)
+        writer.add_embedding_length(hp.n_embd)
+        writer.add_block_count(hp.n_layer)
+        writer.add_feed_forward_length(hp.n_ff)
+        writer.add_head_count(hp.n_head)
+        writer.add_head_count_kv(hp.n_kv_head)
+        writer.add_rope_freq_base(hp.rope_theta)
+        writer.add_layer_norm_rms_eps(hp.rms_eps)
+        writer.add_rope_dimension_count(hp.n_rot)
+        if "head_dim" in self.config and hp.head_dim != hp.n_embd // hp.n_head:
+            writer.add_key_length(hp.head_dim)
+            writer.add_value_length(hp.head_dim)
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        return self._names.gguf_name(hf_name)
+
+    def rotary_kind(self, hf_name: str) -> str | None:
+        return "q" if is_query(hf_name) else "k" if is_key(hf_name) else None
+
+    def modify_tensor(self, hf_name: str, values: np.ndarray) -> np.ndarray:
+        kind = self.rotary_kind(hf_name)
+        if kind is None:
+            return values
+        return permute_for_gguf(values, self.hparams.n_head if kind == "q" else self.hparams.n_kv_head)
