@@ -1,4 +1,4 @@
-"""`qroar-gguf demo`: the whole product on the embedded SmolLM2-135M model, in a few minutes.
+"""`qroar-gguf demo`: the whole product on the embedded SmolLM2-135M model.
 
 Converts the default model twice (unscaled, and with the chosen plan at 2x its trained context),
 then measures perplexity in llama.cpp on a public-domain novel: the unscaled model at its trained
