@@ -38,3 +38,30 @@ def scratch(tiny, tmp_path: Path) -> Path:
     copy = tmp_path / "ckpt"
     shutil.copytree(directory, copy)
     return copy
+
+
+@pytest.fixture(scope="session")
+def band_model(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """The band tests' tiny GQA Llama (4 Q heads, 2 K heads, trained 256) with random q/k biases, so biases
+    are checked too."""
+    import numpy as np
+    from checkpoints import make_tiny_llama, write_safetensors
+
+    directory, tensors = make_tiny_llama(tmp_path_factory.mktemp("bands") / "ckpt", smollm2_dir,
+                                         max_position_embeddings=256)
+    rng = np.random.default_rng(7)
+    for i in range(2):
+        tensors[f"model.layers.{i}.self_attn.q_proj.bias"] = 0.1 * rng.standard_normal(4 * 64)
+        tensors[f"model.layers.{i}.self_attn.k_proj.bias"] = 0.1 * rng.standard_normal(2 * 64)
+    write_safetensors(directory / "model.safetensors", tensors)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def dev_text(tmp_path_factory) -> Path:
+    from qroar_gguf.assets.austen import austen_text
+
+    text = austen_text("Emma").read_text(encoding="utf-8")[20000:26000]  # about 1400 tokens: 2 windows of 512
+    path = tmp_path_factory.mktemp("dev") / "dev.txt"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,162 @@
+"""The band search (search.py): deterministic, bounded, never worse than its start, resumable, and the
+command line around it; on the tiny band model (conftest's band_model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runs import run_cli
+from test_bands import TARGET, provenance
+
+
+def _options(**kw):
+    from qroar_gguf.convert import ConvertOptions
+
+    base = dict(method="yarn", target_ctx=TARGET, qtype="Q4_0", threads=2, progress=False)
+    return ConvertOptions(**{**base, **kw})
+
+
+def _settings(dev_text: Path, cache: Path, **kw):
+    from qroar_gguf.search import SearchSettings
+
+    return SearchSettings(**{**dict(dev_text=dev_text, dev_ctx=TARGET, budget=6, seed=1, cache=cache), **kw})
+
+
+def _trace(result) -> list:
+    return [(e.factors, e.scales, e.objective) for e in result.history]
+
+
+def test_search_is_deterministic_bounded_never_worse_and_resumes(band_model: Path, dev_text: Path, tmp_path: Path):
+    from qroar_gguf.search import run_search
+
+    measured: list = []
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(ev):
+        measured.append(ev)
+        if len(measured) == 2:
+            raise Interrupt
+
+    cache_a, cache_b = tmp_path / "cache_a", tmp_path / "cache_b"
+    with pytest.raises(Interrupt):  # interrupted after two candidates: both are on disk
+        run_search(band_model, _options(), _settings(dev_text, cache_a), on_evaluate=stop_after_two)
+    assert len(list(cache_a.glob("*.json"))) == 2
+
+    measured.clear()
+    resumed = run_search(band_model, _options(), _settings(dev_text, cache_a), on_evaluate=measured.append)
+    assert resumed.evaluations <= 6
+    assert resumed.new_evaluations == len(measured) == resumed.evaluations - 2
+    assert len(list(cache_a.glob("*.json"))) == resumed.evaluations
+
+    fresh = run_search(band_model, _options(), _settings(dev_text, cache_b))  # deterministic: same path, same numbers
+    assert fresh.new_evaluations == fresh.evaluations
+    assert _trace(fresh) == _trace(resumed)
+    assert fresh.best.factors == resumed.best.factors and fresh.best.scales == resumed.best.scales
+
+    measured.clear()
+    again = run_search(band_model, _options(), _settings(dev_text, cache_a), on_evaluate=measured.append)
+    assert again.new_evaluations == 0 and measured == []
+    assert _trace(again) == _trace(resumed)
+
+    # Starts from the formula plan, never ends worse than it, keys distinct candidates only.
+    start = resumed.history[0]
+    assert start.factors == (1.0,) * 4 and start.scales == (1.0,) * 4
+    assert resumed.best.objective <= start.objective
+    assert resumed.best.objective == min(e.objective for e in resumed.history)
+    assert len({e.key for e in resumed.history}) == resumed.evaluations
+    assert resumed.record["start"] == start.objective and resumed.record["reached"] == resumed.best.objective
+    assert resumed.record["evaluations"] == resumed.evaluations and resumed.record["budget"] == 6
+    assert resumed.record["dev_text_tokens"] > 2 * TARGET and resumed.record["dev_scored_tokens"] == 2 * 255
+
+    # A budget is a hard limit, and a larger one retraces the same path first.
+    small = run_search(band_model, _options(), _settings(dev_text, cache_a, budget=3))
+    assert small.evaluations == 3 and small.new_evaluations == 0 and _trace(small) == _trace(resumed)[:3]
+
+
+def test_search_start_is_the_formula_plan_and_the_output_is_the_best(band_model: Path, dev_text: Path, tmp_path: Path):
+    from qroar_gguf.convert import convert
+    from qroar_gguf.evaluate.perplexity import perplexity
+    from qroar_gguf.evaluate.runtime import Runtime
+    from qroar_gguf.search import search_and_convert
+
+    cache = tmp_path / "cache"
+    out, formula = tmp_path / "searched.Q4_0.gguf", tmp_path / "yarn.Q4_0.gguf"
+    lines: list[str] = []
+    measured: list = []
+    search_and_convert(band_model, out, _options(), _settings(dev_text, cache, budget=4, seed=0, space="scales"),
+                       log=lines.append, on_evaluate=measured.append)
+    convert(band_model, formula, _options())
+
+    def dev_nll(path: Path) -> float:
+        with Runtime(path, n_ctx=TARGET, threads=2) as rt:
+            return perplexity(rt, dev_text.read_text(encoding="utf-8"), quiet=True).mean_nll
+
+    prov = provenance(out)
+    search = json.loads(prov["search"])
+    assert dev_nll(formula) == pytest.approx(search["start"], abs=1e-9)
+    assert dev_nll(out) == pytest.approx(search["reached"], abs=1e-9)
+    assert search["reached"] <= search["start"]
+    assert search["evaluations"] == len(measured) <= 4 and search["budget"] == 4
+    import hashlib
+
+    assert search["dev_text_sha256"] == hashlib.sha256(dev_text.read_bytes()).hexdigest()
+    assert search["objective"] == "ppl" and search["space"] == "scales"
+    assert prov["band_factors"] == [1.0] * 4  # space "scales": factors stay the formula's
+    assert prov["bands"] == [0, 1, 7, 13, 32] and prov["band_symmetric"] is True
+    assert any("best" in line for line in lines) and lines[0].startswith("search:")
+
+
+def test_search_from_the_command_line(band_model: Path, dev_text: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("QROAR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "searched.gguf"
+    args = [band_model, "-o", out, "--method", "yarn", "--ctx", str(TARGET), "--qtype", "Q4_0", "--threads", "2",
+            "--search", "--dev-text", dev_text, "--dev-ctx", str(TARGET), "--dev-chunks", "1",
+            "--search-budget", "2", "--search-space", "factors", "--search-objective", "kld"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "search [1/2] start" in result.stdout and "search: best" in result.stdout
+    search = json.loads(provenance(out)["search"])
+    assert search["objective"] == "kld" and search["evaluations"] == 2 and search["dev_chunks"] == 1
+    assert search["dev_scored_tokens"] == 255 and search["reached"] <= search["start"]
+    assert len(list((tmp_path / "cache" / "search").glob("*.json"))) == 2
+    rerun = run_cli(*args, "--force", "--search-report", tmp_path / "search.json")  # everything cached
+    assert rerun.returncode == 0 and rerun.stdout.count("(cached)") == 2, rerun.stdout
+    report = json.loads((tmp_path / "search.json").read_text())
+    assert len(report["candidates"]) == 2 and report["reached"] == search["reached"]
+    assert report["candidates"][0]["factors"] == [1.0] * 4 == report["start_factors"]
+    assert report["base"]["method"] == provenance(out)["method"] and report["base"]["target_ctx"] == TARGET
+    assert report["candidates"][-1]["best_so_far"] == min(c["objective"] for c in report["candidates"])
+    assert provenance(out)["band_factors"] == pytest.approx(report["best_factors"], rel=1e-6)
+    unwritable = run_cli(*args, "--force", "--search-report", tmp_path / "missing" / "search.json")
+    assert unwritable.returncode == 1 and unwritable.stderr.count("\n") == 1, unwritable.stderr
+    assert "--search-report directory" in unwritable.stderr and "does not exist" in unwritable.stderr
+    assert "search [" not in unwritable.stdout  # refused before measuring anything
+    unquantized = run_cli(*args[:8], "F16", *args[9:], "--force")
+    assert unquantized.returncode == 1 and "needs a quantized --qtype" in unquantized.stderr
+
+
+def test_search_defaults_to_one_window_of_emma(band_model: Path, tmp_path: Path, monkeypatch):
+    """`--search` alone is enough: the dev text defaults to Emma (the packaged Austen text), one window."""
+    import hashlib
+
+    from qroar_gguf.assets.austen import austen_text
+
+    emma = austen_text("Emma")
+    monkeypatch.setenv("QROAR_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "austen").mkdir(parents=True)
+    for text in emma.parent.glob("*.txt"):  # the isolated cache gets the already built texts
+        (tmp_path / "cache" / "austen" / text.name).write_bytes(text.read_bytes())
+    out = tmp_path / "searched.gguf"
+    result = run_cli(band_model, "-o", out, "--ctx", str(TARGET), "--qtype", "Q4_0", "--search", "--search-budget", "1")
+    assert result.returncode == 0, result.stderr
+    assert "Emma" in result.stdout
+    search = json.loads(provenance(out)["search"])
+    assert search["dev_text_sha256"] == hashlib.sha256(emma.read_bytes()).hexdigest()
+    assert search["dev_chunks"] == 1 and search["dev_scored_tokens"] == TARGET // 2 - 1
+    # searched band scales are non-symmetric unless asked (explicit --band-scales default to symmetric)
+    assert search["symmetric"] is False and provenance(out)["band_symmetric"] is False
