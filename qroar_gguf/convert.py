@@ -31,7 +31,6 @@ from qroar_gguf.outputs import (
     check_destination,
     describe_os_error,
     exclusive,
-    remove_stale_temporaries,
     temporary_beside,
 )
 from qroar_gguf.rope.bands import DEFAULT_BANDS, BandFold, band_fold, parse_band_values
@@ -131,7 +130,6 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
         for path, what in destinations:  # again under the lock: another run may have finished meanwhile
             held.enter_context(exclusive(path))
             check_destination(path, force=options.force, what=what, inputs=ckpt.source_files)
-            remove_stale_temporaries(path)  # a killed run's leftovers; ours are made after this
         try:
             final_tmp = held.enter_context(temporary_beside(output, "partial"))
             if unquantized:

@@ -1,8 +1,8 @@
 """Writing files safely: checked destinations, one run per output, unique temporaries, clear OS errors.
 
 Every file the tool writes appears only when complete: it is written under a hidden name of its own
-beside the destination (`.NAME.XXXXXXXX.TAG`, created exclusively, so a user's file is never taken
-for ours) and renamed over the destination. A run holds a lock on each destination for as long as it
+beside the destination (`.NAME.qroarPID.XXXXXXXX.TAG`, created exclusively, so a user's file is never
+taken for ours) and renamed over the destination. A run holds a lock on each destination for as long as it
 works on it, so a second run to the same file fails at once instead of publishing over the first
 one's file (or having its own report describe the other's file).
 """
@@ -96,8 +96,9 @@ def exclusive(path: Path) -> Iterator[None]:
 def temporary_beside(path: Path, tag: str) -> Iterator[Path]:
     """A new empty file `.NAME.qroarPID.XXXXXXXX.TAG` next to `path`, unique to this run; removed on the
     way out unless it was renamed (published) meanwhile. The process id lets a later run recognise the
-    leftovers of a run that was killed outright (SIGKILL, a power cut): see `remove_stale_temporaries`."""
+    leftovers of a run that was killed outright (SIGKILL, a power cut), which are removed first."""
     path = Path(path)
+    remove_stale_temporaries(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.qroar{os.getpid()}.", suffix=f".{tag}",
                                 dir=path.resolve().parent)
     try:
@@ -112,8 +113,8 @@ def temporary_beside(path: Path, tag: str) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove the temporaries that runs no longer alive left beside `path`; call it holding `exclusive(path)`.
-    Only names of exactly our pattern whose process is gone are touched: a user's file never is."""
+    """Remove the temporaries that runs no longer alive left beside `path`. Only names of exactly our
+    pattern whose process is gone are touched: a user's file, or a running run's temporary, never is."""
     path = Path(path)
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.qroar(\d+)\.[A-Za-z0-9_]{{8}}\.[A-Za-z0-9_.]+$")
     removed = []

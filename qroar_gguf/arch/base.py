@@ -35,7 +35,7 @@ def unsupported(config: dict, archs: list, supported: tuple[str, ...]) -> QroarE
                           f"model's class, e.g. \"architectures\": [\"{supported[0]}\"], if it is one of "
                           f"{' and '.join(supported)}")
     return QroarError(f"unsupported architecture {', '.join(map(str, archs))}: qroar-gguf converts "
-                      f"{' and '.join(supported)} (Llama 2/3.x, SmolLM, TinyLlama, Mistral)")
+                      f"{' and '.join(supported)}")
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,8 @@ def read_hparams(config: dict) -> LlamaHparams:
     tied = config.get("tie_word_embeddings", False)
     if not isinstance(tied, bool):
         raise QroarError(f"config.json: tie_word_embeddings must be true or false, got {tied!r}")
-    count = _Reader(config, arch).count
-    number = _Reader(config, arch).number
+    reader = _Reader(config, arch)
+    count, number = reader.count, reader.number
     n_embd, n_head = count("hidden_size"), count("num_attention_heads")
     n_kv_head = count("num_key_value_heads", default=n_head)
     if n_head % n_kv_head:
