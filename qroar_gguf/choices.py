@@ -2,7 +2,8 @@
 
 Each list mirrors the table that owns the fact, and tests/test_choices.py holds them equal: quantization
 types (gguf-py's LlamaFileType, through gguf_io/quantize.py), RoPE plans (rope/plans.py's PLANS) and
-key-cache types (gguf-py's GGMLQuantizationType, through evaluate/runtime.py).
+key-cache types (gguf-py's GGMLQuantizationType, through evaluate/runtime.py). The aggregations are
+owned here: rope/sensitivity.py imports them.
 """
 
 #: --qtype names, in the order --help lists them; gguf_io/quantize.py maps each to llama.cpp's file type.
@@ -13,5 +14,8 @@ UNQUANTIZED = ("F32", "F16", "BF16")
 METHODS = ("none", "linear", "ntk", "yarn", "llama3", "qroar")
 #: yarn beats ntk, llama3 and linear in every measurement so far (README's tables say by how much).
 DEFAULT_METHOD = "yarn"
+#: --agg names: how qroar aggregates a pair's sensitivity over layers (rope/sensitivity.py); the first
+#: is the default.
+AGGREGATIONS = ("max", "mean")
 #: --type-k names (llama.cpp's KV cache types a key cache may take).
 KEY_CACHE_TYPES = ("f16", "q8_0", "q4_0")

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from qroar_gguf import __version__
-from qroar_gguf.choices import DEFAULT_METHOD, KEY_CACHE_TYPES, METHODS, QTYPES
+from qroar_gguf.choices import AGGREGATIONS, DEFAULT_METHOD, KEY_CACHE_TYPES, METHODS, QTYPES
 from qroar_gguf.errors import QroarError, Stopped, stop_on_signals
 from qroar_gguf.outputs import check_destination, describe_os_error, publish_text
 from qroar_gguf.search_settings import (
@@ -156,7 +156,7 @@ def main() -> None:
               help="Also keep the unquantized intermediate GGUF at this path.")
 @click.option("--beta", type=click.FloatRange(min=0.0), default=None,
               help="qroar: protection strength for outlier pairs (0 = the base plan exactly). Default 8.")
-@click.option("--agg", type=click.Choice(["max", "mean"]), default=None,
+@click.option("--agg", type=click.Choice(AGGREGATIONS), default=None,
               help="qroar: how pair sensitivity is aggregated over layers. Default max.")
 @click.option("--base", type=click.Choice(["linear", "yarn", "llama3"]), default=None,
               help="qroar: the plan whose interpolation is softened on protected pairs. Default yarn.")
@@ -210,9 +210,8 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
     from qroar_gguf.convert import ConvertOptions
     from qroar_gguf.convert import convert as run_convert
 
-    plan_options = {k: v for k, v in {"beta": beta, "agg": agg, "base": base, "attn_scale": attn_scale}.items()
-                    if v is not None}
-    if method != "qroar" and set(plan_options) - {"attn_scale"}:
+    plan_options = {k: v for k, v in {"beta": beta, "base": base, "attn_scale": attn_scale}.items() if v is not None}
+    if method != "qroar" and (agg is not None or set(plan_options) - {"attn_scale"}):
         raise click.UsageError(f"--beta, --agg and --base apply to --method qroar only (got --method {method})")
     if target_ctx is not None and scale is not None:
         raise click.UsageError("give either --ctx or --scale, not both")
@@ -224,13 +223,16 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
         raise click.UsageError("-o needs a file name")
     _refuse_same_file([("-o", output), ("--keep-f16", keep_f16), ("--search-report", search_report),
                        ("--dev-text", dev_text)])
-    options = ConvertOptions(method=method, target_ctx=target_ctx, scale=scale, qtype=qtype.upper(),
-                             threads=threads, keep_f16=keep_f16, force=force, progress=_show_progress(quiet),
-                             plan_options=plan_options)
-    from qroar_gguf.convert import set_band_options
+    from qroar_gguf.rope.spec import BandSpec, PlanSpec
     from qroar_gguf.search_settings import SearchSettings
 
-    set_band_options(options, bands, band_factors, band_scales, (not search) if symmetric is None else symmetric)
+    band_spec = BandSpec(
+        count=bands, symmetric=(not search) if symmetric is None else symmetric,
+        factors=None if band_factors is None else BandSpec.parse_values(band_factors, bands, "--band-factors"),
+        scales=None if band_scales is None else BandSpec.parse_values(band_scales, bands, "--band-scales"))
+    options = ConvertOptions(plan=PlanSpec(method, plan_options, agg, band_spec), target_ctx=target_ctx, scale=scale,
+                             qtype=qtype.upper(), threads=threads, keep_f16=keep_f16, force=force,
+                             progress=_show_progress(quiet))
     if search:
         from qroar_gguf.search import search_and_convert
 
@@ -318,7 +320,7 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
               help="PNG file to write.")
 @click.option("--ctx", "target_ctx", type=click.IntRange(min=1), default=None,
               help="Target context for the factor curves. Default: 4x the trained context.")
-@click.option("--agg", type=click.Choice(["max", "mean"]), default="max", show_default=True)
+@click.option("--agg", type=click.Choice(AGGREGATIONS), default="max", show_default=True)
 @click.option("--beta", type=click.FloatRange(min=0.0), default=8.0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the plotted data as JSON.")

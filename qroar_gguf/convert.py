@@ -33,16 +33,10 @@ from qroar_gguf.outputs import (
     exclusive,
     temporary_beside,
 )
-from qroar_gguf.rope.bands import DEFAULT_BANDS, BandFold, band_fold, parse_band_values
+from qroar_gguf.rope.bands import BandFold
 from qroar_gguf.rope.measure import measure_sensitivity
-from qroar_gguf.rope.plans import (
-    RopeFacts,
-    RopePlan,
-    combine_with_source,
-    make_plan,
-    require_extension,
-    source_factors,
-)
+from qroar_gguf.rope.plans import RopeFacts, RopePlan, combine_with_source, require_extension, source_factors
+from qroar_gguf.rope.spec import PlanSpec
 from qroar_gguf.source.checkpoint import Checkpoint, open_checkpoint
 from qroar_gguf.source.safetensors_lazy import FLOAT_DTYPES
 
@@ -56,7 +50,7 @@ MAX_CONTEXT = 2**32 - 1  # <arch>.context_length is a uint32
 
 @dataclass
 class ConvertOptions:
-    method: str = "yarn"  # the measured best formula plan (README); qroar and the band search are opt-in
+    plan: PlanSpec = field(default_factory=PlanSpec)  # method, options, aggregation and band values
     target_ctx: int | None = None  # None: `scale` x trained context (DEFAULT_SCALE when both are None)
     scale: float | None = None
     qtype: str = "Q4_K_M"
@@ -64,23 +58,7 @@ class ConvertOptions:
     keep_f16: Path | None = None
     force: bool = False
     progress: bool = True
-    plan_options: dict = field(default_factory=dict)
-    bands: int = DEFAULT_BANDS  # frequency bands (rope/bands.py) for band_factors / band_scales
-    band_factors: tuple[float, ...] | None = None  # per-band rope_freqs multipliers (None: all 1)
-    band_scales: tuple[float, ...] | None = None  # per-band W_Q/W_K row scales (None: all 1)
-    symmetric: bool = True  # band scales: W_Q *= a, W_K /= a (True) or both *= a (False)
     band_search: dict | None = None  # provenance of the search that chose the band values (search.py)
-
-
-def set_band_options(options: ConvertOptions, bands: int, band_factors: str | None, band_scales: str | None,
-                     symmetric: bool) -> None:
-    """Parse the command line's band options (`--band-factors 1,1,0.9,1`) into ``options``."""
-    options.bands = int(bands)
-    options.symmetric = bool(symmetric)
-    if band_factors is not None:
-        options.band_factors = parse_band_values(band_factors, bands, "--band-factors")
-    if band_scales is not None:
-        options.band_scales = parse_band_values(band_scales, bands, "--band-scales")
 
 
 @dataclass
@@ -110,8 +88,7 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
             raise QroarError("--keep-f16 must name a different file than the output")
     vocab = read_vocab(ckpt.directory, hp.vocab_size)
     plan = make_conversion_plan(options, src)
-    fold = band_fold(facts, options.bands, options.band_factors, options.band_scales, options.symmetric,
-                     n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_dim)
+    fold = options.plan.bands.fold(facts, n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_dim)
     factors = plan.factors.astype(np.float32) if fold is None else fold.apply_factors(facts, plan.factors)
     if existing is not None:
         factors = combine_with_source(factors, existing)
@@ -223,25 +200,21 @@ def _rope_facts(config: dict, hp: llama.LlamaHparams, options: ConvertOptions) -
             raise QroarError(f"--scale must be a finite positive number, got {options.scale}")
         target = int(round(trained * float(options.scale)))
     else:
-        target = trained if options.method == "none" else trained * DEFAULT_SCALE
+        target = trained if options.plan.method == "none" else trained * DEFAULT_SCALE
     if not 0 < target <= MAX_CONTEXT:
         raise QroarError(f"target context {target:.4g} is out of range: GGUF stores at most {MAX_CONTEXT} tokens")
     facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=trained, target_ctx=target)
-    require_extension(facts, options.method)
+    require_extension(facts, options.plan.method)
     return facts, existing
 
 
 def make_conversion_plan(options: ConvertOptions, src: Source) -> RopePlan:
     """The second stage: the plan's factors and attention scale (qroar measures W_Q/W_K first)."""
-    facts, ckpt, hp = src.facts, src.ckpt, src.hp
-    plan_options = dict(options.plan_options)
-    agg = plan_options.pop("agg", "max")
-    if options.method == "qroar" and "sensitivity" not in plan_options:
-        plan_options["sensitivity"] = measure_sensitivity(ckpt, hp, agg=agg, progress=options.progress).sensitivity
-    plan = make_plan(options.method, facts, **plan_options)
-    if options.method == "qroar":
-        plan.params["agg"] = agg  # how S was aggregated: part of what reproduces the factors
-    return plan
+    spec, sensitivity = options.plan, None
+    if spec.needs_sensitivity:
+        measured = measure_sensitivity(src.ckpt, src.family, agg=spec.aggregation, progress=options.progress)
+        sensitivity = measured.sensitivity
+    return spec.plan(src.facts, sensitivity)
 
 
 def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, family: ModelFamily, facts: RopeFacts,

@@ -21,6 +21,7 @@ from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.perplexity import perplexity
 from qroar_gguf.evaluate.runtime import Runtime
 from qroar_gguf.paths import cache_dir
+from qroar_gguf.rope.spec import PlanSpec
 
 
 def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads: int, progress: bool,
@@ -45,7 +46,7 @@ def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads:
     files = {}
     for label, m, c in (("unscaled", "none", trained), (method, method, target)):
         out = work / f"SmolLM2-135M-Instruct.{m}.{c}.{qtype}.gguf"
-        result = convert(model_dir, out, ConvertOptions(method=m, target_ctx=c, qtype=qtype, threads=threads,
+        result = convert(model_dir, out, ConvertOptions(plan=PlanSpec(m), target_ctx=c, qtype=qtype, threads=threads,
                                                         force=True, progress=progress))
         f = result.factors
         say(f"    {out.name}: {out.stat().st_size / 2**20:.0f} MiB in {result.seconds:.1f} s, rope_freqs "

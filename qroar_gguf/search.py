@@ -121,14 +121,14 @@ class _Context:
     def __init__(self, source: Path, options, settings: SearchSettings):
         quiet = dataclasses.replace(options, progress=False)
         src = read_source(source, quiet)
-        ckpt, hp = src.ckpt, src.hp
+        ckpt = src.ckpt
         self.facts = src.facts
         self.plan = make_conversion_plan(quiet, src)
-        sensitivity = measure_sensitivity(ckpt, hp).sensitivity
+        sensitivity = measure_sensitivity(ckpt, src.family).sensitivity
         self.fingerprint = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(ckpt.source_files)]
         config = ckpt.directory / "config.json"
         self.fingerprint.append(["config.json", sha256_file(config) if config.is_file() else None])
-        self.n_bands = options.bands
+        self.n_bands = options.plan.bands.count
         self.starts = band_starts(self.facts, self.n_bands)
         self.pair_band = pair_bands(self.facts, self.n_bands)
         s = np.asarray(sensitivity, dtype=np.float64)
@@ -147,6 +147,18 @@ class _Context:
         scaled = bool(np.any(per_pair != 1.0))
         return {"rope_freqs": [float(v) for v in rope], "pair_scales": [float(v) for v in per_pair] if scaled else None,
                 "symmetric": bool(symmetric) if scaled else None}
+
+
+@dataclass
+class _Descent:
+    """The coordinate descent's position: grid indices per band of each kind, and the best evaluation."""
+
+    grid: tuple[float, ...]
+    current: dict[str, list[int]]  # "factor"/"scale" -> grid index per band
+    best: Evaluation | None = None
+
+    def values(self, state: dict[str, list[int]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return tuple(self.grid[i] for i in state["factor"]), tuple(self.grid[i] for i in state["scale"])
 
 
 class _Searcher:
@@ -174,9 +186,9 @@ class _Searcher:
         o = self.options
         inputs = {
             "cache_version": CACHE_VERSION, "versions": self.ctx.versions, "source": self.ctx.fingerprint,
-            "method": o.method, "plan_options": o.plan_options, "target_ctx": self.ctx.facts.target_ctx,
+            "method": o.plan.method, "plan_options": o.plan.given_options(), "target_ctx": self.ctx.facts.target_ctx,
             "attn_scale": self.ctx.plan.attn_scale, "qtype": o.qtype,
-            **self.ctx.effective(factors, scales, o.symmetric),
+            **self.ctx.effective(factors, scales, o.plan.bands.symmetric),
             "dev_text_sha256": self.text_sha, "dev_ctx": self.dev_ctx, "dev_chunks": self.settings.dev_chunks,
             "objective": self.settings.objective, "type_k": self.settings.type_k,
         }
@@ -206,7 +218,7 @@ class _Searcher:
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="qroar-search-") as tmp:
             cand, ref = Path(tmp) / "candidate.gguf", Path(tmp) / "reference.F16.gguf"
-            opts = dataclasses.replace(o, band_factors=tuple(factors), band_scales=tuple(scales), band_search=None,
+            opts = dataclasses.replace(o, plan=o.plan.with_bands(tuple(factors), tuple(scales)), band_search=None,
                                        keep_f16=ref if s.objective == "kld" else None, force=True, progress=False)
             convert(self.source, cand, opts)
             with Runtime(cand, n_ctx=self.dev_ctx, threads=o.threads, type_k=s.type_k) as rt:
@@ -230,58 +242,70 @@ class _Searcher:
 
     def run(self) -> SearchResult:
         s = self.settings
-        n = self.ctx.n_bands
         grid = tuple(float(g) for g in s.grid)
         one = grid.index(1.0)
+        state = _Descent(grid, {"factor": [one] * self.ctx.n_bands, "scale": [one] * self.ctx.n_bands})
         rng = np.random.default_rng(s.seed)
-        current = {"factor": [one] * n, "scale": [one] * n}
-
-        def values(state) -> tuple[tuple[float, ...], tuple[float, ...]]:
-            return tuple(grid[i] for i in state["factor"]), tuple(grid[i] for i in state["scale"])
-
         kinds = {"both": ("factor", "scale"), "factors": ("factor",), "scales": ("scale",)}[s.space]
         coordinates = [(b, kind) for b in self.ctx.band_order for kind in kinds]
-        self.log(f"search: {n} bands (pairs {', '.join(f'{a}-{b - 1}' for a, b in zip(self.ctx.starts, self.ctx.starts[1:]))}), "
-                 f"order {self.ctx.band_order}, objective {s.objective} at ctx {self.dev_ctx}, budget {s.budget}")
-        start, _ = self.evaluate(*values(current))
+        pairs = ", ".join(f"{a}-{b - 1}" for a, b in zip(self.ctx.starts, self.ctx.starts[1:]))
+        self.log(f"search: {self.ctx.n_bands} bands (pairs {pairs}), order {self.ctx.band_order}, "
+                 f"objective {s.objective} at ctx {self.dev_ctx}, budget {s.budget}")
+        start, _ = self.evaluate(*state.values(state.current))
         self._report(start, start, "start")
-        best = start
-        improved = True
-        while improved and len(self.history) < s.budget:
-            improved = False
-            for band, kind in coordinates:
-                if len(self.history) >= s.budget:
-                    break
-                directions = (1, -1) if rng.random() < 0.5 else (-1, 1)
-                for d in directions:
-                    moved = False
-                    step = current[kind][band] + d
-                    while 0 <= step < len(grid) and len(self.history) < s.budget:
-                        trial = {k: list(v) for k, v in current.items()}
-                        trial[kind][band] = step
-                        ev, fresh = self.evaluate(*values(trial))
-                        if fresh:
-                            self._report(ev, best, f"band {band} {kind} x{grid[step]:g}")
-                        if ev.objective < best.objective:
-                            best, current, moved, improved = ev, trial, True, True
-                            step += d
-                        else:
-                            break
-                    if moved:
-                        break
+        state.best = start
+        while self._sweep(state, coordinates, rng):  # until a whole sweep improves nothing, or the budget ends
+            pass
+        best = state.best
         self.log(f"search: best {best.label()}: {self._value(best)} (start {self._value(start)}), "
                  f"{len(self.history)} candidates, {self.new} measured now")
-        record = {
+        return SearchResult(start=start, best=best, history=list(self.history), new_evaluations=self.new,
+                            band_order=list(self.ctx.band_order), record=self._record(start, best, grid))
+
+    def _budget_left(self) -> bool:
+        return len(self.history) < self.settings.budget
+
+    def _sweep(self, state: _Descent, coordinates, rng) -> bool:
+        """One pass over the coordinates, each tried in a random first direction; whether any improved."""
+        improved = False
+        for band, kind in coordinates:
+            if not self._budget_left():
+                break
+            directions = (1, -1) if rng.random() < 0.5 else (-1, 1)
+            for d in directions:
+                if self._walk(state, band, kind, d):
+                    improved = True
+                    break  # the other direction is not tried once one improved
+        return improved and self._budget_left()
+
+    def _walk(self, state: _Descent, band: int, kind: str, d: int) -> bool:
+        """Step one coordinate along ``d`` while each step improves; whether any did."""
+        moved = False
+        step = state.current[kind][band] + d
+        while 0 <= step < len(state.grid) and self._budget_left():
+            trial = {k: list(v) for k, v in state.current.items()}
+            trial[kind][band] = step
+            ev, fresh = self.evaluate(*state.values(trial))
+            if fresh:
+                self._report(ev, state.best, f"band {band} {kind} x{state.grid[step]:g}")
+            if ev.objective >= state.best.objective:
+                break
+            state.best, state.current, moved = ev, trial, True
+            step += d
+        return moved
+
+    def _record(self, start: Evaluation, best: Evaluation, grid: tuple[float, ...]) -> dict:
+        """What provenance keeps of the search."""
+        s = self.settings
+        return {
             "objective": s.objective, "objective_unit": "mean NLL, nats/token" if s.objective == "ppl"
             else "mean KL divergence, nats/token", "start": start.objective, "reached": best.objective,
             "start_ppl": start.ppl, "ppl": best.ppl, "dev_text_sha256": self.text_sha,
             "dev_text_tokens": best.n_text_tokens, "dev_scored_tokens": best.n_scored, "dev_ctx": self.dev_ctx,
             "dev_chunks": s.dev_chunks, "budget": s.budget, "evaluations": len(self.history), "seed": s.seed,
             "space": s.space, "grid": list(grid), "type_k": s.type_k, "band_order": self.ctx.band_order,
-            "symmetric": bool(self.options.symmetric),
+            "symmetric": self.options.plan.bands.symmetric,
         }
-        return SearchResult(start=start, best=best, history=list(self.history), new_evaluations=self.new,
-                            band_order=list(self.ctx.band_order), record=record)
 
     def _value(self, ev: Evaluation) -> str:
         if self.settings.objective == "kld":
@@ -313,7 +337,7 @@ def _read_cache(path: Path, key: str, factors, scales) -> Evaluation | None:
 def _validate(options, settings: SearchSettings) -> None:
     if settings.dev_text is None:
         raise QroarError("--search needs --dev-text FILE (the text candidates are measured on)")
-    if options.band_factors is not None or options.band_scales is not None:
+    if options.plan.bands.given:
         raise QroarError("--search chooses the band values itself: drop --band-factors/--band-scales")
     if settings.objective not in OBJECTIVES:
         raise QroarError(f"unknown search objective {settings.objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -335,7 +359,7 @@ def run_search(source: str | Path, options, settings: SearchSettings, *, log: Ca
     searcher = _Searcher(Path(source), options, settings, log, on_evaluate)
     result = searcher.run()
     if settings.report is not None:
-        base = {"method": options.method, "plan_options": options.plan_options, "qtype": options.qtype,
+        base = {"method": options.plan.method, "plan_options": options.plan.given_options(), "qtype": options.qtype,
                 "target_ctx": searcher.ctx.facts.target_ctx}
         write_report(result, Path(settings.report), base)
     return result
@@ -363,6 +387,6 @@ def search_and_convert(source: str | Path, output: str | Path, options, settings
         inputs = [*ckpt.source_files, *([Path(settings.dev_text)] if settings.dev_text else [])]
         check_destination(Path(settings.report), force=True, what="--search-report", inputs=inputs)
     result = run_search(source, options, settings, log=log, on_evaluate=on_evaluate)
-    final = dataclasses.replace(options, band_factors=result.best.factors, band_scales=result.best.scales,
+    final = dataclasses.replace(options, plan=options.plan.with_bands(result.best.factors, result.best.scales),
                                 band_search=result.record)
     return convert(source, output, final)

@@ -31,7 +31,7 @@ def provenance(path: Path) -> dict:
 def test_bands_follow_rotations_in_the_trained_context():
     from qroar_gguf.rope.bands import band_edges, band_starts, pair_bands
     from qroar_gguf.rope.plans import RopeFacts
-    from qroar_gguf.rope.sensitivity import frequency_bands
+    from qroar_gguf.rope.bands import frequency_bands
 
     np.testing.assert_allclose(band_edges(4), [32, math.sqrt(32), 1])
     small = RopeFacts(n_rot=64, theta=10000.0, trained_ctx=TRAINED, target_ctx=TARGET)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from qroar_gguf.convert import ConvertOptions, convert, read_source
 from qroar_gguf.errors import QroarError
+from qroar_gguf.rope.spec import PlanSpec
 from qroar_gguf.source.safetensors_lazy import SafetensorsFile
 
 EXAMPLES = int(os.environ.get("QROAR_FUZZ_EXAMPLES", "2000"))
@@ -151,7 +152,7 @@ def test_config_reader_fails_only_cleanly(fuzz_checkpoint: Path, tmp_path_factor
     @given(config=mutated_configs(base), method=st.sampled_from(["yarn", "linear", "none"]))
     def check(config, method: str):
         (directory / "config.json").write_text(json.dumps(config))  # NaN/Infinity as Python writes them
-        options = ConvertOptions(method=method, qtype="F16", progress=False, force=True)
+        options = ConvertOptions(plan=PlanSpec(method), qtype="F16", progress=False, force=True)
         try:
             read_source(directory, options)
         except QroarError as exc:

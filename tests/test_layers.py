@@ -21,7 +21,8 @@ LAYERS = [
     # 2. model families: hyperparameters, tensor names and shapes, vocabularies
     ["arch.base", "arch.llama", "arch.families", "arch.pretokenizer", "arch.vocab"],
     # 3. RoPE math: plans, sensitivity, bands, diagnostics, measuring weights
-    ["rope.plans", "rope.layout", "rope.sensitivity", "rope.bands", "rope.diagnostics", "rope.measure"],
+    ["rope.plans", "rope.layout", "rope.sensitivity", "rope.bands", "rope.diagnostics", "rope.measure",
+     "rope.spec"],
     # 4. GGUF writing and quantizing; llama.cpp's runtime; statistics
     ["gguf_io.provenance", "gguf_io.writer", "gguf_io.quantize", "evaluate.runtime", "evaluate.paired"],
     # 5. evaluators on the runtime

@@ -17,9 +17,10 @@ from qroar_gguf.arch import llama  # noqa: E402
 from qroar_gguf.errors import QroarError  # noqa: E402
 from qroar_gguf.evaluate.plots import PLOT_METHODS, plot_factors  # noqa: E402
 from qroar_gguf.gguf_io.provenance import TRAINED_CTX  # noqa: E402
+from qroar_gguf.rope.bands import frequency_bands  # noqa: E402
 from qroar_gguf.rope.measure import measure_gguf_sensitivity, measure_sensitivity  # noqa: E402
 from qroar_gguf.rope.plans import RopeFacts, make_plan  # noqa: E402
-from qroar_gguf.rope.sensitivity import SensitivityAccumulator, frequency_bands  # noqa: E402
+from qroar_gguf.rope.sensitivity import SensitivityAccumulator  # noqa: E402
 from qroar_gguf.source.checkpoint import open_checkpoint  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -92,7 +93,7 @@ def test_checkpoint_plot_is_a_png_of_the_plans(smollm2_plots, smollm2_dir: Path)
     assert data["kind"] == "checkpoint" and data["model"] == smollm2_dir.name
     ckpt = open_checkpoint(smollm2_dir)
     hp = llama.read_hparams(ckpt.config)
-    measured = measure_sensitivity(ckpt, hp, agg="max")
+    measured = measure_sensitivity(ckpt, agg="max")
     # default target: 4 x the trained context
     facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=hp.context_length,
                       target_ctx=4 * hp.context_length)
@@ -136,7 +137,7 @@ def test_agg_mean_and_beta_are_used(smollm2_dir: Path, tmp_path: Path):
     data = plot_factors(smollm2_dir, tmp_path / "mean.png", target_ctx=16384, agg="mean", beta=2.0)
     assert data["agg"] == "mean" and data["beta"] == 2.0
     ckpt = open_checkpoint(smollm2_dir)
-    measured = measure_sensitivity(ckpt, llama.read_hparams(ckpt.config), agg="mean")
+    measured = measure_sensitivity(ckpt, agg="mean")
     facts = RopeFacts(n_rot=64, theta=1e5, trained_ctx=8192, target_ctx=16384)
     _check_against_plans(data, facts, measured.sensitivity, beta=2.0)
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
 from checkpoints import gguf_tensors, make_tiny_llama, write_safetensors
 from test_convert import convert_ok, run_cli
 
@@ -44,7 +43,6 @@ def test_folded_attention_scale_touches_only_q_and_k(tiny, tmp_path: Path):
 
 
 def test_inflated_key_channel_marks_its_pair_in_both_layouts(smollm2_dir: Path, tmp_path: Path):
-    from qroar_gguf.arch.llama import read_hparams
     from qroar_gguf.rope.measure import measure_gguf_sensitivity, measure_sensitivity
     from qroar_gguf.source.checkpoint import open_checkpoint
 
@@ -55,7 +53,7 @@ def test_inflated_key_channel_marks_its_pair_in_both_layouts(smollm2_dir: Path, 
     write_safetensors(directory / "model.safetensors", tensors)
 
     ckpt = open_checkpoint(directory)
-    from_hf = measure_sensitivity(ckpt, read_hparams(ckpt.config)).sensitivity
+    from_hf = measure_sensitivity(ckpt).sensitivity
     out = tmp_path / "inflated.F16.gguf"
     convert_ok(directory, "-o", out, "--method", "none", "--qtype", "F16")
     from_gguf = measure_gguf_sensitivity(out).sensitivity

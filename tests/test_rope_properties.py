@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from qroar_gguf.errors import QroarError
+from qroar_gguf.rope.bands import frequency_bands
 from qroar_gguf.rope.plans import PLANS, QROAR_BASES, RopeFacts, make_plan
 from qroar_gguf.rope.sensitivity import (
     SensitivityAccumulator,
-    frequency_bands,
     interpolation_pressure,
     pair_channel_norms,
 )

@@ -14,8 +14,9 @@ from test_bands import TARGET, provenance
 
 def _options(**kw):
     from qroar_gguf.convert import ConvertOptions
+    from qroar_gguf.rope.spec import PlanSpec
 
-    base = dict(method="yarn", target_ctx=TARGET, qtype="Q4_0", threads=2, progress=False)
+    base = dict(plan=PlanSpec("yarn"), target_ctx=TARGET, qtype="Q4_0", threads=2, progress=False)
     return ConvertOptions(**{**base, **kw})
 
 

@@ -57,6 +57,7 @@ def main() -> None:
     from qroar_gguf.convert import ConvertOptions, convert
     from qroar_gguf.rope.bands import pair_bands
     from qroar_gguf.rope.plans import RopeFacts
+    from qroar_gguf.rope.spec import BandSpec, PlanSpec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path)
@@ -77,8 +78,8 @@ def main() -> None:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         for label, (scales, symmetric) in SETTINGS.items():
-            common = dict(method="yarn", target_ctx=args.ctx, progress=False, bands=n_bands, band_scales=scales,
-                          symmetric=symmetric)
+            plan = PlanSpec("yarn", bands=BandSpec(count=n_bands, scales=scales, symmetric=symmetric))
+            common = dict(plan=plan, target_ctx=args.ctx, progress=False)
             f32 = Path(tmp) / "f32.gguf"
             convert(args.model, f32, ConvertOptions(qtype="F32", force=True, **common))
             for qtype in args.qtype:

@@ -22,9 +22,9 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from qroar_gguf.arch.llama import read_hparams
     from qroar_gguf.convert import ConvertOptions, convert
     from qroar_gguf.rope.measure import measure_sensitivity
+    from qroar_gguf.rope.spec import PlanSpec
     from qroar_gguf.source.checkpoint import open_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,10 +42,10 @@ def main() -> None:
         for _ in range(args.repeats):
             ckpt = open_checkpoint(args.model)
             t0 = time.perf_counter()
-            measure_sensitivity(ckpt, read_hparams(ckpt.config))
+            measure_sensitivity(ckpt)
             analysis.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            convert(args.model, Path(tmp) / "q.gguf", ConvertOptions(method="qroar", qtype="Q4_K_M", force=True,
+            convert(args.model, Path(tmp) / "q.gguf", ConvertOptions(plan=PlanSpec("qroar"), qtype="Q4_K_M", force=True,
                                                                       progress=False, threads=os.cpu_count() or 1))
             whole.append(time.perf_counter() - t0)
     result = {

@@ -28,7 +28,7 @@ and a long context ``L' > L``:
    model never was in training. The first token of the short window is left out on both sides: it is
    the reference run's attention sink (BOS where the vocabulary adds one), whose keys are atypical.
 4. **Ratio.** For each frequency band ``b`` of
-   :func:`qroar_gguf.rope.sensitivity.frequency_bands` ("high", "ramp", "low"; plus "all" pairs)::
+   :func:`qroar_gguf.rope.bands.frequency_bands` ("high", "ramp", "low"; plus "all" pairs)::
 
        TIR_b = Q_q(pair norms of band b, long run) / Q_q(pair norms of band b, reference run)
 
@@ -63,8 +63,9 @@ import json
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -78,10 +79,10 @@ except ImportError as exc:
 
 from qroar_gguf.arch.llama import read_hparams
 from qroar_gguf.errors import QroarError
-from qroar_gguf.evaluate.bench import PlanSpec
+from qroar_gguf.rope.bands import frequency_bands
 from qroar_gguf.rope.measure import measure_sensitivity
-from qroar_gguf.rope.plans import RopeFacts, make_plan
-from qroar_gguf.rope.sensitivity import frequency_bands
+from qroar_gguf.rope.plans import RopeFacts
+from qroar_gguf.rope.spec import PlanSpec
 from qroar_gguf.source.checkpoint import open_checkpoint
 
 DEFAULT_QUANTILE = 0.999
@@ -109,16 +110,13 @@ def _tokenize(model_dir: Path, text: str) -> tuple[np.ndarray, int | None]:
     return np.asarray(with_special, dtype=np.int64), bos
 
 
-def _plan_for(spec, facts, model_dir: Path, cache: dict):
-    """A plan from a parsed spec; qroar's sensitivity is measured once (``agg`` as convert takes it)."""
-    options = dict(spec.options)
-    agg = options.pop("agg", "max")
-    if spec.method == "qroar" and "sensitivity" not in options:
-        if agg not in cache:
-            ckpt = open_checkpoint(model_dir)
-            cache[agg] = measure_sensitivity(ckpt, read_hparams(ckpt.config), agg=agg).sensitivity
-        options["sensitivity"] = cache[agg]
-    return make_plan(spec.method, facts, **options)
+def _plan_for(spec: PlanSpec, facts, model_dir: Path, cache: dict):
+    """A plan from a parsed spec; qroar's sensitivity is measured once per aggregation, as convert does."""
+    agg = spec.aggregation
+    if spec.needs_sensitivity and agg not in cache:
+        ckpt = open_checkpoint(model_dir)
+        cache[agg] = measure_sensitivity(ckpt, agg=agg).sensitivity
+    return spec.plan(facts, cache.get(agg) if spec.needs_sensitivity else None)
 
 
 @contextmanager
@@ -191,136 +189,198 @@ def _ratio(a: float, b: float) -> float:
     return float(a / b) if b > 0 else (1.0 if a == b else math.inf)
 
 
+@dataclass(frozen=True)
+class _KeyProbe:
+    """The loaded model and what every run reads from it the same way: KV heads, pairs, bands, quantile."""
+
+    model: Any
+    n_kv: int
+    n_pairs: int
+    bands: list[tuple[str, np.ndarray]]
+    quantile: float
+
+    def norms(self, ids: np.ndarray, first: int, factors: np.ndarray | None = None,
+              attn_scale: float = 1.0) -> tuple[list[np.ndarray], float]:
+        """One forward's pair norms (positions >= ``first``) under the given rope, and its seconds."""
+        t0 = time.monotonic()
+        with patched_rope(self.model, factors, attn_scale):
+            norms = _pair_norms(self.model, ids, first, self.n_kv, self.n_pairs)
+        return norms, time.monotonic() - t0
+
+    def stats(self, norms: list[np.ndarray]) -> dict:
+        return _band_stats(norms, self.bands, self.quantile)
+
+
+# -- comparing a run with the reference -----------------------------------------------------------
+
+
+def _band_ratio(pairs: np.ndarray, stats: tuple, ref_stats: tuple) -> dict:
+    """One band's entry: the run's quantiles over the reference run's, pooled and per layer."""
+    (lq, lb), lpl = stats
+    (sq, sb), spl = ref_stats
+    per_layer = [_ratio(a, b) for a, b in zip(lpl[:, 0], spl[:, 0])]
+    worst = int(np.argmax(per_layer))
+    return {
+        "pairs": [int(p) for p in pairs],
+        "tir": _ratio(lq, sq),
+        "bulk_ratio": _ratio(lb, sb),
+        "long_quantile": float(lq),
+        "short_quantile": float(sq),
+        "per_layer": per_layer,
+        "per_layer_max": per_layer[worst],
+        "per_layer_max_layer": worst,
+        "per_layer_bulk": [_ratio(a, b) for a, b in zip(lpl[:, 1], spl[:, 1])],
+    }
+
+
+def _band_ratios(stats: dict, ref_stats: dict, bands: list[tuple[str, np.ndarray]]) -> dict:
+    """Every band's entry, in band order; a band without pairs has no statistics and keeps its place with tir None."""
+    return {name: _band_ratio(pairs, stats[name], ref_stats[name]) if name in stats else {"pairs": [], "tir": None}
+            for name, pairs in bands}
+
+
+def _summary(band_out: dict) -> str:
+    return " ".join(f"{n}={b['tir']:.4f}" for n, b in band_out.items() if b.get("tir") is not None)
+
+
 # -- the diagnostic -------------------------------------------------------------------------------
 
 
-def tail_inflation(model_dir: Path, text: str, plans: list[str], short_ctx: int, long_ctx: int,
-                   quantile: float = DEFAULT_QUANTILE, threads: int = 2, progress: bool = False,
-                   control_ctx: int | None = None) -> dict:
-    """TIR per plan and frequency band (module docstring); a JSON-serialisable dict.
-
-    ``control_ctx`` (``short_ctx <= control_ctx <= min(long_ctx, L)``) adds the control run under
-    ``"control"``: no scaling, the last ``control_ctx`` tokens of the long window, the same measured
-    tokens. Its ratio is what the longer context alone does within the trained range.
-    """
-
-    model_dir = Path(model_dir)
+def _check_quantile_and_contexts(quantile: float, short_ctx: int, long_ctx: int) -> None:
+    """Argument checks that need no file, so a bad call fails before anything is read."""
     if not 0.0 < quantile < 1.0:
         raise QroarError(f"the quantile must lie strictly between 0 and 1, got {quantile}")
-    if short_ctx < 2 or long_ctx < short_ctx:
+    if short_ctx < 2 or long_ctx < short_ctx:  # the first short-window token is not measured: need one more
         raise QroarError(f"need 2 <= short context ({short_ctx}) <= long context ({long_ctx})")
-    specs = [PlanSpec.parse(p) for p in plans]
-    config = json.loads((model_dir / "config.json").read_text())
-    hp = read_hparams(config)
-    if hp.n_rot != hp.head_dim:
+
+
+def _read_checked_hparams(model_dir: Path, short_ctx: int, long_ctx: int, control_ctx: int | None):
+    """The checkpoint's hyperparameters, after checking that the contexts fit its trained context."""
+    hp = read_hparams(json.loads((model_dir / "config.json").read_text()))
+    if hp.n_rot != hp.head_dim:  # _pair_norms splits the whole head into its rotary pairs
         raise QroarError(f"partial rotary embeddings ({hp.n_rot} of {hp.head_dim} dims) are not supported here")
     trained = hp.context_length
-    if short_ctx > trained:
+    if short_ctx > trained:  # the reference run is the model as trained
         raise QroarError(f"the short context {short_ctx} must not exceed the trained context {trained}")
     if control_ctx is not None and not short_ctx <= control_ctx <= min(long_ctx, trained):
         raise QroarError(f"the control context {control_ctx} must lie between the short context {short_ctx} "
                          f"and min(long context, trained context) = {min(long_ctx, trained)}")
-    facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=trained, target_ctx=long_ctx)
-    bands = [*frequency_bands(facts), ("all", np.arange(facts.n_pairs))]
-    n_pairs = facts.n_pairs
+    return hp
 
-    tokens, bos = _tokenize(model_dir, text)
+
+def _bands_with_all(facts: RopeFacts) -> list[tuple[str, np.ndarray]]:
+    """The frequency bands plus "all" pairs, in the order the result lists them."""
+    return [*frequency_bands(facts), ("all", np.arange(facts.n_pairs))]
+
+
+def _last_window(long_ids: np.ndarray, ctx: int, bos: int | None) -> np.ndarray:
+    """The last ``ctx`` tokens of the long window, opening with BOS where the vocabulary adds one
+    (as llama-perplexity's chunks do), so a shorter run starts as the model expects."""
+    ids = long_ids[len(long_ids) - ctx:].copy()
+    if bos is not None:
+        ids[0] = bos
+    return ids
+
+
+def _token_windows(tokens: np.ndarray, bos: int | None, short_ctx: int, long_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """(long window, short window): the first ``long_ctx`` tokens and their last ``short_ctx``."""
     if len(tokens) < long_ctx:
         raise QroarError(f"the text has {len(tokens)} tokens; the long context needs {long_ctx}")
     long_ids = tokens[:long_ctx].copy()
-    short_ids = long_ids[long_ctx - short_ctx:].copy()
-    if bos is not None:
-        short_ids[0] = bos
-    measured_from = long_ctx - short_ctx + 1  # first measured position of the long run
+    return long_ids, _last_window(long_ids, short_ctx, bos)
 
+
+def _reporter(progress: bool):
+    """A print for progress lines, or a no-op when the caller asked for none."""
+    def say(msg: str) -> None:
+        if progress:
+            print(msg, flush=True)
+    return say
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Run with ``threads`` torch threads and give the caller its own count back: the setting is process-wide."""
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        t0 = time.monotonic()
-        model = _load_model(model_dir)
-        load_seconds = time.monotonic() - t0
-        n_kv = model.config.num_key_value_heads
-
-        def say(msg: str) -> None:
-            if progress:
-                print(msg, flush=True)
-
-        t0 = time.monotonic()
-        with patched_rope(model, None, 1.0):
-            ref_norms = _pair_norms(model, short_ids, 1, n_kv, n_pairs)
-        ref_seconds = time.monotonic() - t0
-        say(f"reference: {short_ctx} tokens in {ref_seconds:.1f} s")
-        ref = _band_stats(ref_norms, bands, quantile)
-
-        def compare(stats: dict) -> dict:
-            band_out = {}
-            for name, pairs in bands:
-                if name not in stats:
-                    band_out[name] = {"pairs": [], "tir": None}
-                    continue
-                (lq, lb), lpl = stats[name][0], stats[name][1]
-                (sq, sb), spl = ref[name][0], ref[name][1]
-                per_layer = [_ratio(a, b) for a, b in zip(lpl[:, 0], spl[:, 0])]
-                worst = int(np.argmax(per_layer))
-                band_out[name] = {
-                    "pairs": [int(p) for p in pairs],
-                    "tir": _ratio(lq, sq),
-                    "bulk_ratio": _ratio(lb, sb),
-                    "long_quantile": float(lq),
-                    "short_quantile": float(sq),
-                    "per_layer": per_layer,
-                    "per_layer_max": per_layer[worst],
-                    "per_layer_max_layer": worst,
-                    "per_layer_bulk": [_ratio(a, b) for a, b in zip(lpl[:, 1], spl[:, 1])],
-                }
-            return band_out
-
-        def summary(band_out: dict) -> str:
-            return " ".join(f"{n}={b['tir']:.4f}" for n, b in band_out.items() if b.get("tir") is not None)
-
-        control = None
-        if control_ctx is not None:
-            control_ids = long_ids[long_ctx - control_ctx:].copy()
-            if bos is not None:
-                control_ids[0] = bos
-            t0 = time.monotonic()
-            with patched_rope(model, None, 1.0):
-                norms = _pair_norms(model, control_ids, control_ctx - short_ctx + 1, n_kv, n_pairs)
-            control = {"method": "none", "ctx": control_ctx,
-                       "measured_positions": [control_ctx - short_ctx + 1, control_ctx],
-                       "seconds": time.monotonic() - t0, "bands": compare(_band_stats(norms, bands, quantile))}
-            del norms
-            say(f"control (none at {control_ctx}): {control['seconds']:.1f} s; TIR {summary(control['bands'])}")
-
-        sensitivity_cache: dict = {}
-        results: dict = {}
-        for spec in specs:
-            if spec.label in results:
-                continue
-            plan = _plan_for(spec, facts, model_dir, sensitivity_cache)
-            t0 = time.monotonic()
-            if spec.method == "none" and np.array_equal(short_ids, long_ids):
-                norms, reused = ref_norms, True  # the very same forward (same tokens, positions, rope)
-            else:
-                with patched_rope(model, plan.factors, plan.attn_scale):
-                    norms = _pair_norms(model, long_ids, measured_from, n_kv, n_pairs)
-                reused = False
-            seconds = time.monotonic() - t0
-            band_out = compare(_band_stats(norms, bands, quantile))
-            del norms
-            results[spec.label] = {
-                "method": plan.method,
-                "options": {k: v for k, v in spec.options.items()},
-                "factors": [float(v) for v in plan.factors],
-                "attn_scale": plan.attn_scale,
-                "seconds": seconds,
-                "reused_reference_forward": reused,
-                "bands": band_out,
-            }
-            say(f"{spec.label}: {long_ctx} tokens in {seconds:.1f} s; TIR {summary(band_out)}")
+        yield
     finally:
         torch.set_num_threads(old_threads)
 
+
+@dataclass(frozen=True)
+class _ReferenceRun:
+    """The reference run: its tokens, its pair norms (plan "none" at L' == S reuses them), its band statistics."""
+
+    ids: np.ndarray
+    norms: list[np.ndarray]
+    stats: dict
+    seconds: float
+
+
+def _reference_run(probe: _KeyProbe, short_ids: np.ndarray) -> _ReferenceRun:
+    """The short window as trained, measured from position 1: position 0 is the attention sink (module docstring)."""
+    norms, seconds = probe.norms(short_ids, 1)
+    return _ReferenceRun(ids=short_ids, norms=norms, stats=probe.stats(norms), seconds=seconds)
+
+
+def _control_run(probe: _KeyProbe, reference: _ReferenceRun, long_ids: np.ndarray, bos: int | None,
+                 control_ctx: int, short_ctx: int) -> dict:
+    """No scaling, the last ``control_ctx`` tokens of the long window, measured on the reference's tokens."""
+    first = control_ctx - short_ctx + 1
+    norms, seconds = probe.norms(_last_window(long_ids, control_ctx, bos), first)
+    return {"method": "none", "ctx": control_ctx, "measured_positions": [first, control_ctx],
+            "seconds": seconds, "bands": _band_ratios(probe.stats(norms), reference.stats, probe.bands)}
+
+
+def _plan_norms(probe: _KeyProbe, spec, plan, reference: _ReferenceRun, long_ids: np.ndarray,
+                measured_from: int) -> tuple[list[np.ndarray], float, bool]:
+    """A plan's long-run pair norms, their seconds, and whether the reference forward was reused."""
+    t0 = time.monotonic()
+    if spec.method == "none" and np.array_equal(reference.ids, long_ids):
+        norms, reused = reference.norms, True  # the very same forward (same tokens, positions, rope)
+    else:
+        norms, _ = probe.norms(long_ids, measured_from, plan.factors, plan.attn_scale)
+        reused = False
+    return norms, time.monotonic() - t0, reused
+
+
+def _plan_entry(spec, plan, seconds: float, reused: bool, band_out: dict) -> dict:
+    """One plan's result: the plan itself (so the numbers can be checked against it) and its band ratios."""
+    return {
+        "method": plan.method,
+        "options": spec.record(),
+        "factors": [float(v) for v in plan.factors],
+        "attn_scale": plan.attn_scale,
+        "seconds": seconds,
+        "reused_reference_forward": reused,
+        "bands": band_out,
+    }
+
+
+def _measure_plans(probe: _KeyProbe, reference: _ReferenceRun, specs: list, facts: RopeFacts, model_dir: Path,
+                   long_ids: np.ndarray, measured_from: int, say) -> dict:
+    """Each plan's long run compared with the reference, by label in the order given."""
+    sensitivity_cache: dict = {}  # qroar plans with the same agg share one sensitivity measurement
+    results: dict = {}
+    for spec in specs:
+        if spec.label in results:  # a plan named twice is measured once
+            continue
+        plan = _plan_for(spec, facts, model_dir, sensitivity_cache)
+        norms, seconds, reused = _plan_norms(probe, spec, plan, reference, long_ids, measured_from)
+        band_out = _band_ratios(probe.stats(norms), reference.stats, probe.bands)
+        del norms  # a long run's norms are large: free them before the next forward
+        results[spec.label] = _plan_entry(spec, plan, seconds, reused, band_out)
+        say(f"{spec.label}: {len(long_ids)} tokens in {seconds:.1f} s; TIR {_summary(band_out)}")
+    return results
+
+
+def _describe_run(model_dir: Path, hp, *, short_ctx: int, long_ctx: int, quantile: float, n_kv: int,
+                  n_pairs: int, n_tokens: int, bos: int | None, bands: list[tuple[str, np.ndarray]]) -> dict:
+    """The result's header: what was measured and where, ahead of the timings and the per-plan entries."""
+    trained = hp.context_length
+    measured_from = long_ctx - short_ctx + 1
     return {
         "definition": "TIR_b = Q_q(k_proj pair norms of band b, long run, positions L'-S+1..L'-1) / "
                       "Q_q(same tokens, reference run at positions 1..S-1, no scaling); pooled over "
@@ -335,16 +395,51 @@ def tail_inflation(model_dir: Path, text: str, plans: list[str], short_ctx: int,
         "n_layer": hp.n_layer,
         "n_kv_head": n_kv,
         "n_pairs": n_pairs,
-        "text_tokens": int(len(tokens)),
+        "text_tokens": int(n_tokens),
         "bos": bos,
         "measured_tokens": [long_ctx - short_ctx + 1, long_ctx],
         "measured_positions_long": [measured_from, long_ctx],
         "measured_beyond_trained": measured_from >= trained,
         "samples_per_layer": (short_ctx - 1) * n_kv * n_pairs,
         "bands": {name: [int(p) for p in pairs] for name, pairs in bands},
-        "threads": threads,
-        "load_seconds": load_seconds,
-        "reference_seconds": ref_seconds,
-        "plans": results,
-        "control": control,
     }
+
+
+def tail_inflation(model_dir: Path, text: str, plans: list[str], short_ctx: int, long_ctx: int,
+                   quantile: float = DEFAULT_QUANTILE, threads: int = 2, progress: bool = False,
+                   control_ctx: int | None = None) -> dict:
+    """TIR per plan and frequency band (module docstring); a JSON-serialisable dict.
+
+    ``control_ctx`` (``short_ctx <= control_ctx <= min(long_ctx, L)``) adds the control run under
+    ``"control"``: no scaling, the last ``control_ctx`` tokens of the long window, the same measured
+    tokens. Its ratio is what the longer context alone does within the trained range.
+    """
+    model_dir = Path(model_dir)
+    # Every check runs before the model loads: a bad argument costs no forward.
+    _check_quantile_and_contexts(quantile, short_ctx, long_ctx)
+    specs = [PlanSpec.parse(p) for p in plans]
+    hp = _read_checked_hparams(model_dir, short_ctx, long_ctx, control_ctx)
+    facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=hp.context_length, target_ctx=long_ctx)
+    bands = _bands_with_all(facts)
+    tokens, bos = _tokenize(model_dir, text)
+    long_ids, short_ids = _token_windows(tokens, bos, short_ctx, long_ctx)
+    measured_from = long_ctx - short_ctx + 1  # first measured position of the long run
+    say = _reporter(progress)
+
+    with _torch_threads(threads):
+        t0 = time.monotonic()
+        model = _load_model(model_dir)
+        load_seconds = time.monotonic() - t0
+        probe = _KeyProbe(model, model.config.num_key_value_heads, facts.n_pairs, bands, quantile)
+        reference = _reference_run(probe, short_ids)
+        say(f"reference: {short_ctx} tokens in {reference.seconds:.1f} s")
+        control = None
+        if control_ctx is not None:
+            control = _control_run(probe, reference, long_ids, bos, control_ctx, short_ctx)
+            say(f"control (none at {control_ctx}): {control['seconds']:.1f} s; TIR {_summary(control['bands'])}")
+        results = _measure_plans(probe, reference, specs, facts, model_dir, long_ids, measured_from, say)
+
+    header = _describe_run(model_dir, hp, short_ctx=short_ctx, long_ctx=long_ctx, quantile=quantile,
+                           n_kv=probe.n_kv, n_pairs=facts.n_pairs, n_tokens=len(tokens), bos=bos, bands=bands)
+    return {**header, "threads": threads, "load_seconds": load_seconds, "reference_seconds": reference.seconds,
+            "plans": results, "control": control}

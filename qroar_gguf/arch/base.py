@@ -81,6 +81,10 @@ class ModelFamily:
         """"q" or "k" for the rotary projections (weights and biases) whose rows form RoPE pairs, else None."""
         raise NotImplementedError
 
+    def layer_of(self, hf_name: str) -> int | None:
+        """The block a layer tensor belongs to; None for global tensors."""
+        raise NotImplementedError
+
     def modify_tensor(self, hf_name: str, values: np.ndarray) -> np.ndarray:
         """The tensor's values in the GGUF arch's layout (rows of Q/K reordered into llama.cpp's pairs)."""
         raise NotImplementedError

@@ -232,6 +232,9 @@ class LlamaFamily(ModelFamily):
     def gguf_name(self, hf_name: str) -> str | None:
         return self._names.gguf_name(hf_name)
 
+    def layer_of(self, hf_name: str) -> int | None:
+        return layer_of(hf_name)
+
     def rotary_kind(self, hf_name: str) -> str | None:
         return "q" if is_query(hf_name) else "k" if is_key(hf_name) else None
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -22,7 +21,7 @@ import numpy as np
 
 from qroar_gguf import __version__
 from qroar_gguf.arch.llama import checkpoint_hparams
-from qroar_gguf.convert import ConvertOptions, convert, set_band_options
+from qroar_gguf.convert import ConvertOptions, convert
 from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.kld import kl_divergence
@@ -33,63 +32,10 @@ from qroar_gguf.evaluate.runtime import Runtime
 from qroar_gguf.gguf_io.quantize import FTYPES, quantize_gguf
 from qroar_gguf.outputs import temporary_beside
 from qroar_gguf.paths import cache_dir
-from qroar_gguf.rope.plans import PLANS, plan_options
+from qroar_gguf.rope.spec import PlanSpec
 from qroar_gguf.source.text import read_text
 
 REFERENCE_QTYPE = "F16"
-
-
-BAND_KEYS = ("bands", "band_factors", "band_scales", "symmetric")
-
-
-@dataclass(frozen=True)
-class PlanSpec:
-    """`name[:key=value,...]`, e.g. `yarn`, `yarn:attn_scale=false`, `qroar:beta=4,base=yarn`.
-
-    Band values (a searched variant) use `/` between bands, since `,` separates options:
-    `qroar:band_factors=1/1/1.1/1.25,band_scales=1/1/0.9/1,symmetric=false` (`bands` defaults to 4).
-    """
-
-    label: str
-    method: str
-    options: dict
-
-    def convert_options(self, ctx: int, qtype: str, threads: int, progress: bool):
-        """The ConvertOptions that build this plan's file for target context `ctx`."""
-        plan_options = {k: v for k, v in self.options.items() if k not in BAND_KEYS}
-        options = ConvertOptions(method=self.method, target_ctx=ctx, qtype=qtype, threads=threads,
-                                 progress=progress, plan_options=plan_options)
-        band = {k: self.options[k] for k in BAND_KEYS if k in self.options}
-        if band:
-            values = {k: None if k not in band else str(band[k]).replace("/", ",")
-                      for k in ("band_factors", "band_scales")}
-            set_band_options(options, int(band.get("bands", options.bands)), values["band_factors"],
-                           values["band_scales"], bool(band.get("symmetric", True)))
-        return options
-
-    @classmethod
-    def parse(cls, text: str) -> "PlanSpec":
-        method, _, rest = text.partition(":")
-        options: dict = {}
-        for item in filter(None, rest.split(",")):
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise QroarError(f"plan {text!r}: options are key=value, e.g. qroar:beta=4")
-            options[key.strip()] = _parse_value(value.strip())
-
-        if method not in PLANS:
-            raise QroarError(f"unknown plan {method!r} in {text!r}; choose from {', '.join(PLANS)}")
-        return cls(label=text, method=method, options=options)
-
-
-def _parse_value(value: str):
-    lowered = value.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    try:
-        return float(value) if any(c in value for c in ".e") else int(value)
-    except ValueError:
-        return value
 
 
 def _digest(*parts) -> str:
@@ -119,12 +65,13 @@ class Bench:
     # -- building ------------------------------------------------------------------------------
     def build(self, spec: PlanSpec, ctx: int, qtype: str) -> Path:
         """The GGUF of one plan at one context and quantization, built once."""
-        key = _digest(__version__, self.source, spec.method, spec.options, ctx, qtype)
+        key = _digest(__version__, self.source, spec.method, spec.record(), ctx, qtype)
         path = self.out / "models" / f"{_safe(spec.label)}.{ctx}.{qtype}.{key}.gguf"
         if path.is_file():
             return path
         if qtype == REFERENCE_QTYPE:
-            convert(self.model, path, spec.convert_options(ctx, qtype, self.threads, self.progress))
+            convert(self.model, path, ConvertOptions(plan=spec, target_ctx=ctx, qtype=qtype, threads=self.threads,
+                                                     progress=self.progress))
         else:
             reference = self.build(spec, ctx, REFERENCE_QTYPE)
             with temporary_beside(path, "partial") as partial:
@@ -145,7 +92,7 @@ class Bench:
         row = self._cached(name, ".nll.npy")
         if row is None:
             measured, nll = self._measure(spec, ctx, qtype, type_k, quant, reference)
-            row = {"plan": spec.label, "method": spec.method, "options": spec.options, "ctx": ctx,
+            row = {"plan": spec.label, "method": spec.method, "options": spec.record(), "ctx": ctx,
                    "built_for_ctx": built_for, "qtype": qtype, "type_k": type_k, "file": quant.name, **measured}
             self._store(name, row, (".nll.npy", nll))
         row["run"] = name
@@ -210,18 +157,11 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_=" else "_" for c in label)
 
 
-def _check_before_work(specs: list[PlanSpec], qtypes: list[str], ctxs: list[int], threads: int) -> None:
-    """What can be refused without building anything: unknown types, plan options, band values."""
+def _check_qtypes(qtypes: list[str]) -> None:
+    """Refused before building anything (plans and their options are checked as they are parsed)."""
     unknown = [q for q in qtypes if q not in FTYPES]
     if unknown:
         raise QroarError(f"unknown --qtype {unknown[0]}; choose one of {', '.join(FTYPES)}")
-    for spec in specs:
-        options = spec.convert_options(max(ctxs), qtypes[0], threads, False)  # parses band values
-        accepted = set(plan_options(spec.method)) | {"agg"}  # agg: how convert aggregates qroar's S
-        extra = sorted(set(options.plan_options) - accepted)
-        if extra:
-            raise QroarError(f"plan {spec.label!r}: {spec.method} takes no option {extra[0]} (it takes "
-                             f"{', '.join(sorted(accepted - {'sensitivity'}))})")
 
 
 def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str], text: Path, out: Path,
@@ -231,7 +171,7 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
     qtypes = [q.upper() for q in qtypes]
     type_ks = [type_k] if isinstance(type_k, str) else list(type_k)
     trained = checkpoint_hparams(model).context_length
-    _check_before_work(specs, qtypes, ctxs, threads)
+    _check_qtypes(qtypes)
     bench = Bench(model, text, out, threads, progress, chunks, passkey_trials, passkey_depths)
 
     extended = sorted(c for c in ctxs if c > trained)

@@ -9,7 +9,7 @@ plan with :func:`qroar_gguf.rope.plans.make_plan` and draws two stacked panels o
   behind it;
 * bottom: the factors ``f_k`` of none, linear, ntk, yarn, llama3 and qroar (yarn base) on a log axis.
 
-Both panels shade the three bands of :func:`qroar_gguf.rope.sensitivity.frequency_bands` and mark
+Both panels shade the three bands of :func:`qroar_gguf.rope.bands.frequency_bands` and mark
 where pairs complete 32 turns and 1 turn within the trained context ``L`` (YaRN's ramp, before its
 rounding to whole pairs; the 1-turn line is where the wavelength equals ``L``). The function returns
 the plotted numbers as a JSON-ready dict so callers and tests can check them without reading pixels.
@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from qroar_gguf.arch.llama import read_hparams
+from qroar_gguf.arch.families import family_for
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io.provenance import TRAINED_CTX
 from qroar_gguf.gguf_io.reader import field_value, open_gguf
 from qroar_gguf.gguf_io.reader import read_hparams as read_gguf_hparams
 from qroar_gguf.outputs import check_destination, temporary_beside
+from qroar_gguf.rope.bands import frequency_bands
 from qroar_gguf.rope.measure import measure_gguf_sensitivity, measure_sensitivity
 from qroar_gguf.rope.plans import (
     PLANS,
@@ -42,7 +43,7 @@ from qroar_gguf.rope.plans import (
     rotation_pair,
     yarn_correction_range,
 )
-from qroar_gguf.rope.sensitivity import AGGREGATIONS, SensitivityResult, frequency_bands
+from qroar_gguf.rope.sensitivity import AGGREGATIONS, SensitivityResult
 from qroar_gguf.source.checkpoint import open_checkpoint
 
 #: The plans drawn, in legend order; qroar is computed on a yarn base.
@@ -101,7 +102,7 @@ def read_model_rope(model_path: str | Path, agg: str = "max") -> ModelRope:
     GGUF: ``{arch}.rope.dimension_count`` (else head size), ``{arch}.rope.freq_base`` and the trained
     context ``qroar.trained_context`` when the file records one, else ``{arch}.context_length``;
     ``S_k`` from its attn_q/attn_k tensors in llama.cpp's layout. Checkpoint (directory, .safetensors
-    or index.json): ``read_hparams`` and ``S_k`` from q_proj/k_proj in HF's rotate_half layout.
+    or index.json): the family's hyperparameters and ``S_k`` from its Q/K projections in HF's rotate_half layout.
     """
     if agg not in AGGREGATIONS:
         raise QroarError(f"unknown sensitivity aggregation {agg!r}; choose one of {', '.join(AGGREGATIONS)}")
@@ -118,8 +119,9 @@ def read_model_rope(model_path: str | Path, agg: str = "max") -> ModelRope:
 
 def _read_checkpoint(path: Path, agg: str) -> ModelRope:
     ckpt = open_checkpoint(path)
-    hp = read_hparams(ckpt.config)
-    result = measure_sensitivity(ckpt, hp, agg=agg)
+    family = family_for(ckpt.config)
+    hp = family.hparams
+    result = measure_sensitivity(ckpt, family, agg=agg)
     name = ckpt.directory.resolve().name
     return ModelRope(name=name, kind="checkpoint", n_rot=hp.n_rot, theta=hp.rope_theta,
                      trained_ctx=hp.context_length, sensitivity=result)
@@ -223,138 +225,245 @@ def _factor_ticks(r: float) -> list[float]:
     return sorted({*ticks, float(r)})
 
 
-def _draw(data: dict[str, Any], title: str, subtitle: str, output_png: Path) -> None:
+def _require_matplotlib() -> None:
+    """Fail with an install hint, not a bare ImportError: matplotlib is an optional extra.
+
+    The drawing helpers below import what they use inside themselves (never at module level), so the
+    package imports without matplotlib; this check runs first so they all find it.
+    """
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-        from matplotlib.patches import Patch
-        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+        import matplotlib.lines  # noqa: F401
+        import matplotlib.patches  # noqa: F401
+        import matplotlib.ticker  # noqa: F401
     except ImportError:
         raise QroarError("plotting needs matplotlib: pip install 'qroar-gguf[plot]'") from None
 
-    k = np.asarray(data["pairs"], dtype=np.float64)
-    n_pairs = k.size
-    n_rot, theta = data["n_rot"], data["theta"]
-    L, L2 = data["trained_ctx"], data["target_ctx"]
-    x_lo, x_hi = -0.6, n_pairs - 0.4
+
+def _pair_range(n_pairs: int) -> tuple[float, float]:
+    """The x range: a little beyond half a pair past the end pairs, so their band shading (k ± 0.5) shows whole."""
+    return -0.6, n_pairs - 0.4
+
+
+def _new_figure():
+    """A canvas-backed figure with the sensitivity panel on top and the factor panel below, sharing x."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
-    FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig)  # attaches itself to fig: savefig needs a canvas, and we avoid pyplot's global state
+    # The right quarter is left free for the legends; the top for the title and the wavelength axis.
     gs = fig.add_gridspec(2, 1, height_ratios=[1.0, 1.15], hspace=0.05, left=0.065, right=0.745, top=0.845,
                           bottom=0.07)
     ax_s = fig.add_subplot(gs[0])
     ax_f = fig.add_subplot(gs[1], sharex=ax_s)
+    return fig, ax_s, ax_f
 
-    # Bands (pair membership: each pair owns [k-0.5, k+0.5]) and the turn-count lines, in both panels.
-    band_handles = []
-    for name, ks in data["bands"].items():
+
+def _shade_bands(axes, bands: dict[str, list[int]]) -> list:
+    """Shade each frequency band in every panel; return the legend handles of the non-empty bands."""
+    from matplotlib.patches import Patch
+
+    handles = []
+    for name, ks in bands.items():
         colour, label = _BAND_STYLE[name]
         if ks:
-            for ax in (ax_s, ax_f):
+            for ax in axes:  # each pair owns [k - 0.5, k + 0.5], so the band covers its pairs' cells
                 ax.axvspan(min(ks) - 0.5, max(ks) + 0.5, color=colour, zorder=0, lw=0)
-            band_handles.append(Patch(facecolor=colour, edgecolor="#999999", lw=0.5,
-                                      label=f"{label} (k {min(ks)}–{max(ks)})"))
+            handles.append(Patch(facecolor=colour, edgecolor="#999999", lw=0.5,
+                                 label=f"{label} (k {min(ks)}–{max(ks)})"))
+    return handles
+
+
+def _turn_marks(data: dict[str, Any]) -> list[tuple[float, str, Any, float, str]]:
+    """(pair position, colour, line style, width, label) of the vertical lines: 32 turns, 1 turn, λ = L'."""
     c32, c1 = data["band_boundaries"]["turns_32"], data["band_boundaries"]["turns_1"]
     cL2 = data["target_ctx_pair"]
-    marks = [
+    L, L2 = data["trained_ctx"], data["target_ctx"]
+    return [
         (c32, "#b26b00", (0, (5, 3)), 1.4, f"32 turns in L, yarn ramp start (k = {c32:.1f})"),
         (c1, "#000000", "-", 1.6, f"1 turn: λ = L = {L}, ramp end (k = {c1:.1f})"),
         (cL2, "#777777", (0, (1, 2)), 1.4, f"λ = L' = {L2} (k = {cL2:.1f})"),
     ]
-    line_handles = []
-    for x, colour, style, width, label in marks:
-        if x_lo <= x <= x_hi:
-            for ax in (ax_s, ax_f):
-                ax.axvline(x, color=colour, ls=style, lw=width, zorder=1)
-            line_handles.append(Line2D([], [], color=colour, ls=style, lw=width, label=label))
 
-    # Top: z_k and the per-layer profiles.
-    per_layer = np.asarray(data["per_layer_z"])
-    for row in per_layer:
-        ax_s.plot(k, row, color="#4a6fa5", alpha=0.18, lw=0.9, zorder=2)
-    z = np.asarray(data["z"])
-    ax_s.plot(k, z, color="#c0392b", lw=2.6, marker="o", ms=4.5, zorder=4)
-    ax_s.axhline(1.0, color="#333333", lw=0.9, ls="--", zorder=3)
-    peak = data["argmax_pair"]
-    ax_s.annotate(f"peak k = {peak}\nλ = {_fmt_tokens(data['wavelengths'][peak])}", xy=(peak, z[peak]),
-                  xytext=(0, 12), textcoords="offset points", ha="center", va="bottom", fontsize=9,
-                  color="#c0392b", zorder=5)
+
+def _draw_turn_marks(axes, data: dict[str, Any], x_range: tuple[float, float]) -> list:
+    """Draw the turn-count lines in every panel; return the legend handles of those inside the x range."""
+    from matplotlib.lines import Line2D
+
+    x_lo, x_hi = x_range
+    handles = []
+    for x, colour, style, width, label in _turn_marks(data):
+        if x_lo <= x <= x_hi:  # a line off the pair axis would only widen it and confuse the legend
+            for ax in axes:
+                ax.axvline(x, color=colour, ls=style, lw=width, zorder=1)
+            handles.append(Line2D([], [], color=colour, ls=style, lw=width, label=label))
+    return handles
+
+
+def _sensitivity_ylim(z: np.ndarray, per_layer: np.ndarray) -> tuple[float, float]:
+    """y limits holding z and every layer's profile, with headroom above for the panel title and peak note."""
     every = np.concatenate([z, per_layer.ravel()])
     low, top = float(every.min()), float(every.max())
     pad = 0.08 * (top - low) if top > low else 0.1
-    ax_s.set_ylim(max(0.0, low - pad), top + 3.0 * pad)
-    ax_s.set_ylabel("sensitivity  z = S / mean(S)", fontsize=11)
-    ax_s.text(0.008, 0.975, "weight-norm sensitivity S_k of each rotary pair (its W_Q and W_K rows)",
-              transform=ax_s.transAxes, ha="left", va="top", fontsize=10.5, zorder=6,
-              bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=2.5))
-    s_handles = [
-        Line2D([], [], color="#c0392b", lw=2.6, marker="o", ms=4.5,
-               label=f"z_k: {data['agg']} over layers"),
-        Line2D([], [], color="#4a6fa5", alpha=0.5, lw=1.0,
-               label=f"{per_layer.shape[0]} layers, each / own mean"),
+    return max(0.0, low - pad), top + 3.0 * pad
+
+
+def _panel_title(ax, text: str) -> None:
+    """A title inside the panel's top-left corner, on white so the curves behind it do not cross the text."""
+    ax.text(0.008, 0.975, text, transform=ax.transAxes, ha="left", va="top", fontsize=10.5, zorder=6,
+            bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=2.5))
+
+
+def _draw_sensitivity_panel(ax, data: dict[str, Any], k: np.ndarray) -> None:
+    """Top panel: z_k over the pairs, each layer's own profile faintly behind it, and the z = 1 line."""
+    from matplotlib.lines import Line2D
+
+    per_layer = np.asarray(data["per_layer_z"])
+    for row in per_layer:
+        ax.plot(k, row, color="#4a6fa5", alpha=0.18, lw=0.9, zorder=2)
+    z = np.asarray(data["z"])
+    ax.plot(k, z, color="#c0392b", lw=2.6, marker="o", ms=4.5, zorder=4)
+    ax.axhline(1.0, color="#333333", lw=0.9, ls="--", zorder=3)
+    peak = data["argmax_pair"]
+    ax.annotate(f"peak k = {peak}\nλ = {_fmt_tokens(data['wavelengths'][peak])}", xy=(peak, z[peak]),
+                xytext=(0, 12), textcoords="offset points", ha="center", va="bottom", fontsize=9,
+                color="#c0392b", zorder=5)
+    ax.set_ylim(*_sensitivity_ylim(z, per_layer))
+    ax.set_ylabel("sensitivity  z = S / mean(S)", fontsize=11)
+    _panel_title(ax, "weight-norm sensitivity S_k of each rotary pair (its W_Q and W_K rows)")
+    # Proxy handles: the per-layer lines are too faint to serve as their own legend entry.
+    handles = [
+        Line2D([], [], color="#c0392b", lw=2.6, marker="o", ms=4.5, label=f"z_k: {data['agg']} over layers"),
+        Line2D([], [], color="#4a6fa5", alpha=0.5, lw=1.0, label=f"{per_layer.shape[0]} layers, each / own mean"),
         Line2D([], [], color="#333333", lw=0.9, ls="--", label="z = 1: qroar protects above"),
     ]
-    ax_s.legend(handles=s_handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False,
-                title="sensitivity", title_fontsize=10, alignment="left")
-    ax_s.tick_params(labelbottom=False)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False,
+              title="sensitivity", title_fontsize=10, alignment="left")
+    ax.tick_params(labelbottom=False)  # the pair numbers are read off the bottom panel
 
-    # Bottom: factors on a log axis.
+
+def _plan_label(method: str, beta: float, attn_scale: float) -> str:
+    """Legend text of one plan: qroar names its base and β; a plan that scales attention says by how much."""
+    label = method if method != "qroar" else f"qroar: yarn base, β = {beta:g}"
+    if attn_scale != 1.0:
+        label += f"\n   (attention ×{attn_scale:.3f})"
+    return label
+
+
+def _set_factor_axis(ax, r: float) -> None:
+    """A log y axis from just below 1 to just above r, with plain-number ticks (log ticks read as 10^x)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_yscale("log")
+    ax.set_ylim(1.0 / 1.15, r * 1.3)
+    ax.yaxis.set_major_locator(FixedLocator(_factor_ticks(r)))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def _draw_factor_panel(ax, data: dict[str, Any], k: np.ndarray) -> None:
+    """Bottom panel: every plan's factors f_k over the pairs, on a log axis."""
     handles = []
     for method in PLOT_METHODS:
         colour, style, width, marker = _PLAN_STYLE[method]
-        f = np.asarray(data["factors"][method])
-        label = method if method != "qroar" else f"qroar: yarn base, β = {data['beta']:g}"
-        scale = data["attn_scale"][method]
-        if scale != 1.0:
-            label += f"\n   (attention ×{scale:.3f})"
-        (h,) = ax_f.plot(k, f, color=colour, ls=style, lw=width, marker=marker, ms=4, label=label,
-                         zorder=4 if method == "qroar" else 3, alpha=0.45 if method == "yarn" else 1.0)
+        label = _plan_label(method, data["beta"], data["attn_scale"][method])
+        # qroar on top; yarn pale beneath, since qroar (yarn base) coincides with it outside protected pairs
+        (h,) = ax.plot(k, np.asarray(data["factors"][method]), color=colour, ls=style, lw=width, marker=marker, ms=4,
+                       label=label, zorder=4 if method == "qroar" else 3, alpha=0.45 if method == "yarn" else 1.0)
         handles.append(h)
     r = data["scale"]
-    ax_f.set_yscale("log")
-    ax_f.set_ylim(1.0 / 1.15, r * 1.3)
-    ticks = _factor_ticks(r)
-    ax_f.yaxis.set_major_locator(FixedLocator(ticks))
-    ax_f.yaxis.set_minor_locator(NullLocator())
-    ax_f.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax_f.set_ylabel("factor f_k (angle = m·ω_k / f_k, log)", fontsize=11)
-    ax_f.set_xlabel("rotary pair k  (high frequency → low frequency)", fontsize=11)
-    ax_f.text(0.008, 0.975, f"rope_freqs factors f_k of every plan (r = L'/L = {r:g})", transform=ax_f.transAxes,
-              ha="left", va="top", fontsize=10.5, zorder=6,
-              bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=2.5))
-    ax_f.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False,
-                title="plan", title_fontsize=10, alignment="left")
-    fig.legend(handles=band_handles + line_handles, loc="lower left", bbox_to_anchor=(0.752, 0.07),
-               fontsize=8.5, frameon=False, title="bands and marks (both panels)", title_fontsize=10,
-               alignment="left")
+    _set_factor_axis(ax, r)
+    ax.set_ylabel("factor f_k (angle = m·ω_k / f_k, log)", fontsize=11)
+    ax.set_xlabel("rotary pair k  (high frequency → low frequency)", fontsize=11)
+    _panel_title(ax, f"rope_freqs factors f_k of every plan (r = L'/L = {r:g})")
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False,
+              title="plan", title_fontsize=10, alignment="left")
 
-    ax_f.set_xlim(x_lo, x_hi)
-    step = 1 if n_pairs <= 32 else 2 if n_pairs <= 64 else 4
-    ax_f.xaxis.set_major_locator(FixedLocator(list(range(0, n_pairs, step))))
-    for ax in (ax_s, ax_f):
+
+def _add_marks_legend(fig, handles: list) -> None:
+    """One legend for the bands and lines, since both panels share them: bottom right, under the plan legend."""
+    fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.752, 0.07), fontsize=8.5, frameon=False,
+               title="bands and marks (both panels)", title_fontsize=10, alignment="left")
+
+
+def _pair_tick_step(n_pairs: int) -> int:
+    """Every pair labelled while the labels fit, else every 2nd or 4th."""
+    return 1 if n_pairs <= 32 else 2 if n_pairs <= 64 else 4
+
+
+def _format_pair_axes(axes, n_pairs: int, x_range: tuple[float, float]) -> None:
+    """The shared pair axis (limits and ticks), and the grid and tick size of every panel."""
+    from matplotlib.ticker import FixedLocator
+
+    ax_f = axes[-1]  # sharex: setting the bottom panel sets both
+    ax_f.set_xlim(*x_range)
+    ax_f.xaxis.set_major_locator(FixedLocator(list(range(0, n_pairs, _pair_tick_step(n_pairs)))))
+    for ax in axes:
         ax.grid(axis="y", color="#bbbbbb", lw=0.5, alpha=0.7)
         ax.tick_params(labelsize=9)
 
-    # Top axis: wavelength in tokens at the pair positions of powers of ten (lam = L / rotations).
-    facts = RopeFacts(n_rot=n_rot, theta=theta, trained_ctx=L, target_ctx=L2)
+
+def _wavelength_ticks(data: dict[str, Any], x_range: tuple[float, float]) -> list[tuple[float, float]]:
+    """(pair position, wavelength) of the powers of ten whose wavelength falls on the pair axis.
+
+    A pair's wavelength is L / (its turns in L), so the position of wavelength λ is where the pairs
+    complete L / λ turns.
+    """
+    L = data["trained_ctx"]
+    facts = RopeFacts(n_rot=data["n_rot"], theta=data["theta"], trained_ctx=L, target_ctx=data["target_ctx"])
 
     def k_of(lam: float) -> float:
         return rotation_pair(facts, L / lam)
 
+    x_lo, x_hi = x_range
     wl = [10.0 ** e for e in range(1, 12)]
-    tick_k = [(k_of(w), w) for w in wl if x_lo <= k_of(w) <= x_hi]
-    sec = ax_s.secondary_xaxis("top")
-    sec.set_xticks([t for t, _ in tick_k], labels=[_fmt_tokens(w) if w < 1e6 else f"{w:.0e}" for _, w in tick_k])
+    return [(k_of(w), w) for w in wl if x_lo <= k_of(w) <= x_hi]
+
+
+def _add_wavelength_axis(ax, data: dict[str, Any], x_range: tuple[float, float]) -> None:
+    """A top axis reading the pair axis as wavelength in tokens (short labels; exponents from a million)."""
+    ticks = _wavelength_ticks(data, x_range)
+    sec = ax.secondary_xaxis("top")
+    sec.set_xticks([t for t, _ in ticks], labels=[_fmt_tokens(w) if w < 1e6 else f"{w:.0e}" for _, w in ticks])
     sec.tick_params(labelsize=9)
     sec.set_xlabel("wavelength λ_k = 2π·θ^(2k/n_rot) in tokens", fontsize=10)
 
+
+def _add_titles(fig, title: str, subtitle: str) -> None:
+    """Title and subtitle left-aligned with the panels."""
     fig.suptitle(title, fontsize=15, fontweight="bold", x=0.065, ha="left", y=0.985)
     fig.text(0.065, 0.945, subtitle, fontsize=10, ha="left", va="top", color="#333333")
 
-    with temporary_beside(output_png, "png") as tmp:  # a failure never leaves a half-written PNG behind
+
+def _save_png(fig, output_png: Path) -> None:
+    """Write the PNG through a temporary file beside it: a failure never leaves a half-written PNG behind."""
+    with temporary_beside(output_png, "png") as tmp:
         fig.savefig(tmp, dpi=_DPI, format="png")
         os.replace(tmp, output_png)
+
+
+def _draw(data: dict[str, Any], title: str, subtitle: str, output_png: Path) -> None:
+    """Draw the two panels of :func:`plot_factors` from its data dict and save them as ``output_png``.
+
+    The steps run in this order on purpose: artists of equal z-order draw in the order they were added.
+    """
+    _require_matplotlib()
+    k = np.asarray(data["pairs"], dtype=np.float64)
+    x_range = _pair_range(k.size)
+
+    fig, ax_s, ax_f = _new_figure()
+    axes = (ax_s, ax_f)
+    band_handles = _shade_bands(axes, data["bands"])
+    line_handles = _draw_turn_marks(axes, data, x_range)
+    _draw_sensitivity_panel(ax_s, data, k)
+    _draw_factor_panel(ax_f, data, k)
+    _add_marks_legend(fig, band_handles + line_handles)
+    _format_pair_axes(axes, k.size, x_range)
+    _add_wavelength_axis(ax_s, data, x_range)
+    _add_titles(fig, title, subtitle)
+    _save_png(fig, output_png)
 
 
 def plot_factors(model_path: Path, output_png: Path, target_ctx: int | None = None, agg: str = "max",

@@ -14,17 +14,20 @@ pairs never finished a turn in training), both included::
 
     N = 1: no edge (one band of all pairs)
     N = 2: R = sqrt(32) ~ 5.66
-    N >= 3: R = 32 ** (1 - j/(N-2)), j = 0..N-2     (N = 3: 32 and 1, i.e. sensitivity.frequency_bands;
+    N >= 3: R = 32 ** (1 - j/(N-2)), j = 0..N-2     (N = 3: 32 and 1, i.e. :func:`frequency_bands`;
                                                      N = 4: 32, 5.66 and 1)
 
 Band ``j`` holds the pairs with ``edge_j > R_k >= edge_{j+1}`` (``edge_0 = inf``, ``edge_N = 0``).
 So with the default ``N = 4``: (0) ``R >= 32`` (untouched by YaRN), (1) ``5.66 <= R < 32`` and
 (2) ``1 <= R < 5.66`` (the two halves of YaRN's ramp in log-rotations), (3) ``R < 1``.
 
-Every band is non-empty whenever ``N <= P``: a band that would be empty (a model whose pairs do not
+Every band of the band-wise method is non-empty whenever ``N <= P``, since each holds a value to
+apply: a band that would be empty (a model whose pairs do not
 reach some region) takes the nearest pair(s) of its neighbours; the band starts are repaired by a
 forward pass ``start_j >= start_{j-1} + 1`` and a backward pass ``start_j <= start_{j+1} - 1``. The
-result depends only on ``(n_rot, theta, L, N)``: deterministic.
+result depends only on ``(n_rot, theta, L, N)``: deterministic. The three named bands of the
+diagnostics (:func:`frequency_bands`) are the same ``N = 3`` bands without the repair: there an empty
+band is what the model is, and is reported as such.
 
 Multipliers and scales
 ----------------------
@@ -52,7 +55,7 @@ DEFAULT_BANDS = 4
 
 def band_edges(n_bands: int) -> np.ndarray:
     """The ``N - 1`` band edges in rotations within the trained context, decreasing (see module doc)."""
-    n_bands = _check_count(n_bands)
+    n_bands = check_band_count(n_bands)
     if n_bands == 1:
         return np.empty(0)
     hi, lo = math.log(YARN_BETA_FAST), math.log(YARN_BETA_SLOW)
@@ -61,16 +64,34 @@ def band_edges(n_bands: int) -> np.ndarray:
     return np.exp(np.linspace(hi, lo, n_bands - 1))
 
 
-def band_starts(facts: RopeFacts, n_bands: int) -> np.ndarray:
-    """First pair index of every band plus ``P`` at the end: int ``[N + 1]``, strictly increasing."""
-    n_bands = _check_count(n_bands)
-    n_pairs = facts.n_pairs
-    if n_bands > n_pairs:
-        raise QroarError(f"--bands {n_bands} is more than the {n_pairs} rotary pairs")
+def _unrepaired_starts(facts: RopeFacts, n_bands: int) -> list[int]:
+    """First pair of every band plus ``P``, straight from the edges: a band may be empty."""
     rotations = facts.rotations()  # decreasing in k
     # Band j+1 starts at the first pair with R < edge_j, i.e. after the pairs with R >= edge_j.
-    inner = [int(np.count_nonzero(rotations >= edge)) for edge in band_edges(n_bands)]
-    starts = [0, *inner, n_pairs]
+    return [0, *(int(np.count_nonzero(rotations >= edge)) for edge in band_edges(n_bands)), facts.n_pairs]
+
+
+#: The diagnostics' names of the three bands of ``N = 3``.
+FREQUENCY_BAND_NAMES = ("high", "ramp", "low")
+
+
+def frequency_bands(facts: RopeFacts) -> list[tuple[str, np.ndarray]]:
+    """The ``N = 3`` bands by name, unrepaired (a band may be empty), each ``(name, pair indices)``:
+
+    * ``"high"``: ``R_k >= 32`` (many turns; YaRN leaves them alone),
+    * ``"ramp"``: ``1 <= R_k < 32`` (some turns; YaRN's ramp),
+    * ``"low"``:  ``R_k < 1`` (less than one turn; YaRN interpolates them fully).
+    """
+    starts, k = _unrepaired_starts(facts, 3), np.arange(facts.n_pairs)
+    return [(name, k[starts[j]:starts[j + 1]]) for j, name in enumerate(FREQUENCY_BAND_NAMES)]
+
+
+def band_starts(facts: RopeFacts, n_bands: int) -> np.ndarray:
+    """First pair index of every band plus ``P`` at the end: int ``[N + 1]``, strictly increasing."""
+    n_bands = check_band_count(n_bands)
+    if n_bands > facts.n_pairs:
+        raise QroarError(f"--bands {n_bands} is more than the {facts.n_pairs} rotary pairs")
+    starts = _unrepaired_starts(facts, n_bands)
     for j in range(1, n_bands):  # repair empty bands: forward, then backward
         starts[j] = max(starts[j], starts[j - 1] + 1)
     for j in range(n_bands - 1, 0, -1):
@@ -97,16 +118,6 @@ def check_band_values(values, n_bands: int, what: str) -> tuple[float, ...]:
     if bad:
         raise QroarError(f"{what} must be finite and positive, got {bad[0]:g}")
     return out
-
-
-def parse_band_values(text: str, n_bands: int, what: str) -> tuple[float, ...]:
-    """``"1,1.1,0.9,1"`` -> floats, validated as :func:`check_band_values`."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise QroarError(f"{what} takes comma-separated numbers (one per band), got {text!r}") from None
-    return check_band_values(values, n_bands, what)
 
 
 def apply_band_factors(factors: np.ndarray, facts: RopeFacts, n_bands: int, multipliers) -> np.ndarray:
@@ -148,7 +159,8 @@ def qk_row_scales(facts: RopeFacts, n_bands: int, scales, symmetric: bool, *, n_
     return q, k
 
 
-def _check_count(n_bands) -> int:
+def check_band_count(n_bands) -> int:
+    """``n_bands`` as a positive int, or a one-line QroarError."""
     if isinstance(n_bands, bool) or not isinstance(n_bands, (int, np.integer)) or n_bands < 1:
         raise QroarError(f"--bands must be a positive integer, got {n_bands!r}")
     return int(n_bands)
@@ -183,7 +195,7 @@ class BandFold:
 def band_fold(facts: RopeFacts, n_bands: int, factors=None, scales=None, symmetric: bool = True, *,
               n_head: int, n_kv_head: int, head_dim: int) -> BandFold | None:
     """Validate band options; None when neither factors nor scales are given (nothing to fold)."""
-    n_bands = _check_count(n_bands)
+    n_bands = check_band_count(n_bands)
     if factors is None and scales is None:
         return None
     starts = band_starts(facts, n_bands)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from qroar_gguf.rope.bands import frequency_bands
 from qroar_gguf.rope.plans import RopeFacts
-from qroar_gguf.rope.sensitivity import frequency_bands, interpolation_pressure
+from qroar_gguf.rope.sensitivity import interpolation_pressure
 
 BAND_LABELS = {"high": "many rotations (>= 32 in the trained context)",
                "ramp": "some rotations (1 to 32)",

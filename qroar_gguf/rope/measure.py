@@ -1,5 +1,5 @@
-"""Measure S_k from real weights: W_Q/W_K of an HF checkpoint (rotate_half layout) or of a GGUF
-file (llama.cpp's adjacent-pair layout), one tensor at a time."""
+"""Measure S_k from real weights: W_Q/W_K of an HF checkpoint (rotate_half layout; which tensors they
+are, the model family says) or of a GGUF file (llama.cpp's adjacent-pair layout), one tensor at a time."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from qroar_gguf.arch import llama
+from qroar_gguf.arch.base import ModelFamily
+from qroar_gguf.arch.families import family_for
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io.reader import open_gguf
 from qroar_gguf.gguf_io.reader import read_hparams as read_gguf_hparams
@@ -17,18 +18,20 @@ from qroar_gguf.rope.sensitivity import SensitivityAccumulator, SensitivityResul
 from qroar_gguf.source.checkpoint import Checkpoint
 
 
-def measure_sensitivity(ckpt: Checkpoint, hp: llama.LlamaHparams, agg: str = "max",
+def measure_sensitivity(ckpt: Checkpoint, family: ModelFamily | None = None, agg: str = "max",
                         progress: bool = False) -> SensitivityResult:
-    """S_k from the checkpoint's q_proj/k_proj weights (reads only those tensors)."""
+    """S_k from the checkpoint's rotary projection weights, as the family names them (reads only
+    those tensors); ``family`` None: the one config.json names."""
+    family = family or family_for(ckpt.config)
+    hp = family.hparams
     acc = SensitivityAccumulator(hp.n_layer, hp.n_rot // 2, agg=agg)
-    wanted = [n for n in ckpt.names if n.endswith(("q_proj.weight", "k_proj.weight"))]
-    for name in tqdm(wanted, desc="sensitivity", unit="tensor", disable=not progress, leave=False):
-        layer = llama.layer_of(name)
-        query = llama.is_query(name)
+    wanted = [(n, kind) for n in ckpt.names if n.endswith(".weight") and (kind := family.rotary_kind(n))]
+    for name, kind in tqdm(wanted, desc="sensitivity", unit="tensor", disable=not progress, leave=False):
         w = ckpt.load(name)
         if not np.isfinite(w).all():
             raise QroarError(f"{name} contains NaN or Inf values: the checkpoint is damaged")
-        acc.add_weight(layer, "q" if query else "k", w, hp.n_head if query else hp.n_kv_head, hp.n_rot, "hf")
+        n_head = hp.n_head if kind == "q" else hp.n_kv_head
+        acc.add_weight(family.layer_of(name), kind, w, n_head, hp.n_rot, "hf")
     return acc.result()
 
 

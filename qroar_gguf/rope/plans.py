@@ -26,7 +26,7 @@ import numpy as np
 from qroar_gguf.errors import QroarError
 
 #: YaRN's ramp boundaries in rotations completed within the trained context (the paper's alpha/beta,
-#: transformers' and llama.cpp's ``beta_fast``/``beta_slow``). Also used by ``sensitivity.frequency_bands``.
+#: transformers' and llama.cpp's ``beta_fast``/``beta_slow``). Also the band edges of ``bands.py``.
 YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 

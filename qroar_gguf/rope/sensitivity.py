@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qroar_gguf.choices import AGGREGATIONS
 from qroar_gguf.errors import QroarError
 from qroar_gguf.rope.layout import LAYOUTS, pair_rows
-from qroar_gguf.rope.plans import YARN_BETA_FAST, YARN_BETA_SLOW, RopeFacts
+from qroar_gguf.rope.plans import RopeFacts
 
-AGGREGATIONS = ("max", "mean")
 KINDS = ("q", "k")
 
 _CHUNK_ELEMENTS = 1 << 22  # float64 working set per chunk: 32 MiB
@@ -147,27 +147,6 @@ class SensitivityAccumulator:
         return self.result().sensitivity
 
 
-def frequency_bands(facts: RopeFacts) -> list[tuple[str, np.ndarray]]:
-    """Pairs grouped by the turns ``R_k = L / lam_k`` they complete within the trained context.
-
-    Boundaries are YaRN's ``beta_fast = 32`` and ``beta_slow = 1`` (in rotations, before YaRN's
-    rounding to whole pair indices):
-
-    * ``"high"``: ``R_k >= 32`` (many turns; YaRN leaves them alone),
-    * ``"ramp"``: ``1 <= R_k < 32`` (some turns; YaRN's ramp),
-    * ``"low"``:  ``R_k < 1`` (less than one turn; YaRN interpolates them fully).
-
-    Always returns the three bands in this order, each ``(name, pair indices)``; a band may be empty.
-    """
-    rotations = facts.rotations()
-    k = np.arange(facts.n_pairs)
-    return [
-        ("high", k[rotations >= YARN_BETA_FAST]),
-        ("ramp", k[(rotations >= YARN_BETA_SLOW) & (rotations < YARN_BETA_FAST)]),
-        ("low", k[rotations < YARN_BETA_SLOW]),
-    ]
-
-
 def interpolation_pressure(facts: RopeFacts, factors: np.ndarray) -> np.ndarray:
     """Interpolation pressure per pair, ``[P]`` float64 — OUR definition (the paper gives no formula).
 
@@ -182,7 +161,7 @@ def interpolation_pressure(facts: RopeFacts, factors: np.ndarray) -> np.ndarray:
       maps unseen angles into seen ones, so it counts in proportion.
 
     Dimensionless, in ``[0, 1)`` for factors >= 1. A band's pressure is the mean over its pairs (see
-    :func:`frequency_bands`).
+    :func:`qroar_gguf.rope.bands.frequency_bands`).
     """
     f = np.asarray(factors, dtype=np.float64)
     if f.shape != (facts.n_pairs,):
