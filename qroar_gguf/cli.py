@@ -132,42 +132,75 @@ def main() -> None:
 
     \b
     qroar-gguf model.safetensors -o model.Q4_K_M.gguf --ctx 32768
+    qroar-gguf patch downloaded.Q4_K_M.gguf -o extended.Q4_K_M.gguf --ctx 32768
     qroar-gguf inspect model.Q4_K_M.gguf
     qroar-gguf demo
     """
+
+
+def _options(*decorators):
+    """Options several commands share, applied in the order listed."""
+    def apply(f):
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+    return apply
+
+
+_target_options = _options(
+    click.option("--ctx", "target_ctx", type=click.IntRange(min=1), default=None,
+                 help="Target context length in tokens. Default: 4x the trained context (1x for --method none)."),
+    click.option("--scale", type=click.FloatRange(min=1.0), default=None,
+                 help="Target context as a multiple of the trained one (instead of --ctx)."),
+    click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
+                 help="RoPE plan: none, linear (position interpolation), ntk, yarn, llama3, or qroar "
+                      "(outlier-protecting factors measured from W_Q/W_K)."),
+)
+_plan_detail_options = _options(
+    click.option("--beta", type=click.FloatRange(min=0.0), default=None,
+                 help="qroar: protection strength for outlier pairs (0 = the base plan exactly). Default 8."),
+    click.option("--agg", type=click.Choice(AGGREGATIONS), default=None,
+                 help="qroar: how pair sensitivity is aggregated over layers. Default max."),
+    click.option("--base", type=click.Choice(["linear", "yarn", "llama3"]), default=None,
+                 help="qroar: the plan whose interpolation is softened on protected pairs. Default yarn."),
+    click.option("--attn-scale/--no-attn-scale", default=None,
+                 help="yarn (and qroar on a yarn base): YaRN's attention scale 0.1*ln(r)+1, folded into W_Q and "
+                      "W_K by convert, written as <arch>.rope.scaling.attn_factor by patch. Default on."),
+    click.option("--bands", type=click.IntRange(min=1), default=4, show_default=True,
+                 help="Frequency bands of rotary pairs (by rotations in the trained context) for --band-factors, "
+                      "--band-scales and --search."),
+    click.option("--band-factors", default=None, metavar="M1,M2,...",
+                 help="Per-band rope_freqs multipliers on top of the plan (one per band; factors never below 1)."),
+)
+
+
+def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | None, attn_scale: bool | None,
+               bands: int, band_factors: str | None, band_scales: str | None, symmetric: bool):
+    """The PlanSpec the plan options ask for; options of another method are usage errors."""
+    from qroar_gguf.rope.spec import BandSpec, PlanSpec
+
+    plan_options = {k: v for k, v in {"beta": beta, "base": base, "attn_scale": attn_scale}.items() if v is not None}
+    if method != "qroar" and (agg is not None or set(plan_options) - {"attn_scale"}):
+        raise click.UsageError(f"--beta, --agg and --base apply to --method qroar only (got --method {method})")
+    band_spec = BandSpec(
+        count=bands, symmetric=symmetric,
+        factors=None if band_factors is None else BandSpec.parse_values(band_factors, bands, "--band-factors"),
+        scales=None if band_scales is None else BandSpec.parse_values(band_scales, bands, "--band-scales"))
+    return PlanSpec(method, plan_options, agg, band_spec)
 
 
 @main.command()
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="GGUF file to write (appears only when complete).")
-@click.option("--ctx", "target_ctx", type=click.IntRange(min=1), default=None,
-              help="Target context length in tokens. Default: 4x the trained context (1x for --method none).")
-@click.option("--scale", type=click.FloatRange(min=1.0), default=None,
-              help="Target context as a multiple of the trained one (instead of --ctx).")
-@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-              help="RoPE plan: none, linear (position interpolation), ntk, yarn, llama3, or qroar "
-                   "(outlier-protecting factors measured from W_Q/W_K).")
+@_target_options
 @click.option("--qtype", type=click.Choice(QTYPES, case_sensitive=False), default="Q4_K_M", show_default=True,
               help="Quantization, done by llama.cpp's own quantizer.")
 @click.option("--threads", type=THREADS, default=os.cpu_count() or 1, show_default=True,
               help="Threads for quantization.")
 @click.option("--keep-f16", type=click.Path(path_type=Path), default=None,
               help="Also keep the unquantized intermediate GGUF at this path.")
-@click.option("--beta", type=click.FloatRange(min=0.0), default=None,
-              help="qroar: protection strength for outlier pairs (0 = the base plan exactly). Default 8.")
-@click.option("--agg", type=click.Choice(AGGREGATIONS), default=None,
-              help="qroar: how pair sensitivity is aggregated over layers. Default max.")
-@click.option("--base", type=click.Choice(["linear", "yarn", "llama3"]), default=None,
-              help="qroar: the plan whose interpolation is softened on protected pairs. Default yarn.")
-@click.option("--attn-scale/--no-attn-scale", default=None,
-              help="yarn (and qroar on a yarn base): fold YaRN's attention scale 0.1*ln(r)+1 into W_Q and "
-                   "W_K. Default on.")
-@click.option("--bands", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Frequency bands of rotary pairs (by rotations in the trained context) for --band-factors, "
-                   "--band-scales and --search.")
-@click.option("--band-factors", default=None, metavar="M1,M2,...",
-              help="Per-band rope_freqs multipliers on top of the plan (one per band; factors never below 1).")
+@_plan_detail_options
 @click.option("--band-scales", default=None, metavar="A1,A2,...",
               help="Per-band scales folded into W_Q/W_K rows (both rows of each pair, every head).")
 @click.option("--symmetric/--no-symmetric", default=None,
@@ -210,9 +243,6 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
     from qroar_gguf.convert import ConvertOptions
     from qroar_gguf.convert import convert as run_convert
 
-    plan_options = {k: v for k, v in {"beta": beta, "base": base, "attn_scale": attn_scale}.items() if v is not None}
-    if method != "qroar" and (agg is not None or set(plan_options) - {"attn_scale"}):
-        raise click.UsageError(f"--beta, --agg and --base apply to --method qroar only (got --method {method})")
     if target_ctx is not None and scale is not None:
         raise click.UsageError("give either --ctx or --scale, not both")
     if not search and any(v is not None for v in (dev_text, dev_ctx, dev_chunks, search_report)):
@@ -223,14 +253,11 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
         raise click.UsageError("-o needs a file name")
     _refuse_same_file([("-o", output), ("--keep-f16", keep_f16), ("--search-report", search_report),
                        ("--dev-text", dev_text)])
-    from qroar_gguf.rope.spec import BandSpec, PlanSpec
     from qroar_gguf.search_settings import SearchSettings
 
-    band_spec = BandSpec(
-        count=bands, symmetric=(not search) if symmetric is None else symmetric,
-        factors=None if band_factors is None else BandSpec.parse_values(band_factors, bands, "--band-factors"),
-        scales=None if band_scales is None else BandSpec.parse_values(band_scales, bands, "--band-scales"))
-    options = ConvertOptions(plan=PlanSpec(method, plan_options, agg, band_spec), target_ctx=target_ctx, scale=scale,
+    plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales,
+                      (not search) if symmetric is None else symmetric)
+    options = ConvertOptions(plan=plan, target_ctx=target_ctx, scale=scale,
                              qtype=qtype.upper(), threads=threads, keep_f16=keep_f16, force=force,
                              progress=_show_progress(quiet))
     if search:
@@ -259,6 +286,55 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
                    f"attention scale {result.plan.attn_scale:.4g}")
         if result.intermediate is not None:
             click.echo(f"kept unquantized {result.intermediate}")
+
+
+@main.command()
+@click.argument("gguf_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="GGUF file to write (appears only when complete).")
+@_target_options
+@_plan_detail_options
+@click.option("--band-scales", default=None, hidden=True)  # refused with a reason: they rescale W_Q/W_K
+@click.option("--modelfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write an Ollama Modelfile here (FROM the output, num_ctx the new context, the chat "
+                   "template): `ollama create NAME -f PATH`.")
+@click.option("--force", is_flag=True,
+              help="Overwrite existing output files, and patch a file qroar-gguf already made or patched (its "
+                   "factors then multiply into the ones it has).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
+def patch(gguf_file: Path, output: Path, target_ctx: int | None, scale: float | None, method: str,
+          beta: float | None, agg: str | None, base: str | None, attn_scale: bool | None, bands: int,
+          band_factors: str | None, band_scales: str | None, modelfile: Path | None, force: bool,
+          quiet: bool) -> None:
+    """Extend GGUF_FILE (quantized or not, e.g. a downloaded Q4_K_M) to a longer context without
+    re-quantizing it: every tensor is copied byte for byte, rope_freqs.weight is added (or multiplied
+    into the file's own) and the context length is raised.
+
+    \b
+    qroar-gguf patch model.Q4_K_M.gguf -o model.32k.Q4_K_M.gguf --ctx 32768 --modelfile Modelfile
+    ollama create model-32k -f Modelfile
+    """
+    from qroar_gguf.patch import PatchOptions
+    from qroar_gguf.patch import patch as run_patch
+
+    if target_ctx is not None and scale is not None:
+        raise click.UsageError("give either --ctx or --scale, not both")
+    if not output.name:
+        raise click.UsageError("-o needs a file name")
+    _refuse_same_file([("GGUF_FILE", gguf_file), ("-o", output), ("--modelfile", modelfile)])
+    plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales, True)
+    options = PatchOptions(plan=plan, target_ctx=target_ctx, scale=scale, force=force,
+                           progress=_show_progress(quiet), modelfile=modelfile)
+    result = run_patch(gguf_file, output, options)
+    if not quiet:
+        f = result.factors
+        click.echo(f"wrote {result.output} ({result.output.stat().st_size / 2**20:.1f} MiB) in {result.seconds:.1f} s, "
+                   "every tensor of the input copied unchanged")
+        click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, "
+                   f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs"
+                   + ("" if result.attn_factor is None else f", rope.scaling.attn_factor {result.attn_factor:.4g}"))
+        if result.modelfile is not None:
+            click.echo(f"wrote {result.modelfile}: ollama create NAME -f {result.modelfile}")
 
 
 @main.command()
@@ -298,7 +374,9 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
     click.echo(f"made by qroar-gguf {prov.get('version')}: method {prov.get('method')} "
                f"{json.dumps(params)}, context {prov.get('trained_context')} -> "
                f"{prov.get('target_context')}, attention scale folded {prov.get('attention_scale_folded'):.4g}, "
-               f"source {prov.get('source')}")
+               + ("" if prov.get("attention_factor") is None
+                  else f"attention scale as rope.scaling.attn_factor {prov['attention_factor']:.4g}, ")
+               + f"source {prov.get('source')}")
     if prov.get("bands") is not None:
         starts = prov["bands"]
         click.echo(f"bands (pairs {', '.join(f'{a}-{b - 1}' for a, b in zip(starts, starts[1:]))}): factors x"

@@ -6,9 +6,7 @@ complete (written under a hidden temporary name, then renamed), and temporaries 
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -29,14 +27,15 @@ from qroar_gguf.gguf_io.quantize import FTYPES, quantize_gguf
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
 from qroar_gguf.outputs import (
     check_destination,
+    check_free_space,
     describe_os_error,
     exclusive,
     temporary_beside,
 )
 from qroar_gguf.rope.bands import BandFold
 from qroar_gguf.rope.measure import measure_sensitivity
-from qroar_gguf.rope.plans import RopeFacts, RopePlan, combine_with_source, require_extension, source_factors
-from qroar_gguf.rope.spec import PlanSpec
+from qroar_gguf.rope.plans import RopeFacts, RopePlan, combine_with_source, source_factors
+from qroar_gguf.rope.spec import PlanSpec, rope_facts_for
 from qroar_gguf.source.checkpoint import Checkpoint, open_checkpoint
 from qroar_gguf.source.safetensors_lazy import FLOAT_DTYPES
 
@@ -44,8 +43,6 @@ Q = gguf.GGMLQuantizationType
 ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                "BF16": gguf.LlamaFileType.MOSTLY_BF16}
-DEFAULT_SCALE = 4
-MAX_CONTEXT = 2**32 - 1  # <arch>.context_length is a uint32
 
 
 @dataclass
@@ -113,7 +110,7 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
                 first = final_tmp
             else:
                 first = held.enter_context(temporary_beside(keep_f16 or output, f"{store.lower()}.tmp"))
-            _check_free_space(first, sum(t.nbytes for t in tensors))
+            check_free_space(first, sum(t.nbytes for t in tensors), "the unquantized file")
             write_streaming(first, writer, tensors, progress=options.progress)
             if not unquantized:
                 quantize_gguf(first, final_tmp, options.qtype, options.threads, progress=options.progress)
@@ -175,36 +172,13 @@ def check_tensors(ckpt: Checkpoint, family: ModelFamily) -> None:
                              "shard)")
 
 
-def _check_free_space(path: Path, needed: int) -> None:
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        return
-    if free < needed:
-        raise QroarError(f"{path.parent} has {free / 2**20:.0f} MiB free but the unquantized file needs "
-                         f"{needed / 2**20:.0f} MiB: free space or write elsewhere")
-
-
 def _rope_facts(config: dict, hp: llama.LlamaHparams, options: ConvertOptions) -> tuple[RopeFacts, np.ndarray | None]:
     existing, _original_ctx = source_factors(config, hp.n_rot)
     # The trained context is what the checkpoint supports as shipped: for a Llama 3.1 config with
     # llama3 factors that is max_position_embeddings (131072), not the pre-extension 8192; our factors
     # then multiply into the existing ones.
-    trained = hp.context_length
-    if options.target_ctx is not None and options.scale is not None:
-        raise QroarError("give either --ctx or --scale, not both")
-    if options.target_ctx is not None:
-        target = int(options.target_ctx)
-    elif options.scale is not None:
-        if not math.isfinite(float(options.scale)) or float(options.scale) <= 0:
-            raise QroarError(f"--scale must be a finite positive number, got {options.scale}")
-        target = int(round(trained * float(options.scale)))
-    else:
-        target = trained if options.plan.method == "none" else trained * DEFAULT_SCALE
-    if not 0 < target <= MAX_CONTEXT:
-        raise QroarError(f"target context {target:.4g} is out of range: GGUF stores at most {MAX_CONTEXT} tokens")
-    facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=trained, target_ctx=target)
-    require_extension(facts, options.plan.method)
+    facts = rope_facts_for(hp.n_rot, hp.rope_theta, hp.context_length, options.plan.method, options.target_ctx,
+                           options.scale)
     return facts, existing
 
 

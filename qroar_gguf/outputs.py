@@ -15,6 +15,7 @@ import glob
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -71,6 +72,17 @@ def check_destination(path: Path, *, force: bool, what: str, inputs: Iterable[Pa
                              "output path") from None
     except OSError as exc:  # e.g. a name too long to stat
         raise QroarError(describe_os_error(exc, "write", path)) from None
+
+
+def check_free_space(path: Path, needed: int, what: str) -> None:
+    """Refuse before writing ``needed`` bytes at ``path`` where its folder has less free (``what``: the file)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    if free < needed:
+        raise QroarError(f"{path.parent} has {free / 2**20:.0f} MiB free but {what} needs "
+                         f"{needed / 2**20:.0f} MiB: free space or write elsewhere")
 
 
 @contextmanager

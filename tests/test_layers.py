@@ -15,11 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qroar_gguf"
 
 LAYERS = [
     # 0. facts every layer may use
-    ["qroar_gguf", "errors", "paths", "digests", "choices", "search_settings", "gguf_io.quantize_child"],
+    ["qroar_gguf", "errors", "paths", "digests", "choices", "search_settings", "gguf_io.quantize_child", "modelfile"],
     # 1. reading what the user gives, writing files safely, the packaged assets
-    ["source.checkpoint", "source.safetensors_lazy", "source.text", "gguf_io.reader", "outputs", "assets.austen", "assets.smollm2"],
+    ["source.checkpoint", "source.safetensors_lazy", "source.text", "gguf_io.reader", "gguf_io.layout", "gguf_io.rewrite", "outputs",
+     "assets.austen", "assets.smollm2"],
     # 2. model families: hyperparameters, tensor names and shapes, vocabularies
-    ["arch.base", "arch.llama", "arch.families", "arch.pretokenizer", "arch.vocab"],
+    ["arch.base", "arch.llama", "arch.families", "arch.gguf_arches", "arch.pretokenizer", "arch.vocab"],
     # 3. RoPE math: plans, sensitivity, bands, diagnostics, measuring weights
     ["rope.plans", "rope.layout", "rope.sensitivity", "rope.bands", "rope.diagnostics", "rope.measure",
      "rope.spec"],
@@ -27,8 +28,8 @@ LAYERS = [
     ["gguf_io.provenance", "gguf_io.writer", "gguf_io.quantize", "evaluate.runtime", "evaluate.paired"],
     # 5. evaluators on the runtime
     ["evaluate.perplexity", "evaluate.kld", "evaluate.passkey"],
-    # 6. conversion's stages
-    ["convert"],
+    # 6. conversion's stages, and a GGUF's patch
+    ["convert", "patch"],
     # 7. what is built on conversion and evaluation
     ["search", "summary", "evaluate.report", "evaluate.plots", "evaluate.bench"],
     # 8. the demo, 9. the command line

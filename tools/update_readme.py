@@ -8,6 +8,7 @@ Sections between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` are re
   tail      from tools/results/tail_inflation.json (tools/bench_tail.py)
   weights   from tools/results/band_weight_error.json (tools/bench_band_weight_error.py)
   search    from tools/results/search_*.json (`bash tools/bench_smollm2.sh search`)
+  patch     from tools/results/patch_bench.json (tools/bench_patch.py)
 """
 
 from __future__ import annotations
@@ -103,6 +104,32 @@ def convert_section() -> str:
             f"({r['largest_tensor']['name']}, {r['largest_tensor']['mib']:.0f} MiB).\n")
 
 
+def patch_section() -> str:
+    r = _tool_result("patch_bench.json")
+    if r is None:
+        return _not_measured("python tools/bench_patch.py")
+    s, q = r["speed"], r["quality"]
+    p = q["paired"]
+    return (f"`python tools/bench_patch.py` → `tools/results/patch_bench.json` ({r['machine']['cpus']} cores).\n\n"
+            f"Speed, on SmolLM2 as an unscaled F32 GGUF of {s['file_mib']:.0f} MiB (median of {s['repeats']} runs, "
+            "alternating, same run):\n\n"
+            "| tool | wall time | peak RSS |\n|---|---|---|\n"
+            f"| qroar-gguf patch --method yarn | {s['median']['patch']['seconds']:.2f} s | "
+            f"{s['median']['patch']['peak_rss_mib']:.0f} MiB |\n"
+            f"| cp | {s['median']['cp']['seconds']:.2f} s | {s['median']['cp']['peak_rss_mib']:.0f} MiB |\n\n"
+            f"patch / cp wall time: {s['wall_ratio_patch_over_cp']:.2f}x, Python's start-up included (`qroar-gguf "
+            f"--version` alone takes {s['startup_seconds']:.2f} s); "
+            f"patch's peak RSS, {s['median']['patch']['peak_rss_mib']:.0f} MiB, is 2x the largest attention tensor "
+            f"({s['largest_attention_tensor_mib']:.1f} MiB) plus "
+            f"{s['median']['patch']['peak_rss_mib'] - 2 * s['largest_attention_tensor_mib']:.0f} MiB for the "
+            "interpreter and its libraries: tensor data never passes through the process.\n\n"
+            f"Quality, {q['method']} at {q['ctx']} tokens ({q['ctx'] // q['trained_ctx']}x), {q['qtype']}, one "
+            f"window of {q['text']} ({q['n_scored']} scored tokens): the patched file (its attention scale as "
+            f"`attn_factor`) has PPL {q['ppl_patched']:.3f}, the file convert makes (scale folded into W_Q/W_K "
+            f"before quantizing) {q['ppl_converted']:.3f}; per-token NLL difference {p['mean_diff']:+.4f} "
+            f"nats ({p['z']:+.2f} standard errors).\n")
+
+
 def tail_section() -> str:
     r = _tool_result("tail_inflation.json")
     if r is None:
@@ -165,7 +192,7 @@ def main() -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
     sections = (("summary", summary_section()), ("quality", quality_section()), ("convert", convert_section()), ("tail", tail_section()),
-                ("weights", weights_section()), ("search", search_section()))
+                ("weights", weights_section()), ("search", search_section()), ("patch", patch_section()))
     for name, body in sections:
         pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
         if not pattern.search(text):

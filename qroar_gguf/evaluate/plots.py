@@ -44,11 +44,11 @@ from qroar_gguf.rope.plans import (
     yarn_correction_range,
 )
 from qroar_gguf.rope.sensitivity import AGGREGATIONS, SensitivityResult
+from qroar_gguf.rope.spec import DEFAULT_SCALE
 from qroar_gguf.source.checkpoint import open_checkpoint
 
 #: The plans drawn, in legend order; qroar is computed on a yarn base.
 PLOT_METHODS = tuple(PLANS)
-DEFAULT_SCALE = 4  # target context = 4 x trained when none is given
 
 _FIGSIZE = (14.0, 9.0)  # inches at _DPI: 1400 x 900 px
 _DPI = 100

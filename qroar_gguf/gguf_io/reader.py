@@ -33,7 +33,14 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
 def field_value(reader: gguf.GGUFReader, key: str) -> Any:
     """The key's value (a number, string or list), None when the file lacks it."""
     field = reader.get_field(key)
-    return None if field is None else field.contents()
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except UnicodeDecodeError:  # a string that is not UTF-8 (a byte-level token): shown with replacements
+        if field.types[0] == gguf.GGUFValueType.STRING:
+            return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+        return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,8 @@ def read_hparams(reader: gguf.GGUFReader, path: str | Path) -> GgufHparams:
         n_embd=n_embd,
         n_head=n_head,
         n_kv_head=count(keys[1].HEAD_COUNT_KV, default=n_head),
-        n_rot=count(keys[2].DIMENSION_COUNT, default=n_embd // n_head),
+        # llama.cpp's default: the key head size, which need not be n_embd / n_head
+        n_rot=count(keys[2].DIMENSION_COUNT, default=count(keys[1].KEY_LENGTH, default=n_embd // n_head)),
         rope_theta=LLAMA_ROPE_THETA_DEFAULT if theta is None else float(theta),
         context_length=count(keys[0].CONTEXT_LENGTH),
     )

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from qroar_gguf.arch.base import ModelFamily
 from qroar_gguf.arch.families import family_for
 from qroar_gguf.errors import QroarError
-from qroar_gguf.gguf_io.reader import open_gguf
+from qroar_gguf.gguf_io.layout import read_layout
 from qroar_gguf.gguf_io.reader import read_hparams as read_gguf_hparams
 from qroar_gguf.rope.sensitivity import SensitivityAccumulator, SensitivityResult
 from qroar_gguf.source.checkpoint import Checkpoint
@@ -37,14 +37,23 @@ def measure_sensitivity(ckpt: Checkpoint, family: ModelFamily | None = None, agg
 
 def measure_gguf_sensitivity(path: str | Path, agg: str = "max") -> SensitivityResult:
     """S_k from a GGUF's attn_q/attn_k tensors (dequantized one at a time; llama.cpp layout)."""
-    reader = open_gguf(path)
-    hp = read_gguf_hparams(reader, path)
+    layout = read_layout(path)
+    hp = read_gguf_hparams(layout, path)
     acc = SensitivityAccumulator(hp.n_layer, hp.n_rot // 2, agg=agg)
-    for t in reader.tensors:
-        parts = t.name.split(".")
-        if len(parts) == 4 and parts[0] == "blk" and parts[2] in ("attn_q", "attn_k") and parts[3] == "weight":
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-            query = parts[2] == "attn_q"
-            acc.add_weight(int(parts[1]), "q" if query else "k", w, hp.n_head if query else hp.n_kv_head, hp.n_rot,
-                           "gguf")
+    with open(path, "rb") as f:  # plain reads, one tensor at a time: a map's pages would stay resident
+        for t in layout.tensors:
+            parts = t.name.split(".")
+            if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in ("attn_q", "attn_k")
+                    and parts[3] == "weight"):
+                f.seek(t.data_offset)
+                raw = np.frombuffer(f.read(t.n_bytes), dtype=np.uint8)
+                if raw.size != t.n_bytes:
+                    raise QroarError(f"{path} ends inside {t.name}: it is truncated")
+                with np.errstate(all="ignore"):  # damaged blocks decode to Inf/NaN: refused just below
+                    w = gguf.quants.dequantize(raw.reshape(t.byte_shape), t.tensor_type)
+                if not np.isfinite(w).all():
+                    raise QroarError(f"{t.name} in {path} holds NaN or Inf values: the file is damaged")
+                query = parts[2] == "attn_q"
+                acc.add_weight(int(parts[1]), "q" if query else "k", w, hp.n_head if query else hp.n_kv_head,
+                               hp.n_rot, "gguf")
     return acc.result()

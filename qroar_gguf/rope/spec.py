@@ -20,7 +20,7 @@ import numpy as np
 from qroar_gguf.choices import AGGREGATIONS, DEFAULT_METHOD
 from qroar_gguf.errors import QroarError
 from qroar_gguf.rope.bands import DEFAULT_BANDS, BandFold, band_fold, check_band_count, check_band_values
-from qroar_gguf.rope.plans import PLANS, RopeFacts, RopePlan, make_plan, plan_options
+from qroar_gguf.rope.plans import PLANS, RopeFacts, RopePlan, make_plan, plan_options, require_extension
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,32 @@ class PlanSpec:
         agg = values.pop("agg", None)
         options = {key: _parse_scalar(value) for key, value in values.items()}
         return cls(method=method, options=options, agg=agg, bands=bands, text=str(text))
+
+
+#: The target context when neither --ctx nor --scale is given: this many times the trained one.
+DEFAULT_SCALE = 4
+MAX_CONTEXT = 2**32 - 1  # <arch>.context_length is a uint32
+
+
+def rope_facts_for(n_rot: int, theta: float, trained_ctx: int, method: str, target_ctx: int | None = None,
+                   scale: float | None = None) -> RopeFacts:
+    """The facts for a target given as ``--ctx`` or ``--scale`` (neither: ``DEFAULT_SCALE`` x the trained
+    context, or the trained one for method "none"), checked to extend the context for every method but "none"."""
+    if target_ctx is not None and scale is not None:
+        raise QroarError("give either --ctx or --scale, not both")
+    if target_ctx is not None:
+        target = int(target_ctx)
+    elif scale is not None:
+        if not math.isfinite(float(scale)) or float(scale) <= 0:
+            raise QroarError(f"--scale must be a finite positive number, got {scale}")
+        target = int(round(trained_ctx * float(scale)))
+    else:
+        target = trained_ctx if method == "none" else trained_ctx * DEFAULT_SCALE
+    if not 0 < target <= MAX_CONTEXT:
+        raise QroarError(f"target context {target:.4g} is out of range: GGUF stores at most {MAX_CONTEXT} tokens")
+    facts = RopeFacts(n_rot=n_rot, theta=theta, trained_ctx=trained_ctx, target_ctx=target)
+    require_extension(facts, method)
+    return facts
 
 
 def _parse_scalar(value: str) -> Any:

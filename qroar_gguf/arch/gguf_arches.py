@@ -1,0 +1,24 @@
+"""Which GGUF arches a file can be patched for: llama.cpp's loader must read ``rope_freqs.weight``.
+
+From llama.cpp's source (the copy llama-cpp-python vendors): the per-arch loaders in
+``src/models/*.cpp`` that create ``LLM_TENSOR_ROPE_FREQS``, and ``llama_model_rope_type``, which must be
+``LLAMA_ROPE_TYPE_NORM`` (adjacent pairs, the layout ``rope/measure.py`` reads from a GGUF). An arch
+whose loader does not take the tensor makes llama.cpp refuse the file ("wrong number of tensors").
+"""
+
+from __future__ import annotations
+
+#: Loader reads rope_freqs; rotary pairs are adjacent rows.
+PATCHABLE = ("llama", "mistral3", "granite", "granitemoe", "arcee", "minicpm")
+#: Loader never reads rope_freqs: llama.cpp refuses a file that carries one.
+NO_ROPE_FREQS = ("qwen2", "qwen2moe", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "phi2", "phi3",
+                 "starcoder2", "olmo", "olmo2", "stablelm", "internlm2", "cohere", "command-r")
+
+
+def refusal(arch: str) -> str:
+    """The one line that says why a file of ``arch`` cannot be patched."""
+    if arch in NO_ROPE_FREQS:
+        return (f"llama.cpp's {arch} loader does not read rope_freqs.weight and refuses a file that carries it "
+                f"(\"wrong number of tensors\"), so a {arch} file cannot be extended this way")
+    return (f"qroar-gguf patches GGUF arch {', '.join(PATCHABLE)} (llama.cpp reads rope_freqs.weight for "
+            f"those); this file's arch is {arch}")
