@@ -126,7 +126,7 @@ def _show_progress(quiet: bool) -> bool:
 @click.group(cls=DefaultToConvert, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qroar-gguf")
 def main() -> None:
-    """Turn a Hugging Face Llama-family checkpoint into a quantized GGUF that stock llama.cpp,
+    """Turn a Hugging Face Llama, Mistral or Qwen2 checkpoint into a quantized GGUF that stock llama.cpp,
     Ollama and llama-cpp-python run beyond its trained context: per-pair RoPE factors are written
     as the tensor rope_freqs.weight, so no runtime flags are needed.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from qroar_gguf.arch.llama import checkpoint_hparams
+from qroar_gguf.arch.families import checkpoint_hparams
 from qroar_gguf.assets.austen import austen_text
 from qroar_gguf.assets.smollm2 import default_model_dir
 from qroar_gguf.convert import ConvertOptions, convert

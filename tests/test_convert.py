@@ -221,9 +221,11 @@ def test_missing_tokenizer(scratch: Path, tmp_path: Path):
 
 def test_unsupported_architecture(scratch: Path, tmp_path: Path):
     config = json.loads((scratch / "config.json").read_text())
-    config["architectures"] = ["Qwen2ForCausalLM"]
+    config["architectures"] = ["Gemma3ForCausalLM"]
     (scratch / "config.json").write_text(json.dumps(config))
-    fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path, "LlamaForCausalLM and MistralForCausalLM")
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path,
+                 "unsupported architecture Gemma3ForCausalLM: qroar-gguf converts LlamaForCausalLM, "
+                 "MistralForCausalLM and Qwen2ForCausalLM")
 
 
 def test_target_context_must_grow(scratch: Path, tmp_path: Path):

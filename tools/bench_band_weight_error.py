@@ -53,7 +53,7 @@ def band_errors(f32: Path, quant: Path, pair_band: np.ndarray, n_bands: int) -> 
 
 
 def main() -> None:
-    from qroar_gguf.arch.llama import checkpoint_hparams
+    from qroar_gguf.arch.families import checkpoint_hparams
     from qroar_gguf.convert import ConvertOptions, convert
     from qroar_gguf.rope.bands import pair_bands
     from qroar_gguf.rope.plans import RopeFacts

@@ -28,14 +28,18 @@ def config_architectures(config: dict) -> list:
     return archs
 
 
+def _listed(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def unsupported(config: dict, archs: list, supported: tuple[str, ...]) -> QroarError:
     """The one line for a config whose architecture no family converts."""
     if not archs:
         return QroarError(f"config.json names no architectures (model_type {config.get('model_type')!r}): add the "
                           f"model's class, e.g. \"architectures\": [\"{supported[0]}\"], if it is one of "
-                          f"{' and '.join(supported)}")
+                          f"{_listed(supported)}")
     return QroarError(f"unsupported architecture {', '.join(map(str, archs))}: qroar-gguf converts "
-                      f"{' and '.join(supported)}")
+                      f"{_listed(supported)}")
 
 
 @dataclass(frozen=True)

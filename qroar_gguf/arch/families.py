@@ -6,14 +6,23 @@ family; a new family is a new module under arch/ and one entry here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qroar_gguf.arch.base import ModelFamily, config_architectures, unsupported
 from qroar_gguf.arch.llama import LlamaFamily
+from qroar_gguf.arch.qwen2 import Qwen2Family
+from qroar_gguf.source.checkpoint import open_checkpoint
 
-FAMILIES: tuple[type[ModelFamily], ...] = (LlamaFamily,)
+FAMILIES: tuple[type[ModelFamily], ...] = (LlamaFamily, Qwen2Family)
 
 
 def supported_architectures() -> tuple[str, ...]:
     return tuple(name for family in FAMILIES for name in family.hf_architectures)
+
+
+def checkpoint_hparams(path: str | Path):
+    """The validated hyperparameters of the checkpoint at `path` (reads config.json and headers only)."""
+    return family_for(open_checkpoint(path).config).hparams
 
 
 def family_for(config: dict) -> ModelFamily:

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import gguf
 import numpy as np
 
 from qroar_gguf.arch.base import ModelFamily, TensorSpec, config_architectures, unsupported
 from qroar_gguf.errors import QroarError
-from qroar_gguf.source.checkpoint import open_checkpoint
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 GGUF_ARCH = gguf.MODEL_ARCH.LLAMA
@@ -39,12 +37,12 @@ class LlamaHparams:
     tie_embeddings: bool
 
 
-def read_hparams(config: dict) -> LlamaHparams:
-    """Validate that the config describes a supported model and pull out what the GGUF needs."""
+def read_hparams(config: dict, supported: tuple[str, ...] = SUPPORTED_ARCHITECTURES) -> LlamaHparams:
+    """Validate that the config describes a model of ``supported`` and pull out what the GGUF needs."""
     archs = config_architectures(config)
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    arch = next((a for a in archs if a in supported), None)
     if arch is None:
-        raise unsupported(config, archs, SUPPORTED_ARCHITECTURES)
+        raise unsupported(config, archs, supported)
     activation = config.get("hidden_act", "silu")
     if activation != "silu":  # llama.cpp's llama arch computes SiLU whatever the file says
         raise QroarError(f"config.json: hidden_act {activation!r} is not silu, which llama.cpp's llama arch computes; "
@@ -87,12 +85,6 @@ def read_hparams(config: dict) -> LlamaHparams:
         context_length=count("max_position_embeddings"),
         tie_embeddings=tied,
     )
-
-
-def checkpoint_hparams(path: str | Path) -> LlamaHparams:
-    """The validated hyperparameters of the checkpoint at `path` (reads config.json and headers only)."""
-    ckpt = open_checkpoint(path)
-    return read_hparams(ckpt.config)
 
 
 class _Reader:
@@ -208,7 +200,7 @@ class LlamaFamily(ModelFamily):
         self._names = TensorNames(self.hparams.n_layer)
 
     def read_hparams(self, config: dict) -> LlamaHparams:
-        return read_hparams(config)
+        return read_hparams(config, self.hf_architectures)
 
     def expected_tensors(self) -> dict[str, TensorSpec]:
         return expected_tensors(self.hparams)

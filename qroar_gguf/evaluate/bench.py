@@ -20,7 +20,7 @@ import click
 import numpy as np
 
 from qroar_gguf import __version__
-from qroar_gguf.arch.llama import checkpoint_hparams
+from qroar_gguf.arch.families import checkpoint_hparams
 from qroar_gguf.convert import ConvertOptions, convert
 from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError

@@ -1,0 +1,31 @@
+"""Qwen2 / Qwen2.5 checkpoints (`Qwen2ForCausalLM`) as GGUF arch `llama`.
+
+llama.cpp's own `qwen2` arch never loads `rope_freqs` (it refuses a file that carries one), but its
+`llama` arch computes the same model: RMSNorm, SwiGLU, grouped-query attention with the Q/K/V biases
+it adds when a file has them, and the same RoPE once Q/K rows (and their biases) are permuted into
+llama's adjacent pairs, exactly as for a Llama (transformers rotates halves in both). So a Qwen2
+checkpoint is written as a Llama with biases; what llama does not compute is refused.
+"""
+
+from __future__ import annotations
+
+from qroar_gguf.arch.base import TensorSpec
+from qroar_gguf.arch.llama import LlamaFamily, LlamaHparams
+from qroar_gguf.errors import QroarError
+
+
+class Qwen2Family(LlamaFamily):
+    hf_architectures = ("Qwen2ForCausalLM",)
+
+    def read_hparams(self, config: dict) -> LlamaHparams:
+        if config.get("use_sliding_window"):
+            raise QroarError("config.json: use_sliding_window is true, but llama.cpp's llama arch (the one that "
+                             "reads rope_freqs) attends to the whole context: this checkpoint would run wrongly")
+        return super().read_hparams(config)
+
+    def expected_tensors(self) -> dict[str, TensorSpec]:
+        specs = super().expected_tensors()
+        for name, spec in specs.items():  # Qwen2's attention has Q/K/V biases: a checkpoint without them is damaged
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                specs[name] = TensorSpec(spec.shape, True)
+        return specs
