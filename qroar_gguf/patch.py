@@ -24,7 +24,8 @@ import gguf
 import numpy as np
 
 from qroar_gguf import __version__
-from qroar_gguf.arch.gguf_arches import PATCHABLE, refusal
+from qroar_gguf.arch.gguf_arches import PATCHABLE, REWRITTEN_AS, refusal
+from qroar_gguf.arch.llama import permute_for_gguf
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.layout import GgufLayout, RawTensor, pack_key, read_layout
@@ -81,12 +82,18 @@ class GgufSource:
     attn_factor: float | None  # the file's own <arch>.rope.scaling.attn_factor
 
     @property
-    def attn_factor_key(self) -> str:
-        return gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=self.hp.architecture)
+    def target_arch(self) -> str:
+        """The arch the output declares: the file's own, or the one it is rewritten as (qwen2 -> llama)."""
+        return REWRITTEN_AS.get(self.hp.architecture, self.hp.architecture)
 
     @property
-    def context_key(self) -> str:
-        return gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=self.hp.architecture)
+    def rewritten(self) -> bool:
+        return self.target_arch != self.hp.architecture
+
+    def renamed(self, key: str) -> str:
+        """A key of the input under the output's arch."""
+        prefix = self.hp.architecture + "."
+        return self.target_arch + "." + key[len(prefix):] if key.startswith(prefix) else key
 
 
 def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
@@ -95,7 +102,7 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
     path = Path(path)
     layout = read_layout(path)
     arch = field_value(layout, ARCHITECTURE)
-    if isinstance(arch, str) and arch not in PATCHABLE:
+    if isinstance(arch, str) and arch not in PATCHABLE and arch not in REWRITTEN_AS:
         raise QroarError(f"{path}: {refusal(arch)}")
     _check_scaling(layout, path, arch)
     hp = read_hparams(layout, path)
@@ -164,7 +171,8 @@ def make_patch_plan(options: PatchOptions, src: GgufSource) -> RopePlan:
         raise QroarError("--band-scales rescales W_Q/W_K rows, which a patch copies untouched: use convert "
                          "on the checkpoint for band scales (band factors work here)")
     if spec.needs_sensitivity:
-        sensitivity = measure_gguf_sensitivity(src.path, agg=spec.aggregation).sensitivity
+        pairs = "hf" if src.rewritten else "gguf"  # qwen2 keeps Hugging Face's row order (NEOX pairs)
+        sensitivity = measure_gguf_sensitivity(src.path, agg=spec.aggregation, pairs=pairs).sensitivity
     return spec.plan(src.facts, sensitivity)
 
 
@@ -185,8 +193,7 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
     if src.attn_factor is not None or plan.attn_scale != 1.0:
         attn_factor = float(np.float32((src.attn_factor or 1.0) * plan.attn_scale))
 
-    tensors = [TensorOut(t.name, source=t) if t.name != ROPE_FREQS else TensorOut(ROPE_FREQS, values=factors)
-               for t in src.layout.tensors]
+    tensors = [_tensor_out(src, t, factors) for t in src.layout.tensors]
     if src.existing is None:  # first, where llama.cpp's converter puts it
         tensors.insert(0, TensorOut(ROPE_FREQS, values=factors))
     changes = {**_key_changes(src, facts, attn_factor), **_provenance_entries(src, plan, factors, fold)}
@@ -213,15 +220,36 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
                        seconds=time.monotonic() - start)
 
 
+def _tensor_out(src: GgufSource, t: RawTensor, factors: np.ndarray) -> TensorOut:
+    """A tensor of the output: rope_freqs from the factors, Q/K rows into llama's pairs when the file is
+    rewritten (whole rows move, so quantized blocks are copied as they are), every other one copied."""
+    if t.name == ROPE_FREQS:
+        return TensorOut(ROPE_FREQS, values=factors)
+    parts = t.name.split(".")
+    if src.rewritten and len(parts) == 4 and parts[2] in ("attn_q", "attn_k"):
+        n_head = src.hp.n_head if parts[2] == "attn_q" else src.hp.n_kv_head
+        return TensorOut(t.name, source=t, reorder_rows=lambda rows: permute_for_gguf(rows, n_head))
+    return TensorOut(t.name, source=t)
+
+
 def _key_changes(src: GgufSource, facts: RopeFacts, attn_factor: float | None) -> dict[str, bytes | None]:
-    """The keys a patch changes, as stored entries: the context length (in the type the file uses), the
-    attention factor, and any old qroar.* keys dropped (this patch's own follow the copied keys)."""
-    old = src.layout.fields[src.context_key].type
+    """The keys a patch changes, as stored entries (by the input's key names): the context length (in
+    the type the file uses), the attention factor, the arch's keys renamed when the file is rewritten as
+    another arch, and any old qroar.* keys dropped (this patch's own follow the copied keys)."""
+    fields, arch = src.layout.fields, src.hp.architecture
+    changes: dict[str, bytes | None] = {}
+    if src.rewritten:
+        changes[ARCHITECTURE] = pack_key(ARCHITECTURE, VT.STRING, src.target_arch)
+        changes.update({name: key.renamed(src.renamed(name)) for name, key in fields.items()
+                        if name.startswith(arch + ".")})
+    context = gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch)
+    old = fields[context].type
     context_type = old if old in (VT.UINT32, VT.UINT64, VT.INT32, VT.INT64) else VT.UINT32
-    changes: dict[str, bytes | None] = {src.context_key: pack_key(src.context_key, context_type, facts.target_ctx)}
+    changes[context] = pack_key(src.renamed(context), context_type, facts.target_ctx)
     if attn_factor is not None:
-        changes[src.attn_factor_key] = pack_key(src.attn_factor_key, VT.FLOAT32, attn_factor)
-    changes.update({name: None for name in src.layout.fields if name.startswith(provenance.PREFIX)})
+        key = gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch)
+        changes[key] = pack_key(src.renamed(key), VT.FLOAT32, attn_factor)
+    changes.update({name: None for name in fields if name.startswith(provenance.PREFIX)})
     return changes
 
 
@@ -234,6 +262,8 @@ def _provenance_entries(src: GgufSource, plan: RopePlan, factors: np.ndarray, fo
         source=src.path.name,
     )
     writer.add_float32(provenance.ATTN_FACTOR, float(plan.attn_scale))
+    if src.rewritten:
+        writer.add_string(provenance.SOURCE_ARCH, src.hp.architecture)
     if fold is not None:
         provenance.add_band_provenance(writer, fold.provenance(), None)
     entries = {}

@@ -13,6 +13,8 @@ import pytest
 from runs import convert_ok, run_cli
 from test_convert import prompt_logits
 
+import gguf
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -98,3 +100,86 @@ def test_sliding_window_qwen2_is_refused(smollm2_dir: Path, tmp_path: Path):
     result = run_cli(ckpt, "-o", tmp_path / "out.gguf", "-q")
     assert result.returncode == 1 and "use_sliding_window is true" in result.stderr
     assert not (tmp_path / "out.gguf").exists()
+
+
+# A downloaded qwen2 GGUF -> arch llama, by `patch` ---------------------------------------------------
+
+def unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's adjacent pairs back to Hugging Face's order (what llama.cpp's converter writes for qwen2)."""
+    half = rows.shape[0] // n_head // 2
+    return rows.reshape(n_head, half, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def as_qwen2_gguf(llama_file: Path, out: Path, n_head: int, n_kv_head: int) -> Path:
+    """The file llama.cpp's converter makes for a Qwen2 checkpoint: arch qwen2, Q/K rows in HF order,
+    no rope_freqs (qwen2 refuses it), from the llama-form file of the same checkpoint."""
+    reader = gguf.GGUFReader(llama_file)
+    writer = gguf.GGUFWriter(out, "qwen2")
+    for field in reader.fields.values():
+        if field.name.startswith(("GGUF.", "qroar.")) or field.name == "general.architecture":
+            continue
+        kind = field.types[0]
+        name = "qwen2." + field.name[len("llama."):] if field.name.startswith("llama.") else field.name
+        writer.add_key_value(name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        data = np.array(t.data)
+        if t.name.split(".")[2:3] in (["attn_q"], ["attn_k"]):
+            data = unpermute(data, n_head if ".attn_q." in t.name else n_kv_head)
+        writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def test_a_qwen2_gguf_is_patched_as_llama(smollm2_dir: Path, tmp_path: Path):
+    """What people download for Qwen2.5 is a qwen2 GGUF, often quantized: patch rewrites it as llama
+    (keys renamed, Q/K rows reordered as whole rows of bytes) with rope_freqs, and llama.cpp runs it as
+    the qwen2 file runs with runtime linear scaling."""
+    from qroar_gguf.gguf_io.quantize import quantize_gguf
+
+    config_class, model_class, overrides = CASES["qwen2-gqa-untied"]
+    ckpt = build(tmp_path / "ckpt", smollm2_dir, config_class, model_class, **overrides)
+    convert_ok(ckpt, "-o", tmp_path / "llama.F32.gguf", "--method", "none", "--qtype", "F32")
+    qwen2_f32 = as_qwen2_gguf(tmp_path / "llama.F32.gguf", tmp_path / "qwen2.F32.gguf", 4, 2)
+    tokens = [int(t) for t in np.random.default_rng(2).integers(0, 49152, 48)]
+    theirs = transformers_logits(ckpt, tokens)
+    np.testing.assert_allclose(prompt_logits(qwen2_f32, tokens, n_ctx=256), theirs, rtol=0,
+                               atol=2e-3 * np.abs(theirs).max())  # a faithful qwen2 file, run by qwen2's code
+    qwen2_q8 = tmp_path / "qwen2.Q8_0.gguf"
+    quantize_gguf(qwen2_f32, qwen2_q8, "Q8_0", 2, progress=False)
+    patched = tmp_path / "patched.Q8_0.gguf"
+    result = run_cli("patch", qwen2_q8, "-o", patched, "--method", "linear", "--ctx", "2048", "-q")
+    assert result.returncode == 0, result.stderr
+
+    reader = gguf.GGUFReader(patched)
+    assert reader.get_field("general.architecture").contents() == "llama"
+    assert reader.get_field("llama.context_length").contents() == 2048
+    assert not [name for name in reader.fields if name.startswith("qwen2.")]
+    before = {t.name: np.array(t.data) for t in gguf.GGUFReader(qwen2_q8).tensors}
+    after = {t.name: np.array(t.data) for t in reader.tensors}
+    assert after.pop("rope_freqs.weight").tolist() == [2.0] * 16
+    for name, data in before.items():
+        if ".attn_q." in name or ".attn_k." in name:
+            n_head = 4 if ".attn_q." in name else 2
+            assert np.array_equal(unpermute(after[name], n_head), data), name  # the same rows, moved
+        else:
+            assert np.array_equal(after[name], data), name
+    ours = prompt_logits(patched, tokens, n_ctx=256)
+    runtime = prompt_logits(qwen2_q8, tokens, n_ctx=256, rope_freq_scale=0.5)
+    # Quantized, the two runs agree closely but not bit for bit (F32 below is exact): the same rows in
+    # another order meet llama.cpp's quantized kernels differently
+    scale = np.abs(runtime).max()
+    assert np.abs(ours - runtime).mean() < 1e-3 * scale and np.abs(ours - runtime).max() < 3e-2 * scale
+    assert (ours.argmax(axis=1) == runtime.argmax(axis=1)).mean() >= 0.95
+    assert np.abs(ours - prompt_logits(qwen2_q8, tokens, n_ctx=256)).max() > 0.1  # the factors act
+
+    patched_f32 = tmp_path / "patched.F32.gguf"
+    assert run_cli("patch", qwen2_f32, "-o", patched_f32, "--method", "linear", "--ctx", "2048", "-q").returncode == 0
+    runtime = prompt_logits(qwen2_f32, tokens, n_ctx=256, rope_freq_scale=0.5)
+    np.testing.assert_allclose(prompt_logits(patched_f32, tokens, n_ctx=256), runtime, rtol=0,
+                               atol=1e-4 * np.abs(runtime).max())

@@ -73,6 +73,10 @@ class RawKey:
     entry: bytes
     value_at: int  # where the value starts within ``entry``
 
+    def renamed(self, name: str) -> bytes:
+        """The same entry under another name."""
+        return pack_string(name) + self.entry[8 + len(self.name.encode("utf-8")):]
+
     def contents(self) -> Any:
         """The value (strings decoded as UTF-8, undecodable bytes replaced)."""
         return _decode(_Cursor(self.entry, self.value_at), self.type)

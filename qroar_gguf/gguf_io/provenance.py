@@ -19,6 +19,7 @@ FACTORS = "qroar.factors"  # float32 array: the rope_freqs.weight values written
 SOURCE_FACTORS = "qroar.source_factors"  # float32 array: factors the source already had (llama3), if any
 ATTN_SCALE = "qroar.attention_scale_folded"  # the scale multiplied into W_Q and W_K (1 = none)
 SOURCE = "qroar.source"  # the checkpoint's name (patch: the input file's)
+SOURCE_ARCH = "qroar.source_arch"  # patch: the input's GGUF arch, where it was rewritten as another
 ATTN_FACTOR = "qroar.attention_factor"  # patch: the plan's scale, written into <arch>.rope.scaling.attn_factor
 # Band-wise method (rope/bands.py, search.py); written only when band values are given or searched.
 BANDS = "qroar.bands"  # int array [N + 1]: first pair of every band, then P

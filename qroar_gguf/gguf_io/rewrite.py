@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,14 @@ _CHUNK = 1 << 24  # bytes per copy call
 
 @dataclass(frozen=True)
 class TensorOut:
-    """One tensor of the output: copied from the input (``source``) or written from ``values`` (F32, 1-D)."""
+    """One tensor of the output: copied from the input (``source``), with its rows reordered by
+    ``reorder_rows`` when given (rows as bytes, ``[rows, bytes per row]``: quantized blocks never
+    straddle rows), or written from ``values`` (F32, 1-D)."""
 
     name: str
     source: RawTensor | None = None
     values: np.ndarray | None = None
+    reorder_rows: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -70,12 +74,28 @@ def write_rewritten(path: Path, layout: GgufLayout, header: bytes, tensors: list
         fout.write(header)
         for t in tensors:
             fout.write(b"\0" * (-fout.tell() % alignment))
-            if t.values is None:
+            if t.reorder_rows is not None:
+                fout.write(_reordered(fin, t))
+            elif t.values is None:
                 _copy_range(fin, fout, t.source.data_offset, t.nbytes)
             else:
                 fout.write(np.ascontiguousarray(t.values, dtype="<f4").tobytes())
             bar.update(t.nbytes)
         fout.write(b"\0" * (-fout.tell() % alignment))
+
+
+def _reordered(fin, t: TensorOut) -> bytes:
+    """The tensor's bytes with its rows reordered (one tensor in memory, twice at most)."""
+    dims = t.source.dims
+    rows = dims[0] if len(dims) == 1 else t.source.n_elements // dims[0]
+    fin.seek(t.source.data_offset)
+    raw = np.frombuffer(fin.read(t.nbytes), dtype=np.uint8)
+    if raw.size != t.nbytes or t.nbytes % rows:
+        raise QroarError(f"{fin.name}: tensor {t.name} cannot be read as {rows} whole rows")
+    out = t.reorder_rows(raw.reshape(rows, t.nbytes // rows))
+    if out.shape != (rows, t.nbytes // rows):
+        raise AssertionError(f"{t.name}: reordering changed the shape")
+    return np.ascontiguousarray(out).tobytes()
 
 
 def _padded(n: int, alignment: int) -> int:

@@ -35,8 +35,9 @@ def measure_sensitivity(ckpt: Checkpoint, family: ModelFamily | None = None, agg
     return acc.result()
 
 
-def measure_gguf_sensitivity(path: str | Path, agg: str = "max") -> SensitivityResult:
-    """S_k from a GGUF's attn_q/attn_k tensors (dequantized one at a time; llama.cpp layout)."""
+def measure_gguf_sensitivity(path: str | Path, agg: str = "max", pairs: str = "gguf") -> SensitivityResult:
+    """S_k from a GGUF's attn_q/attn_k tensors (dequantized one at a time). ``pairs``: "gguf" for
+    llama.cpp's adjacent pairs, "hf" for an arch whose rows keep Hugging Face's order (qwen2's NEOX)."""
     layout = read_layout(path)
     hp = read_gguf_hparams(layout, path)
     acc = SensitivityAccumulator(hp.n_layer, hp.n_rot // 2, agg=agg)
@@ -55,5 +56,5 @@ def measure_gguf_sensitivity(path: str | Path, agg: str = "max") -> SensitivityR
                     raise QroarError(f"{t.name} in {path} holds NaN or Inf values: the file is damaged")
                 query = parts[2] == "attn_q"
                 acc.add_weight(int(parts[1]), "q" if query else "k", w, hp.n_head if query else hp.n_kv_head,
-                               hp.n_rot, "gguf")
+                               hp.n_rot, pairs)
     return acc.result()
