@@ -191,8 +191,9 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
 
 @main.command()
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="GGUF file to write (appears only when complete).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="GGUF file to write (appears only when complete). Default: NAME-SIZE-CTX-QTYPE.gguf in the "
+                   "current folder, named from the model's metadata as llama.cpp's converter names files.")
 @_target_options
 @click.option("--qtype", type=click.Choice(QTYPES, case_sensitive=False), default="Q4_K_M", show_default=True,
               help="Quantization, done by llama.cpp's own quantizer.")
@@ -230,14 +231,20 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
               help="--search: key cache type while measuring.")
 @click.option("--search-report", type=click.Path(dir_okay=False, path_type=Path),
               help="--search: also write the search (every candidate, the best) to this JSON file.")
+@click.option("--name", default=None,
+              help="general.name. Default: from the checkpoint (config, model card, folder name).")
+@click.option("--metadata", "metadata_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="JSON file of general.* values that override what the checkpoint says "
+                                 "(llama.cpp's --metadata format, e.g. {\"general.license\": \"apache-2.0\"}).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
-def convert(model: Path, output: Path, target_ctx: int | None, scale: float | None, method: str, qtype: str,
+def convert(model: Path, output: Path | None, target_ctx: int | None, scale: float | None, method: str, qtype: str,
             threads: int, keep_f16: Path | None, beta: float | None, agg: str | None, base: str | None,
             attn_scale: bool | None, bands: int, band_factors: str | None, band_scales: str | None,
             symmetric: bool | None, search: bool, dev_text: Path | None, dev_ctx: int | None, dev_chunks: int | None,
             search_budget: int, search_seed: int, search_objective: str, search_space: str, search_type_k: str,
-            search_report: Path | None, force: bool, quiet: bool) -> None:
+            search_report: Path | None, name: str | None, metadata_file: Path | None, force: bool,
+            quiet: bool) -> None:
     """Convert MODEL (a .safetensors file with config.json and tokenizer beside it, a
     model.safetensors.index.json, or the checkpoint directory) to a GGUF file."""
     from qroar_gguf.convert import ConvertOptions
@@ -249,17 +256,21 @@ def convert(model: Path, output: Path, target_ctx: int | None, scale: float | No
         raise click.UsageError("--dev-text, --dev-ctx, --dev-chunks and --search-report apply to --search only")
     if symmetric is not None and band_scales is None and not search:
         raise click.UsageError("--symmetric/--no-symmetric applies to --band-scales or --search only")
-    if not output.name:
+    if output is not None and not output.name:
         raise click.UsageError("-o needs a file name")
-    _refuse_same_file([("-o", output), ("--keep-f16", keep_f16), ("--search-report", search_report),
-                       ("--dev-text", dev_text)])
     from qroar_gguf.search_settings import SearchSettings
 
     plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales,
                       (not search) if symmetric is None else symmetric)
     options = ConvertOptions(plan=plan, target_ctx=target_ctx, scale=scale,
                              qtype=qtype.upper(), threads=threads, keep_f16=keep_f16, force=force,
-                             progress=_show_progress(quiet))
+                             progress=_show_progress(quiet), name=name, metadata=metadata_file)
+    if output is None:
+        from qroar_gguf.convert import default_output
+
+        output = default_output(model, options)
+    _refuse_same_file([("-o", output), ("--keep-f16", keep_f16), ("--search-report", search_report),
+                       ("--dev-text", dev_text), ("--metadata", metadata_file)])
     if search:
         from qroar_gguf.search import search_and_convert
 

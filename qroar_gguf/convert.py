@@ -56,6 +56,8 @@ class ConvertOptions:
     force: bool = False
     progress: bool = True
     band_search: dict | None = None  # provenance of the search that chose the band values (search.py)
+    name: str | None = None  # general.name (None: from the checkpoint, as llama.cpp's converter finds it)
+    metadata: Path | None = None  # a JSON file of general.* overrides (llama.cpp's --metadata format)
 
 
 @dataclass
@@ -93,7 +95,8 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
     unquantized = options.qtype in UNQUANTIZED
     store = options.qtype if unquantized else ("BF16" if ckpt.source_dtype == "BF16" else "F16")
     writer = gguf.GGUFWriter(path=None, arch=src.family.gguf_arch_name)
-    _add_metadata(writer, ckpt, src.family, facts, plan, factors, existing, store)
+    _add_metadata(writer, ckpt, src.family, facts, plan, factors, existing, store,
+                  model_metadata(ckpt, src.family, options.name, options.metadata))
     if fold is not None or options.band_search is not None:
         provenance.add_band_provenance(writer, fold.provenance() if fold else None, options.band_search)
     write_vocab(writer, vocab)
@@ -191,11 +194,41 @@ def make_conversion_plan(options: ConvertOptions, src: Source) -> RopePlan:
     return spec.plan(src.facts, sensitivity)
 
 
+def model_metadata(ckpt: Checkpoint, family: ModelFamily, name: str | None = None,
+                   overrides: Path | None = None) -> gguf.Metadata:
+    """general.* as llama.cpp's converter finds them: gguf-py's Metadata from the checkpoint's folder
+    name, config.json and model card (README.md front matter), then ``overrides`` (a JSON file) and
+    ``name``; the size label from the parameter count when nothing gives one."""
+    total = sum(int(np.prod(ckpt.info(n).shape, dtype=np.int64)) for n in ckpt.names if family.gguf_name(n))
+    try:
+        meta = gguf.Metadata.load(overrides, ckpt.directory, name, total)
+        if overrides is not None:  # gguf-py's Metadata.load overrides every general.* key but the license
+            meta.license = gguf.Metadata.load_metadata_override(overrides).get(gguf.Keys.General.LICENSE,
+                                                                               meta.license)
+    except (OSError, ValueError) as exc:  # an unreadable or malformed override file or model card
+        raise QroarError(f"--metadata {overrides}: {exc}" if overrides else f"{ckpt.directory}: {exc}") from None
+    if meta.name is None:
+        meta.name = ckpt.directory.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, 0, 0, 0)
+    return meta
+
+
+def default_output(source: str | Path, options: ConvertOptions) -> Path:
+    """`{name}-{size}-{ctx}-{qtype}.gguf` in the current folder, as llama.cpp's converter names files
+    (e.g. SmolLM2-135M-Instruct-32k-Q4_K_M.gguf)."""
+    src = read_source(source, options)
+    meta = model_metadata(src.ckpt, src.family, options.name, options.metadata)
+    stem = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label, None)
+    ctx = src.facts.target_ctx
+    return Path(f"{stem}-{f'{ctx // 1024}k' if ctx % 1024 == 0 else ctx}-{options.qtype}.gguf")
+
+
 def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, family: ModelFamily, facts: RopeFacts,
-                  plan: RopePlan, factors: np.ndarray, existing: np.ndarray | None, store: str) -> None:
-    name = ckpt.config.get("_name_or_path") or ckpt.directory.name
+                  plan: RopePlan, factors: np.ndarray, existing: np.ndarray | None, store: str,
+                  meta: gguf.Metadata) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(str(name).rstrip("/").split("/")[-1])
+    meta.set_gguf_meta_model(writer)
     writer.add_file_type(_FILE_TYPES[store])
     family.set_gguf_parameters(writer, facts.target_ctx)
     provenance.add_provenance(

@@ -1,8 +1,10 @@
 """Output files stay byte-identical across refactoring: SmolLM2 converted with every method and a band
-plan, against SHA-256 digests recorded from the files the code made before the restructuring
-(commit 01eccb3, llama-cpp-python 0.3.36 built portable). A change that alters any byte (a metadata
-key, a factor's last bit, a tensor order) fails here; a deliberate format change updates the digests
-and says why in its commit.
+plan, against SHA-256 digests of the files the code made (llama-cpp-python 0.3.36 built portable).
+Recorded at commit 01eccb3 and kept through the restructuring; re-recorded once, deliberately, when
+general.* metadata came to be written as llama.cpp's converter writes it (name, basename, size label,
+finetune, license, languages), which changed those keys and nothing else. A change that alters any
+byte (a metadata key, a factor's last bit, a tensor order) fails here; a deliberate format change
+updates the digests and says why in its commit.
 """
 
 from __future__ import annotations
@@ -16,27 +18,27 @@ from runs import convert_ok
 
 CASES = {
     "none.Q4_0": (["--method", "none", "--ctx", "8192", "--qtype", "Q4_0"],
-                  "2a7c7368b06c6244848c7328ee59a28be8d45589dca1f577de9d33df2b44b3c3"),
+                  "48f8ff45a7f73ba95c4107f51ff05597eb40af1a676daa9a38ffc828d95d7e06"),
     "linear.Q4_0": (["--method", "linear", "--ctx", "16384", "--qtype", "Q4_0"],
-                    "c5063130e81e2d638997eb39951787d9f5b996c00d20068adba48d824840068e"),
+                    "e3c3a1e829b8cf6f479f0e91055ef2bf74ea517807dbd62cdf01d09dab894930"),
     "ntk.Q4_0": (["--method", "ntk", "--ctx", "16384", "--qtype", "Q4_0"],
-                 "39fc95df79ef87ea538020543345e32dbd9cb42c39c744ebf62bf0862a931968"),
+                 "548c9f24a665564ceb1c641ed40312b9778afacddf087ed05b281ef19f2ddbff"),
     "yarn.Q4_0": (["--method", "yarn", "--ctx", "16384", "--qtype", "Q4_0"],
-                  "d443dfb2c4944fcc3a0d8feb9c27e403786037b63c8443f44d7c8bd50280ec48"),
+                  "d517c1a96c3ae1b8b322fbcd005112c9425b92df8dd68b5140b8a408787eaacc"),
     "llama3.Q4_0": (["--method", "llama3", "--ctx", "16384", "--qtype", "Q4_0"],
-                    "024466c99681779698f768e9d55908ac757ba3bf1c25abafa492fcac60a9f770"),
+                    "4320150a1da04a18dcf68ea0b5469023f5b1629aed4511506d175b396b590c3e"),
     "qroar.Q4_0": (["--method", "qroar", "--ctx", "16384", "--qtype", "Q4_0"],
-                   "66044a3238e889438e202267681fa3175f730d8e761f308e0bbb37c9a0438d93"),
+                   "e894c95d222e97b35dc9e3bc419af06ee2618ff874c683f4fd16a9b0d131d559"),
     "yarn.32k.Q4_K_M": (["--method", "yarn", "--ctx", "32768", "--qtype", "Q4_K_M"],
-                        "e5aaa7e9375e91561c3e526ac96472e5f874f362d24b5c2626b84486ffb522f1"),
+                        "e8114ab1914d7466e2d8ce0decb7cb62ca1d7ed5d674f17ad0fe577c59e9c4eb"),
     "yarn.F16": (["--method", "yarn", "--ctx", "16384", "--qtype", "F16"],
-                 "f5ec2110e0bdac00ecf736dd712bd544659f09f011c25cd721f7d2afcd2bbee0"),
+                 "b165c74101a3465deae98b412a84d793c4044da41dc0fd83d87331bb8053a108"),
     "bands.Q4_0": (["--method", "yarn", "--ctx", "32768", "--qtype", "Q4_0", "--band-factors", "1,1,0.9,0.9",
                     "--band-scales", "1,1.1,0.9,1", "--no-symmetric"],
-                   "0fb27563d2fed9dfe70e2f5eef8eaf2d65d550f42d99dfb17ae45ed691ecfd78"),
+                   "d3377879385c8b25f25e88b275c1229ffa2355567970955ae5f66384de5d35b3"),
     "qroar.mean.Q8_0": (["--method", "qroar", "--ctx", "16384", "--qtype", "Q8_0", "--agg", "mean", "--beta", "4",
                          "--base", "llama3"],
-                        "de0c4cacaaa6689352258a785ef1eb23c89c4189397aa1a8a4b95e28702873b8"),
+                        "3799717da821d443f6fc2ac297eaa2ff1e654be5c9dca14e4de110e39d85bcdc"),
 }
 
 

