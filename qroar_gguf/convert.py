@@ -86,6 +86,7 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
         if keep_f16.resolve() == output.resolve():
             raise QroarError("--keep-f16 must name a different file than the output")
     vocab = read_vocab(ckpt.directory, hp.vocab_size)
+    meta = model_metadata(ckpt, src.family, options.name, options.metadata)  # before the plan's measuring
     plan = make_conversion_plan(options, src)
     fold = options.plan.bands.fold(facts, n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_dim)
     factors = plan.factors.astype(np.float32) if fold is None else fold.apply_factors(facts, plan.factors)
@@ -96,7 +97,7 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
     store = options.qtype if unquantized else ("BF16" if ckpt.source_dtype == "BF16" else "F16")
     writer = gguf.GGUFWriter(path=None, arch=src.family.gguf_arch_name)
     _add_metadata(writer, ckpt, src.family, facts, plan, factors, existing, store,
-                  model_metadata(ckpt, src.family, options.name, options.metadata))
+                  meta)
     if fold is not None or options.band_search is not None:
         provenance.add_band_provenance(writer, fold.provenance() if fold else None, options.band_search)
     write_vocab(writer, vocab)
@@ -194,19 +195,35 @@ def make_conversion_plan(options: ConvertOptions, src: Source) -> RopePlan:
     return spec.plan(src.facts, sensitivity)
 
 
+_TEXT_METADATA = ("name", "author", "version", "organization", "finetune", "basename", "description",
+                  "quantized_by", "size_label", "license", "license_name", "license_link", "url", "doi", "uuid",
+                  "repo_url", "source_url", "source_doi", "source_uuid", "source_repo_url")
+
+
 def model_metadata(ckpt: Checkpoint, family: ModelFamily, name: str | None = None,
                    overrides: Path | None = None) -> gguf.Metadata:
     """general.* as llama.cpp's converter finds them: gguf-py's Metadata from the checkpoint's folder
     name, config.json and model card (README.md front matter), then ``overrides`` (a JSON file) and
     ``name``; the size label from the parameter count when nothing gives one."""
     total = sum(int(np.prod(ckpt.info(n).shape, dtype=np.int64)) for n in ckpt.names if family.gguf_name(n))
+    # gguf-py parses the model card with PyYAML and the override file with json: whatever they raise on a
+    # malformed file (YAML errors, a list where an object belongs, ...) becomes one line naming the file.
     try:
-        meta = gguf.Metadata.load(overrides, ckpt.directory, name, total)
-        if overrides is not None:  # gguf-py's Metadata.load overrides every general.* key but the license
-            meta.license = gguf.Metadata.load_metadata_override(overrides).get(gguf.Keys.General.LICENSE,
-                                                                               meta.license)
-    except (OSError, ValueError) as exc:  # an unreadable or malformed override file or model card
-        raise QroarError(f"--metadata {overrides}: {exc}" if overrides else f"{ckpt.directory}: {exc}") from None
+        meta = gguf.Metadata.load(None, ckpt.directory, name, total)
+    except Exception as exc:
+        raise QroarError(f"{ckpt.directory}: its model card (README.md front matter) or config.json cannot be "
+                         f"read for metadata ({type(exc).__name__}: {exc}): fix or remove it") from None
+    if overrides is not None:
+        try:
+            meta = gguf.Metadata.load(overrides, ckpt.directory, name, total)
+            given = gguf.Metadata.load_metadata_override(overrides)
+            meta.license = given.get(gguf.Keys.General.LICENSE, meta.license)  # the one key load() skips
+        except Exception as exc:
+            raise QroarError(f"--metadata {overrides}: not a JSON object of general.* values "
+                             f"({type(exc).__name__}: {exc})") from None
+    for key, value in vars(meta).items():  # a card's `version: 1.0` is a number; GGUF stores text there
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in _TEXT_METADATA:
+            setattr(meta, key, str(value))
     if meta.name is None:
         meta.name = ckpt.directory.name
     if meta.size_label is None and total > 0:
@@ -220,6 +237,7 @@ def default_output(source: str | Path, options: ConvertOptions) -> Path:
     src = read_source(source, options)
     meta = model_metadata(src.ckpt, src.family, options.name, options.metadata)
     stem = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label, None)
+    stem = stem.replace("/", "-").replace("\\", "-")  # a name from a card is no path
     ctx = src.facts.target_ctx
     return Path(f"{stem}-{f'{ctx // 1024}k' if ctx % 1024 == 0 else ctx}-{options.qtype}.gguf")
 

@@ -118,6 +118,10 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
             if name not in names:
                 raise QroarError(f"{path} has no {name}: a {arch} file with {hp.n_layer} layers needs one per "
                                  "layer (split attention projections), and llama.cpp would not load it")
+    head = field_value(layout, gguf.Keys.Attention.KEY_LENGTH.format(arch=arch)) or hp.n_embd // hp.n_head
+    if arch in REWRITTEN_AS and hp.n_rot != head:
+        raise QroarError(f"{path}: {hp.n_rot} of {head} dimensions per head rotate; rewriting {arch} as "
+                         f"{REWRITTEN_AS[arch]} reorders whole heads, which only fully rotary heads allow")
     existing = _existing_factors(names.get(ROPE_FREQS), hp, path)
     attn_factor = field_value(layout, gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch))
     if attn_factor is not None and not (isinstance(attn_factor, float) and np.isfinite(attn_factor)

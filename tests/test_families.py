@@ -93,10 +93,9 @@ def test_qwen2_runs_extended_with_rope_freqs(smollm2_dir: Path, tmp_path: Path):
 
 def test_sliding_window_qwen2_is_refused(smollm2_dir: Path, tmp_path: Path):
     config_class, model_class, overrides = CASES["qwen2-mha-tied"]
-    ckpt = build(tmp_path / "ckpt", smollm2_dir, config_class, model_class, **overrides)
-    config = (ckpt / "config.json").read_text().replace('"use_sliding_window": false', '"use_sliding_window": true')
-    assert '"use_sliding_window": true' in config
-    (ckpt / "config.json").write_text(config)
+    ckpt = build(tmp_path / "ckpt", smollm2_dir, config_class, model_class, use_sliding_window=True,
+                 max_window_layers=1, **overrides)  # layer 1 slides
+    assert "sliding_attention" in (ckpt / "config.json").read_text()
     result = run_cli(ckpt, "-o", tmp_path / "out.gguf", "-q")
     assert result.returncode == 1 and "use_sliding_window is true" in result.stderr
     assert not (tmp_path / "out.gguf").exists()
@@ -183,3 +182,11 @@ def test_a_qwen2_gguf_is_patched_as_llama(smollm2_dir: Path, tmp_path: Path):
     runtime = prompt_logits(qwen2_f32, tokens, n_ctx=256, rope_freq_scale=0.5)
     np.testing.assert_allclose(prompt_logits(patched_f32, tokens, n_ctx=256), runtime, rtol=0,
                                atol=1e-4 * np.abs(runtime).max())
+
+
+def test_qwen2_with_every_layer_full_attention_converts(smollm2_dir: Path, tmp_path: Path):
+    """use_sliding_window with max_window_layers >= num_hidden_layers slides no layer (transformers)."""
+    config_class, model_class, overrides = CASES["qwen2-mha-tied"]
+    ckpt = build(tmp_path / "ckpt", smollm2_dir, config_class, model_class, use_sliding_window=True,
+                 max_window_layers=2, **overrides)
+    convert_ok(ckpt, "-o", tmp_path / "out.gguf", "--ctx", "2048", "--qtype", "F16")

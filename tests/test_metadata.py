@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import gguf
+import pytest
 
 from runs import fail_cleanly, run_cli
 
@@ -45,3 +46,39 @@ def test_a_broken_metadata_file_is_refused(smollm2_dir: Path, tmp_path: Path):
     overrides.write_text("{not json")
     fail_cleanly([smollm2_dir, "-o", tmp_path / "out.gguf", "--metadata", overrides], tmp_path, "--metadata",
                  protect=tmp_path / "in")
+
+
+def _checkpoint_copy(smollm2_dir: Path, target: Path) -> Path:
+    import shutil
+
+    target.mkdir()
+    for f in smollm2_dir.iterdir():
+        (target / f.name).symlink_to(f) if f.name != "README.md" else shutil.copy(f, target / f.name)
+    return target
+
+
+def test_a_card_with_a_numeric_version_names_the_file(smollm2_dir: Path, tmp_path: Path):
+    ckpt = _checkpoint_copy(smollm2_dir, tmp_path / "ckpt")
+    card = (ckpt / "README.md").read_text().replace("library_name:", "version: 1.0\nlibrary_name:", 1)
+    (ckpt / "README.md").write_text(card)
+    (tmp_path / "out").mkdir()
+    result = run_cli(ckpt, "--ctx", "16384", "--qtype", "F16", "-q", cwd=tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    [out] = (tmp_path / "out").iterdir()
+    assert general(out)["general.version"] == "1.0" and out.name == "Ckpt-135M-1.0-16k-F16.gguf"
+
+
+@pytest.mark.parametrize("card, overrides, needle", [
+    ("---\nlicense: [unclosed\n---\n", None, "model card"),
+    (None, "[1, 2]", "--metadata"),
+])
+def test_broken_cards_and_overrides_are_one_line(smollm2_dir: Path, tmp_path: Path, card, overrides, needle):
+    ckpt = _checkpoint_copy(smollm2_dir, tmp_path / "ckpt")
+    args = []
+    if card is not None:
+        (ckpt / "README.md").write_text(card)
+    if overrides is not None:
+        (tmp_path / "meta.json").write_text(overrides)
+        args = ["--metadata", tmp_path / "meta.json"]
+    (tmp_path / "out").mkdir()
+    fail_cleanly([ckpt, "-o", tmp_path / "out" / "x.gguf", *args], tmp_path / "out", needle)

@@ -14,11 +14,23 @@ from qroar_gguf.arch.llama import LlamaFamily, LlamaHparams
 from qroar_gguf.errors import QroarError
 
 
+def _slides(config: dict) -> bool:
+    """Whether some layer attends through a sliding window (transformers: with use_sliding_window, the
+    layers from max_window_layers on, or those layer_types names so)."""
+    if not config.get("use_sliding_window"):
+        return False
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list):
+        return "sliding_attention" in layer_types
+    layers, window_from = config.get("num_hidden_layers"), config.get("max_window_layers")
+    return not (isinstance(layers, int) and isinstance(window_from, int) and window_from >= layers)
+
+
 class Qwen2Family(LlamaFamily):
     hf_architectures = ("Qwen2ForCausalLM",)
 
     def read_hparams(self, config: dict) -> LlamaHparams:
-        if config.get("use_sliding_window"):
+        if _slides(config):
             raise QroarError("config.json: use_sliding_window is true, but llama.cpp's llama arch (the one that "
                              "reads rope_freqs) attends to the whole context: this checkpoint would run wrongly")
         return super().read_hparams(config)
