@@ -52,9 +52,9 @@ def main() -> None:
 
     control = None
     if not args.no_control:
-        from qroar_gguf.arch.llama import read_hparams
+        from qroar_gguf.arch.families import family_for
 
-        trained = read_hparams(json.loads((args.model / "config.json").read_text())).context_length
+        trained = family_for(json.loads((args.model / "config.json").read_text())).hparams.context_length
         control = args.control_ctx or min(trained, args.long)
 
     start = time.monotonic()

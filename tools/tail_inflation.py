@@ -77,7 +77,7 @@ except ImportError as exc:
     raise ImportError(f"tools/tail_inflation.py needs torch and transformers ({exc.name} is missing): "
                       "`bash tools/setup.sh test` installs them into .venv") from exc
 
-from qroar_gguf.arch.llama import read_hparams
+from qroar_gguf.arch.families import family_for
 from qroar_gguf.errors import QroarError
 from qroar_gguf.rope.bands import frequency_bands
 from qroar_gguf.rope.measure import measure_sensitivity
@@ -256,7 +256,7 @@ def _check_quantile_and_contexts(quantile: float, short_ctx: int, long_ctx: int)
 
 def _read_checked_hparams(model_dir: Path, short_ctx: int, long_ctx: int, control_ctx: int | None):
     """The checkpoint's hyperparameters, after checking that the contexts fit its trained context."""
-    hp = read_hparams(json.loads((model_dir / "config.json").read_text()))
+    hp = family_for(json.loads((model_dir / "config.json").read_text())).hparams
     if hp.n_rot != hp.head_dim:  # _pair_norms splits the whole head into its rotary pairs
         raise QroarError(f"partial rotary embeddings ({hp.n_rot} of {hp.head_dim} dims) are not supported here")
     trained = hp.context_length
