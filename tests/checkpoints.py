@@ -123,5 +123,13 @@ def shard_checkpoint(source: Path, target: Path, tensors: dict[str, np.ndarray],
     return index
 
 
+def write_gguf(writer: gguf.GGUFWriter) -> None:
+    """Write everything added to a GGUFWriter made with a path: header, keys, tensors."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def gguf_tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from checkpoints import gguf_tensors, shard_checkpoint, write_safetensors
+from checkpoints import gguf_tensors, shard_checkpoint, write_gguf, write_safetensors
 from runs import convert_ok, fail_cleanly, run_cli
 
 
@@ -370,10 +370,7 @@ def test_inspect_reads_odd_files_without_a_traceback(tmp_path: Path):
     writer.add_string("qroar.params", "{not json")
     writer.add_string("qroar.method", "yarn")
     writer.add_tensor("rope_freqs.weight", np.ones((2, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer)
     result = run_cli("inspect", odd, "--json")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     summary = json.loads(result.stdout)

@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from checkpoints import write_gguf
 from runs import convert_ok, run_cli
 from test_convert import prompt_logits
+
+from qroar_gguf.assets.smollm2 import unpermute_rope_rows
 
 import gguf
 
@@ -103,12 +106,6 @@ def test_sliding_window_qwen2_is_refused(smollm2_dir: Path, tmp_path: Path):
 
 # A downloaded qwen2 GGUF -> arch llama, by `patch` ---------------------------------------------------
 
-def unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's adjacent pairs back to Hugging Face's order (what llama.cpp's converter writes for qwen2)."""
-    half = rows.shape[0] // n_head // 2
-    return rows.reshape(n_head, half, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-
 def as_qwen2_gguf(llama_file: Path, out: Path, n_head: int, n_kv_head: int) -> Path:
     """The file llama.cpp's converter makes for a Qwen2 checkpoint: arch qwen2, Q/K rows in HF order,
     no rope_freqs (qwen2 refuses it), from the llama-form file of the same checkpoint."""
@@ -126,12 +123,9 @@ def as_qwen2_gguf(llama_file: Path, out: Path, n_head: int, n_kv_head: int) -> P
             continue
         data = np.array(t.data)
         if t.name.split(".")[2:3] in (["attn_q"], ["attn_k"]):
-            data = unpermute(data, n_head if ".attn_q." in t.name else n_kv_head)
+            data = unpermute_rope_rows(data, n_head if ".attn_q." in t.name else n_kv_head)
         writer.add_tensor(t.name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer)
     return out
 
 
@@ -165,7 +159,7 @@ def test_a_qwen2_gguf_is_patched_as_llama(smollm2_dir: Path, tmp_path: Path):
     for name, data in before.items():
         if ".attn_q." in name or ".attn_k." in name:
             n_head = 4 if ".attn_q." in name else 2
-            assert np.array_equal(unpermute(after[name], n_head), data), name  # the same rows, moved
+            assert np.array_equal(unpermute_rope_rows(after[name], n_head), data), name  # the same rows, moved
         else:
             assert np.array_equal(after[name], data), name
     ours = prompt_logits(patched, tokens, n_ctx=256)

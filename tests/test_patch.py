@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from checkpoints import gguf_tensors
+from checkpoints import gguf_tensors, write_gguf
 from runs import convert_ok, digest, fail_cleanly, run_cli
 from test_convert import prompt_logits
 
@@ -181,10 +181,7 @@ def small_gguf(path: Path, arch: str = "llama", *, attn_q: bool = True, extra=No
         w.add_tensor("blk.0.attn_q.weight", rng.standard_normal((64, 64)).astype(np.float16))
     k = gguf.quants.quantize(rng.standard_normal((64, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
     w.add_tensor("blk.0.attn_k.weight", k, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(w)
     return path
 
 

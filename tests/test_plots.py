@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from checkpoints import make_tiny_llama, write_safetensors  # noqa: E402
+from checkpoints import make_tiny_llama, write_gguf, write_safetensors  # noqa: E402
 
 from qroar_gguf.arch import llama  # noqa: E402
 from qroar_gguf.errors import QroarError  # noqa: E402
@@ -181,10 +181,7 @@ def tiny_pair(smollm2_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
                           llama.permute_for_gguf(tensors[prefix + "q_proj.weight"], n_head))
         writer.add_tensor(f"blk.{layer}.attn_k.weight",
                           llama.permute_for_gguf(tensors[prefix + "k_proj.weight"], n_kv))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer)
     return directory, path
 
 
