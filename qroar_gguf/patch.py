@@ -176,7 +176,8 @@ def make_patch_plan(options: PatchOptions, src: GgufSource) -> RopePlan:
                          "on the checkpoint for band scales (band factors work here)")
     if spec.needs_sensitivity:
         pairs = "hf" if src.rewritten else "gguf"  # qwen2 keeps Hugging Face's row order (NEOX pairs)
-        sensitivity = measure_gguf_sensitivity(src.path, agg=spec.aggregation, pairs=pairs).sensitivity
+        sensitivity = measure_gguf_sensitivity(src.path, agg=spec.aggregation, pairs=pairs,
+                                               layout=src.layout).sensitivity
     return spec.plan(src.facts, sensitivity)
 
 

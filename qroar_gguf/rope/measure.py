@@ -12,7 +12,7 @@ from tqdm import tqdm
 from qroar_gguf.arch.base import ModelFamily
 from qroar_gguf.arch.families import family_for
 from qroar_gguf.errors import QroarError
-from qroar_gguf.gguf_io.layout import read_layout
+from qroar_gguf.gguf_io.layout import GgufLayout, read_layout
 from qroar_gguf.gguf_io.reader import read_hparams as read_gguf_hparams
 from qroar_gguf.rope.sensitivity import SensitivityAccumulator, SensitivityResult
 from qroar_gguf.source.checkpoint import Checkpoint
@@ -35,10 +35,12 @@ def measure_sensitivity(ckpt: Checkpoint, family: ModelFamily | None = None, agg
     return acc.result()
 
 
-def measure_gguf_sensitivity(path: str | Path, agg: str = "max", pairs: str = "gguf") -> SensitivityResult:
+def measure_gguf_sensitivity(path: str | Path, agg: str = "max", pairs: str = "gguf",
+                             layout: GgufLayout | None = None) -> SensitivityResult:
     """S_k from a GGUF's attn_q/attn_k tensors (dequantized one at a time). ``pairs``: "gguf" for
-    llama.cpp's adjacent pairs, "hf" for an arch whose rows keep Hugging Face's order (qwen2's NEOX)."""
-    layout = read_layout(path)
+    llama.cpp's adjacent pairs, "hf" for an arch whose rows keep Hugging Face's order (qwen2's NEOX).
+    ``layout``: the file's, when the caller has read it already."""
+    layout = layout or read_layout(path)
     hp = read_gguf_hparams(layout, path)
     acc = SensitivityAccumulator(hp.n_layer, hp.n_rot // 2, agg=agg)
     with open(path, "rb") as f:  # plain reads, one tensor at a time: a map's pages would stay resident
