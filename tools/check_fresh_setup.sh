@@ -7,9 +7,9 @@
 #
 #   bash tools/check_fresh_setup.sh
 #
-# Only the llama-cpp-python wheel built earlier is copied from $QROAR_CACHE (default
-# ~/.cache/qroar-gguf) into the empty cache, to skip its few minutes of compiling; without one it is
-# built as on any fresh machine.
+# Only what the set-up built earlier (llama.cpp's tools under llama.cpp/, the sdist they came from, the
+# bindings' wheel) is copied from $QROAR_CACHE (default ~/.cache/qroar-gguf) into the empty cache, to
+# skip minutes of compiling; without them they are built as on any fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,9 +22,11 @@ mkdir -p "$work/repo" "$work/cache"
 
 git ls-files -z --cached --others --exclude-standard |
     tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$work/repo"
-if [ -d "$CACHE/wheels" ]; then
-    cp -r "$CACHE/wheels" "$work/cache/"
-fi
+for built in wheels sdist llama.cpp; do
+    if [ -d "$CACHE/$built" ]; then
+        cp -a "$CACHE/$built" "$work/cache/"
+    fi
+done
 
 cd "$work/repo"
 export QROAR_CACHE="$work/cache"
@@ -43,5 +45,6 @@ for name in names:
     importlib.import_module(name)
 print(f"fresh-setup: imported all {len(names)} modules of the package")
 EOF
+.venv/bin/qroar-gguf tools
 .venv/bin/qroar-gguf demo --qtype Q4_0 --no-perplexity --quiet
 echo "fresh-setup: passed in $((SECONDS - start)) s"

@@ -1,38 +1,50 @@
 #!/usr/bin/env bash
-# Set up qroar-gguf in ./.venv: the package, its dependencies, and llama-cpp-python built portable.
+# Set up qroar-gguf in ./.venv: the package, its dependencies, llama.cpp's own tools and the Python
+# bindings, all running one llama.cpp.
 #
 #   bash tools/setup.sh          # the tool: everything qroar_gguf/ imports, the demo included
 #   bash tools/setup.sh test     # plus the test dependencies
 #
-# llama-cpp-python is source-only on PyPI and its default (native) build crashes on quantized models
-# on some CPUs (AMX code path), so we build it once with GGML_NATIVE=OFF and cache the wheel under
-# $QROAR_CACHE (default ~/.cache/qroar-gguf): later runs install it in seconds.
+# llama.cpp is built once from the source vendored in the pinned llama-cpp-python sdist, portable
+# (GGML_NATIVE=OFF: the native build crashes on quantized models on some CPUs), with patches/ applied,
+# by CMakeLists.txt (`python -m qroar_gguf.llama_tools build`, the same as `qroar-gguf tools build`).
+# The build is cached under $QROAR_CACHE (default ~/.cache/qroar-gguf) by the digests of what goes
+# into it; later runs take seconds. The bindings are installed without a library of their own and
+# load the build's libllama. Extra CMake options for the build (GPU back-ends) pass through:
+#   QROAR_CMAKE_ARGS="-DGGML_CUDA=ON" bash tools/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-LLAMA_CPP_PYTHON_VERSION=0.3.36
+VERSION=$(sed -n 's/^LLAMA_CPP_PYTHON_VERSION = "\(.*\)"$/\1/p' qroar_gguf/llama_tools.py)
 CACHE=${QROAR_CACHE:-$HOME/.cache/qroar-gguf}
-WHEELS="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-portable"
+WHEELS="$CACHE/wheels/llama-cpp-python-$VERSION-bindings"
 PYTHON=${PYTHON:-python3}
 EXTRAS=${1:+[$1]}
+read -r -a CMAKE_EXTRA <<< "${QROAR_CMAKE_ARGS:-}"
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "cmake>=3.21" ninja  # to build llama.cpp
 
-wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+# llama.cpp's tools and shared libraries (once: several minutes; cached afterwards)
+PYTHONPATH=. .venv/bin/python -m qroar_gguf.llama_tools build "${CMAKE_EXTRA[@]}"
+
+# the bindings without a llama.cpp of their own (seconds), then the build's libllama put beside them
+wheel=$(ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
-    echo "setup: building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION portable (once, about 3-5 minutes)"
+    echo "setup: building llama-cpp-python $VERSION's Python bindings (without their own llama.cpp)"
     mkdir -p "$WHEELS"
     tmp=$(mktemp -d)
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" .venv/bin/python -m pip wheel -q --no-deps \
-        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -w "$tmp"
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" .venv/bin/python -m pip wheel -q --no-deps \
+        "$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz" -w "$tmp"
     mv "$tmp"/llama_cpp_python-*.whl "$WHEELS"/
     rm -rf "$tmp"
-    wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl | head -n 1)
+    wheel=$(ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl | head -n 1)
 fi
-.venv/bin/python -m pip install -q "$wheel"
+.venv/bin/python -m pip install -q --no-deps --force-reinstall "$wheel"
+PYTHONPATH=. .venv/bin/python -m qroar_gguf.llama_tools link-bindings "${CMAKE_EXTRA[@]}"
 .venv/bin/python -m pip install -q -e ".$EXTRAS"
-echo "setup: ready ($(.venv/bin/qroar-gguf --version))"
+echo "setup: ready ($(.venv/bin/qroar-gguf --version)); llama.cpp's tools: .venv/bin/qroar-gguf tools"
