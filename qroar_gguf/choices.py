@@ -10,6 +10,8 @@ owned here: rope/sensitivity.py imports them.
 QTYPES = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0", "F16", "BF16", "F32")
 #: Written as they are, with no quantizer run.
 UNQUANTIZED = ("F32", "F16", "BF16")
+#: --quantizer: libllama through the Python bindings, or llama.cpp's llama-quantize program (the same code).
+QUANTIZERS = ("libllama", "llama-quantize")
 #: --method names: rope/plans.py's PLANS, in its order.
 METHODS = ("none", "linear", "ntk", "yarn", "llama3", "qroar")
 #: yarn beats ntk, llama3 and linear in every measurement so far (README's tables say by how much).

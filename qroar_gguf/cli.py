@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from qroar_gguf import __version__
-from qroar_gguf.choices import AGGREGATIONS, DEFAULT_METHOD, KEY_CACHE_TYPES, METHODS, QTYPES
+from qroar_gguf.choices import AGGREGATIONS, DEFAULT_METHOD, KEY_CACHE_TYPES, METHODS, QTYPES, QUANTIZERS
 from qroar_gguf.errors import QroarError, Stopped, stop_on_signals
 from qroar_gguf.outputs import check_destination, describe_os_error, publish_text
 from qroar_gguf.search_settings import (
@@ -199,6 +199,9 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
               help="Quantization, done by llama.cpp's own quantizer.")
 @click.option("--threads", type=THREADS, default=os.cpu_count() or 1, show_default=True,
               help="Threads for quantization.")
+@click.option("--quantizer", type=click.Choice(QUANTIZERS), default="libllama", show_default=True,
+              help="llama.cpp's quantizer through the Python bindings, or its llama-quantize program "
+                   "(`qroar-gguf tools`); the same code, the same bytes.")
 @click.option("--keep-f16", type=click.Path(path_type=Path), default=None,
               help="Also keep the unquantized intermediate GGUF at this path.")
 @_plan_detail_options
@@ -239,7 +242,7 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def convert(model: Path, output: Path | None, target_ctx: int | None, scale: float | None, method: str, qtype: str,
-            threads: int, keep_f16: Path | None, beta: float | None, agg: str | None, base: str | None,
+            threads: int, quantizer: str, keep_f16: Path | None, beta: float | None, agg: str | None, base: str | None,
             attn_scale: bool | None, bands: int, band_factors: str | None, band_scales: str | None,
             symmetric: bool | None, search: bool, dev_text: Path | None, dev_ctx: int | None, dev_chunks: int | None,
             search_budget: int, search_seed: int, search_objective: str, search_space: str, search_type_k: str,
@@ -263,8 +266,8 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
     plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales,
                       (not search) if symmetric is None else symmetric)
     options = ConvertOptions(plan=plan, target_ctx=target_ctx, scale=scale,
-                             qtype=qtype.upper(), threads=threads, keep_f16=keep_f16, force=force,
-                             progress=_show_progress(quiet), name=name, metadata=metadata_file)
+                             qtype=qtype.upper(), threads=threads, quantizer=quantizer, keep_f16=keep_f16,
+                             force=force, progress=_show_progress(quiet), name=name, metadata=metadata_file)
     if output is None:
         from qroar_gguf.convert import default_output
 
@@ -518,6 +521,54 @@ def demo(method: str, target_ctx: int | None, qtype: str, text_title: str, threa
     from qroar_gguf.demo import run_demo
 
     run_demo(method, target_ctx, qtype.upper(), text_title, threads, _show_progress(quiet), measure=measure)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def tools(ctx: click.Context, as_json: bool) -> None:
+    """llama.cpp's own programs (llama-cli, llama-server, llama-perplexity, llama-quantize, llama-imatrix)
+    that the set-up built from the pinned source: their paths and versions, and the libllama the Python
+    bindings load. `qroar-gguf tools build` builds them (once; the set-up runs it)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from qroar_gguf.llama_tools import BIN_OVERRIDE_ENV, describe_tools
+
+    described = describe_tools()
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    build = described["build"]
+    if described["override"]:
+        click.echo(f"tools from ${BIN_OVERRIDE_ENV}: {described['override']}")
+    elif build is None:
+        click.echo("llama.cpp's tools are not built on this machine: run `qroar-gguf tools build`")
+    else:
+        options = " ".join(build["cmake_args"]) or "default (CPU, portable)"
+        click.echo(f"llama.cpp {build['llama_cpp_version']} from llama-cpp-python {build['llama_cpp_python']}, "
+                   f"patches: {', '.join(build['patches']) or 'none'}; options: {options}")
+    for name, tool in described["tools"].items():
+        click.echo(f"  {name:<17} {tool['path'] or 'missing'}")
+    bindings = described["bindings"]
+    same = {True: "the build's own", False: "NOT the build's (run bash tools/setup.sh)", None: "unchecked"}
+    click.echo(f"Python bindings load {bindings['lib'] or 'no libllama'} ({same[bindings['same_as_build']]})")
+
+
+@tools.command(name="build")
+@click.option("--cmake-arg", "cmake_args", multiple=True, metavar="-DNAME=VALUE",
+              help="Passed to llama.cpp's CMake, e.g. -DGGML_CUDA=ON or -DGGML_METAL=ON (repeatable); "
+                   "each set of options is a build of its own.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Parallel compile jobs. Default: all CPUs.")
+@click.option("--rebuild", is_flag=True, help="Build again even if this build is cached.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def tools_build(cmake_args: tuple[str, ...], jobs: int | None, rebuild: bool, quiet: bool) -> None:
+    """Build llama.cpp's tools from the llama.cpp vendored in the pinned llama-cpp-python sdist, with
+    patches/ applied (CMakeLists.txt), once; later runs find the cached build. The Python bindings keep
+    the libllama the set-up gave them (bash tools/setup.sh links the default build's)."""
+    from qroar_gguf.llama_tools import build_tools
+
+    build = build_tools(cmake_args, jobs=jobs, rebuild=rebuild, progress=not quiet)
+    click.echo(str(build.bin))
 
 
 if __name__ == "__main__":

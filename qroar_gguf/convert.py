@@ -25,6 +25,7 @@ from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.quantize import FTYPES, quantize_gguf
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
+from qroar_gguf.llama_tools import find_tool
 from qroar_gguf.outputs import (
     check_destination,
     check_free_space,
@@ -52,6 +53,7 @@ class ConvertOptions:
     scale: float | None = None
     qtype: str = "Q4_K_M"
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    quantizer: str = "libllama"  # or "llama-quantize" (choices.QUANTIZERS)
     keep_f16: Path | None = None
     force: bool = False
     progress: bool = True
@@ -78,6 +80,8 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
     keep_f16 = None if options.keep_f16 is None else Path(options.keep_f16)
     if options.qtype not in FTYPES:
         raise QroarError(f"unknown --qtype {options.qtype}; choose one of {', '.join(FTYPES)}")
+    if options.quantizer == "llama-quantize" and options.qtype not in UNQUANTIZED:
+        find_tool("llama-quantize")  # before minutes of writing: one line if the tools are not built
     src = read_source(source, options)
     ckpt, hp, facts, existing = src.ckpt, src.hp, src.facts, src.existing
     check_destination(output, force=options.force, what="output", inputs=ckpt.source_files)
@@ -117,7 +121,8 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
             check_free_space(first, sum(t.nbytes for t in tensors), "the unquantized file")
             write_streaming(first, writer, tensors, progress=options.progress)
             if not unquantized:
-                quantize_gguf(first, final_tmp, options.qtype, options.threads, progress=options.progress)
+                quantize_gguf(first, final_tmp, options.qtype, options.threads, progress=options.progress,
+                              quantizer=options.quantizer)
             os.replace(final_tmp, output)
             if keep_f16 is not None and not unquantized:
                 os.replace(first, keep_f16)

@@ -1,4 +1,5 @@
-"""Quantize an unquantized GGUF with llama.cpp's own quantizer (libllama via llama-cpp-python).
+"""Quantize an unquantized GGUF with llama.cpp's own quantizer (libllama via llama-cpp-python, or the
+`llama-quantize` program built from the same source).
 
 Using libllama rather than gguf-py's reference quantizers gives exactly the tensor-type choices
 (Q4_K_M's Q6_K layers, fallbacks for rows that are not a multiple of 256, ...) that `llama-quantize`
@@ -13,6 +14,7 @@ caller removes the partial file.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -21,37 +23,50 @@ from pathlib import Path
 import gguf
 from tqdm import tqdm
 
-from qroar_gguf.choices import QTYPES
+from qroar_gguf.choices import QTYPES, QUANTIZERS
 from qroar_gguf.errors import QroarError
+from qroar_gguf.llama_tools import find_tool
 
 #: --qtype name -> llama.cpp's llama_ftype, from gguf-py's table of the same enum.
 FTYPES: dict[str, int] = {
     name: gguf.LlamaFileType["ALL_F32" if name == "F32" else f"MOSTLY_{name}"].value for name in QTYPES
 }
+_TOOL_STEP = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 _NEARLY_FULL = 16 * 2**20  # bytes free below which a failed write is put down to a full disk
 
 
-def quantize_gguf(source: Path, target: Path, qtype: str, threads: int, progress: bool = True) -> None:
-    """Write `target` as `source` quantized to `qtype`, with a tensor progress bar."""
+def quantize_gguf(source: Path, target: Path, qtype: str, threads: int, progress: bool = True, *,
+                  quantizer: str = "libllama") -> None:
+    """Write `target` as `source` quantized to `qtype`, with a tensor progress bar.
+
+    `quantizer` "libllama" calls llama_model_quantize through the bindings (in a child process);
+    "llama-quantize" runs llama.cpp's program of that name from the tools the set-up built, which
+    reaches what the bindings cannot (importance matrices, per-tensor types). Both run the same
+    libllama, so they write the same bytes."""
     if qtype not in FTYPES:
         raise QroarError(f"unknown --qtype {qtype}; choose one of {', '.join(FTYPES)}")
-    command = [sys.executable, "-m", "qroar_gguf.gguf_io.quantize_child", str(source), str(target),
-               str(FTYPES[qtype]), str(threads)]
+    if quantizer == "libllama":
+        command = [sys.executable, "-m", "qroar_gguf.gguf_io.quantize_child", str(source), str(target),
+                   str(FTYPES[qtype]), str(threads)]
+        read_line = _child_line
+    elif quantizer == "llama-quantize":
+        command = [str(find_tool("llama-quantize")), str(source), str(target), qtype, str(threads)]
+        read_line = _tool_line
+    else:
+        raise QroarError(f"unknown quantizer {quantizer}; choose one of {', '.join(QUANTIZERS)}")
     log: list[str] = []
     bar = tqdm(desc=f"quantize {qtype}", unit="tensor", disable=not progress, leave=False)
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, errors="replace")
     try:
         for line in child.stdout:
-            kind, _, rest = line.rstrip("\n").partition(" ")
-            if kind == "progress":
-                done, total = map(int, rest.split())
+            step = read_line(line.rstrip("\n"), log)
+            if step is not None:
+                done, total = step
                 if bar.total != total:
                     bar.reset(total=total)
                 bar.n = done
                 bar.refresh()
-            elif rest or kind:
-                log.append(rest if kind in ("error", "log") else line.strip())
         status = child.wait()
     finally:
         if child.poll() is None:  # we are being stopped: the child must not finish the file
@@ -64,6 +79,27 @@ def quantize_gguf(source: Path, target: Path, qtype: str, threads: int, progress
         if _disk_full(target.parent):  # llama.cpp's stream error does not say why its write failed
             reason += f" (the disk is full: free space in {target.parent} or write the output elsewhere)"
         raise QroarError(f"llama.cpp could not quantize {source.name} to {qtype}: {reason}")
+
+
+def _child_line(line: str, log: list[str]) -> tuple[int, int] | None:
+    """quantize_child's protocol: `progress DONE TOTAL`, `error ...`, `log ...`."""
+    kind, _, rest = line.partition(" ")
+    if kind == "progress":
+        done, total = map(int, rest.split())
+        return done, total
+    if rest or kind:
+        log.append(rest if kind in ("error", "log") else line.strip())
+    return None
+
+
+def _tool_line(line: str, log: list[str]) -> tuple[int, int] | None:
+    """llama-quantize's output: `[  12/ 272]  name - [shape], type = ...` per tensor, the rest its log."""
+    found = _TOOL_STEP.match(line)
+    if found:
+        return int(found.group(1)), int(found.group(2))
+    if line.strip():
+        log.append(line.strip())
+    return None
 
 
 def _failure(status: int, log: list[str]) -> str:
