@@ -20,6 +20,7 @@ from qroar_gguf.convert import ConvertOptions, convert
 from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.perplexity import perplexity
 from qroar_gguf.evaluate.runtime import Runtime
+from qroar_gguf.llama_tools import find_tool
 from qroar_gguf.paths import cache_dir
 from qroar_gguf.rope.spec import PlanSpec
 
@@ -65,9 +66,17 @@ def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads:
         say(f"    beyond its trained context ({target} tokens) the unscaled model reaches PPL {broken['ppl']:.1f}; "
             f"with --method {method} it reaches {ours['ppl']:.1f} ({ours['ppl'] / broken['ppl']:.2f}x), against "
             f"{base['ppl']:.1f} at its own {trained} tokens.")
-    say("    run it here with llama-cpp-python (the set-up installed it; the file needs no rope options):")
+    say("    run it with llama-cpp-python (the file needs no rope options):")
     say(f"      {shlex.join(run_command(files[method], target))}")
-    say(f"    or with llama.cpp's own tools, where you have built them: llama-cli -m {files[method]} -c {target}")
+    try:
+        cli, server = find_tool("llama-cli"), find_tool("llama-server")
+    except QroarError as exc:
+        say(f"    llama.cpp's own programs are not available here: {exc}")
+        return rows
+    say("    or serve it as Ollama does (llama.cpp's llama-server, built by the set-up; OpenAI API on port 8080):")
+    say(f"      {shlex.join([str(server), '-m', str(files[method]), '-c', str(target)])}")
+    say("    or chat with it in llama.cpp's llama-cli:")
+    say(f"      {shlex.join([str(cli), '-m', str(files[method]), '-c', str(target)])}")
     return rows
 
 

@@ -9,6 +9,7 @@ Sections between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` are re
   weights   from tools/results/band_weight_error.json (tools/bench_band_weight_error.py)
   search    from tools/results/search_*.json (`bash tools/bench_smollm2.sh search`)
   patch     from tools/results/patch_bench.json (tools/bench_patch.py)
+  tools     from tools/results/llama_tools_bench.json (tools/bench_llama_tools.py)
 """
 
 from __future__ import annotations
@@ -188,11 +189,42 @@ def search_section() -> str:
     return "\n".join(parts)
 
 
+def tools_section() -> str:
+    r = _tool_result("llama_tools_bench.json")
+    if r is None:
+        return _not_measured("python tools/bench_llama_tools.py --builds")
+    a, k = r["agreement"], r["server_passkey"]
+    lines = [f"`python tools/bench_llama_tools.py --builds` → `tools/results/llama_tools_bench.json` "
+             f"({r['machine']['cpus']} cores; SmolLM2 converted with {r['method']} for {a['ctx']} tokens, "
+             f"{r['qtype']}).", ""]
+    lines.append(f"- `llama-perplexity` and `qroar-gguf eval` on {a['chunks']} window(s) of {a['ctx']} tokens of "
+                 f"{r['text']} ({a['n_scored']} scored tokens): PPL {a['ppl_llama_perplexity']:.4f} and "
+                 f"{a['ppl_eval']:.4f}, a relative difference of {a['relative_difference']:+.1e} "
+                 f"({a['seconds_llama_perplexity']:.0f} s and {a['seconds_eval']:.0f} s).")
+    answers = ", ".join(f"{t['depth']:.0%}: {'found' if t['correct'] else 'missed'} ({t['prompt_tokens']} tokens, "
+                        f"{t['seconds']:.0f} s)" for t in k["trials"])
+    lines.append(f"- `llama-server -c {k['ctx']}` (the file's context, read back as n_ctx_train "
+                 f"{k['n_ctx_train_read_by_server']}), passkey prompts through its HTTP API, key depth: {answers}.")
+    c = r.get("server_passkey_control")
+    if c:
+        missed = ", ".join(f"{t['depth']:.0%}: {'found' if t['correct'] else 'missed'}" for t in c["trials"])
+        lines.append(f"- The same prompts to the control (the same weights converted with no plan, so positions past "
+                     f"the trained context are not rescaled): {missed}.")
+    b = r.get("builds")
+    if b:
+        lines.append(f"- Providing llama.cpp from scratch: the tools' build (its libllama serving the bindings too) "
+                     f"{b['tools_build_seconds']:.0f} s plus the bindings-only wheel {b['bindings_only_wheel_seconds']:.0f} s "
+                     f"= {b['one_llama_cpp_seconds']:.0f} s, against {b['two_llama_cpps_seconds']:.0f} s with the bindings' "
+                     f"own portable wheel ({b['portable_wheel_seconds']:.0f} s) built as well; the set-up does the first.")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
     sections = (("summary", summary_section()), ("quality", quality_section()), ("convert", convert_section()), ("tail", tail_section()),
-                ("weights", weights_section()), ("search", search_section()), ("patch", patch_section()))
+                ("weights", weights_section()), ("search", search_section()), ("patch", patch_section()),
+                ("tools", tools_section()))
     for name, body in sections:
         pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
         if not pattern.search(text):
