@@ -7,7 +7,11 @@ owned here: rope/sensitivity.py imports them.
 """
 
 #: --qtype names, in the order --help lists them; gguf_io/quantize.py maps each to llama.cpp's file type.
-QTYPES = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0", "F16", "BF16", "F32")
+QTYPES = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0",
+          "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ3_M", "IQ3_S", "IQ3_XXS", "F16", "BF16", "F32")
+#: Refused without an importance matrix: at about 3 bits the i-quants lose too much without one
+#: (llama.cpp itself insists only below 3 bits).
+NEEDS_IMATRIX = ("IQ3_M", "IQ3_S", "IQ3_XXS")
 #: Written as they are, with no quantizer run.
 UNQUANTIZED = ("F32", "F16", "BF16")
 #: --quantizer: libllama through the Python bindings, or llama.cpp's llama-quantize program (the same code).

@@ -202,6 +202,20 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
 @click.option("--quantizer", type=click.Choice(QUANTIZERS), default="libllama", show_default=True,
               help="llama.cpp's quantizer through the Python bindings, or its llama-quantize program "
                    "(`qroar-gguf tools`); the same code, the same bytes.")
+@click.option("--imatrix", "imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Quantize with this importance matrix (llama-imatrix's output).")
+@click.option("--imatrix-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Compute the importance matrix on this UTF-8 text with llama-imatrix, on the unquantized file with "
+                   "the plan applied, at --imatrix-ctx (cached). Never the text you evaluate on.")
+@click.option("--imatrix-ctx", type=click.IntRange(min=16), default=None,
+              help="--imatrix-text: window in tokens. Default: the target context.")
+@click.option("--imatrix-chunks", type=click.IntRange(min=1), default=None,
+              help="--imatrix-text: windows of the text to use. Default: 2.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
+              help="Type of the tensors whose names match PATTERN, e.g. attn_q=q8_0 (repeatable; llama-quantize's "
+                   "option).")
+@click.option("--output-tensor-type", default=None, metavar="TYPE", help="Type of output.weight, e.g. q8_0.")
+@click.option("--token-embedding-type", default=None, metavar="TYPE", help="Type of token_embd.weight, e.g. q8_0.")
 @click.option("--keep-f16", type=click.Path(path_type=Path), default=None,
               help="Also keep the unquantized intermediate GGUF at this path.")
 @_plan_detail_options
@@ -242,7 +256,9 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def convert(model: Path, output: Path | None, target_ctx: int | None, scale: float | None, method: str, qtype: str,
-            threads: int, quantizer: str, keep_f16: Path | None, beta: float | None, agg: str | None, base: str | None,
+            threads: int, quantizer: str, imatrix: Path | None, imatrix_text: Path | None, imatrix_ctx: int | None,
+            imatrix_chunks: int | None, tensor_types: tuple[str, ...], output_tensor_type: str | None,
+            token_embedding_type: str | None, keep_f16: Path | None, beta: float | None, agg: str | None, base: str | None,
             attn_scale: bool | None, bands: int, band_factors: str | None, band_scales: str | None,
             symmetric: bool | None, search: bool, dev_text: Path | None, dev_ctx: int | None, dev_chunks: int | None,
             search_budget: int, search_seed: int, search_objective: str, search_space: str, search_type_k: str,
@@ -263,17 +279,28 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
         raise click.UsageError("-o needs a file name")
     from qroar_gguf.search_settings import SearchSettings
 
+    if imatrix_text is None and (imatrix_ctx is not None or imatrix_chunks is not None):
+        raise click.UsageError("--imatrix-ctx and --imatrix-chunks apply to --imatrix-text only")
     plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales,
                       (not search) if symmetric is None else symmetric)
+    from qroar_gguf.gguf_io.imatrix import DEFAULT_CHUNKS, ImatrixRequest
+    from qroar_gguf.gguf_io.quantize import TypeOverrides
+
+    overrides = TypeOverrides(imatrix=imatrix, tensor_types=tensor_types, output_tensor_type=output_tensor_type,
+                              token_embedding_type=token_embedding_type)
+    imatrix_from = None if imatrix_text is None else ImatrixRequest(imatrix_text, imatrix_ctx,
+                                                                    imatrix_chunks or DEFAULT_CHUNKS)
     options = ConvertOptions(plan=plan, target_ctx=target_ctx, scale=scale,
-                             qtype=qtype.upper(), threads=threads, quantizer=quantizer, keep_f16=keep_f16,
+                             qtype=qtype.upper(), threads=threads, quantizer=quantizer, overrides=overrides,
+                             imatrix_from=imatrix_from, keep_f16=keep_f16,
                              force=force, progress=_show_progress(quiet), name=name, metadata=metadata_file)
     if output is None:
         from qroar_gguf.convert import default_output
 
         output = default_output(model, options)
     _refuse_same_file([("-o", output), ("--keep-f16", keep_f16), ("--search-report", search_report),
-                       ("--dev-text", dev_text), ("--metadata", metadata_file)])
+                       ("--dev-text", dev_text), ("--metadata", metadata_file), ("--imatrix", imatrix),
+                       ("--imatrix-text", imatrix_text)])
     if search:
         from qroar_gguf.search import search_and_convert
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -23,7 +23,8 @@ from qroar_gguf.arch.vocab import read_vocab, write_vocab
 from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
-from qroar_gguf.gguf_io.quantize import FTYPES, quantize_gguf
+from qroar_gguf.gguf_io.imatrix import ImatrixRequest, compute_imatrix
+from qroar_gguf.gguf_io.quantize import TypeOverrides, check_quantization, check_types_fit, quantize_gguf
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
 from qroar_gguf.llama_tools import find_tool
 from qroar_gguf.outputs import (
@@ -54,6 +55,8 @@ class ConvertOptions:
     qtype: str = "Q4_K_M"
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     quantizer: str = "libllama"  # or "llama-quantize" (choices.QUANTIZERS)
+    overrides: TypeOverrides = field(default_factory=TypeOverrides)  # --imatrix FILE, per-tensor types
+    imatrix_from: ImatrixRequest | None = None  # compute the matrix on the unquantized file (plan applied)
     keep_f16: Path | None = None
     force: bool = False
     progress: bool = True
@@ -78,10 +81,14 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
     start = time.monotonic()
     output = Path(output)
     keep_f16 = None if options.keep_f16 is None else Path(options.keep_f16)
-    if options.qtype not in FTYPES:
-        raise QroarError(f"unknown --qtype {options.qtype}; choose one of {', '.join(FTYPES)}")
-    if options.quantizer == "llama-quantize" and options.qtype not in UNQUANTIZED:
-        find_tool("llama-quantize")  # before minutes of writing: one line if the tools are not built
+    check_quantization(options.qtype, options.overrides, imatrix_coming=options.imatrix_from is not None)
+    if options.overrides.imatrix is not None and options.imatrix_from is not None:
+        raise QroarError("give --imatrix FILE or --imatrix-text FILE, not both")
+    if options.qtype not in UNQUANTIZED:  # before minutes of writing: one line if the tools are not built
+        if options.quantizer == "llama-quantize" or options.overrides or options.imatrix_from is not None:
+            find_tool("llama-quantize")
+        if options.imatrix_from is not None:
+            find_tool("llama-imatrix")
     src = read_source(source, options)
     ckpt, hp, facts, existing = src.ckpt, src.hp, src.facts, src.existing
     check_destination(output, force=options.force, what="output", inputs=ckpt.source_files)
@@ -106,6 +113,8 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
         provenance.add_band_provenance(writer, fold.provenance() if fold else None, options.band_search)
     write_vocab(writer, vocab)
     tensors = _plan_tensors(ckpt, src.family, plan.attn_scale, factors, Q[store], fold)
+    if not unquantized:
+        check_types_fit({t.name: t.shape[-1] for t in tensors if len(t.shape) >= 2}, options.overrides)
 
     destinations = [(output, "output")] + ([] if keep_f16 is None else [(keep_f16, "--keep-f16")])
     with ExitStack() as held:
@@ -121,8 +130,14 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
             check_free_space(first, sum(t.nbytes for t in tensors), "the unquantized file")
             write_streaming(first, writer, tensors, progress=options.progress)
             if not unquantized:
+                overrides = options.overrides
+                if options.imatrix_from is not None:
+                    asked = options.imatrix_from
+                    overrides = replace(overrides, imatrix=compute_imatrix(
+                        first, asked.text, ctx=asked.ctx or facts.target_ctx, chunks=asked.chunks,
+                        threads=options.threads, progress=options.progress))
                 quantize_gguf(first, final_tmp, options.qtype, options.threads, progress=options.progress,
-                              quantizer=options.quantizer)
+                              quantizer=options.quantizer, overrides=overrides)
             os.replace(final_tmp, output)
             if keep_f16 is not None and not unquantized:
                 os.replace(first, keep_f16)

@@ -25,7 +25,8 @@ LAYERS = [
     ["rope.plans", "rope.layout", "rope.sensitivity", "rope.bands", "rope.diagnostics", "rope.measure",
      "rope.spec"],
     # 4. GGUF writing and quantizing; llama.cpp's runtime; statistics
-    ["gguf_io.provenance", "gguf_io.writer", "gguf_io.quantize", "evaluate.runtime", "evaluate.paired"],
+    ["gguf_io.provenance", "gguf_io.writer", "gguf_io.quantize", "gguf_io.imatrix", "evaluate.runtime",
+     "evaluate.paired"],
     # 5. evaluators on the runtime
     ["evaluate.perplexity", "evaluate.kld", "evaluate.passkey"],
     # 6. conversion's stages, and a GGUF's patch

@@ -18,12 +18,13 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 from tqdm import tqdm
 
-from qroar_gguf.choices import QTYPES, QUANTIZERS
+from qroar_gguf.choices import NEEDS_IMATRIX, QTYPES, QUANTIZERS, UNQUANTIZED
 from qroar_gguf.errors import QroarError
 from qroar_gguf.llama_tools import find_tool
 
@@ -31,26 +32,108 @@ from qroar_gguf.llama_tools import find_tool
 FTYPES: dict[str, int] = {
     name: gguf.LlamaFileType["ALL_F32" if name == "F32" else f"MOSTLY_{name}"].value for name in QTYPES
 }
+#: ggml's tensor types by name (--tensor-type and friends), from gguf-py's table of the same enum.
+TENSOR_TYPES = tuple(t.name for t in gguf.GGMLQuantizationType)
 _TOOL_STEP = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 _NEARLY_FULL = 16 * 2**20  # bytes free below which a failed write is put down to a full disk
 
 
+@dataclass(frozen=True)
+class TypeOverrides:
+    """What llama-quantize offers beyond the file type: an importance matrix and per-tensor types
+    (ggml type names, e.g. ``q8_0``). The bindings' quantizer cannot take them, so any of them means
+    the llama-quantize program."""
+
+    imatrix: Path | None = None
+    tensor_types: tuple[str, ...] = ()  # "PATTERN=TYPE", PATTERN a regex on tensor names (attn_q, blk\.0\..*)
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.imatrix or self.tensor_types or self.output_tensor_type or self.token_embedding_type)
+
+    def tool_args(self) -> list[str]:
+        args = [] if self.imatrix is None else ["--imatrix", str(self.imatrix)]
+        for rule in self.tensor_types:
+            args += ["--tensor-type", rule]
+        if self.output_tensor_type:
+            args += ["--output-tensor-type", self.output_tensor_type]
+        if self.token_embedding_type:
+            args += ["--token-embedding-type", self.token_embedding_type]
+        return args
+
+
+def check_quantization(qtype: str, overrides: TypeOverrides, *, imatrix_coming: bool = False) -> None:
+    """One line for a request llama.cpp would refuse late or quietly: an unknown type or tensor type, an
+    i-quant without an importance matrix, overrides on an unquantized file."""
+    if qtype not in FTYPES:
+        raise QroarError(f"unknown --qtype {qtype}; choose one of {', '.join(FTYPES)}")
+    has_imatrix = overrides.imatrix is not None or imatrix_coming
+    if qtype in NEEDS_IMATRIX and not has_imatrix:
+        raise QroarError(f"--qtype {qtype} needs an importance matrix: give --imatrix FILE or --imatrix-text FILE")
+    if qtype in UNQUANTIZED and (overrides or imatrix_coming):
+        raise QroarError(f"--qtype {qtype} is not quantized: importance matrices and tensor types apply to quantized "
+                         "types only")
+    for rule in overrides.tensor_types:
+        pattern, sep, type_name = rule.partition("=")
+        if not sep or not pattern or not type_name:
+            raise QroarError(f"--tensor-type {rule!r}: write PATTERN=TYPE, e.g. attn_q=q8_0")
+        _check_tensor_type(type_name, "--tensor-type")
+    for option, type_name in (("--output-tensor-type", overrides.output_tensor_type),
+                              ("--token-embedding-type", overrides.token_embedding_type)):
+        if type_name is not None:
+            _check_tensor_type(type_name, option)
+
+
+def check_types_fit(row_lengths: dict[str, int], overrides: TypeOverrides) -> None:
+    """Each type asked for a tensor must divide its rows into whole blocks: llama.cpp falls back to
+    another type for its own choices but writes a broken file (and fails late) for an explicit one."""
+    asked: list[tuple[str, str, str]] = []  # (option, regex on names, type)
+    for rule in overrides.tensor_types:
+        pattern, _, type_name = rule.partition("=")
+        asked.append((f"--tensor-type {rule}", pattern, type_name))
+    if overrides.output_tensor_type:
+        asked.append((f"--output-tensor-type {overrides.output_tensor_type}", r"^output\.weight$",
+                      overrides.output_tensor_type))
+    if overrides.token_embedding_type:
+        asked.append((f"--token-embedding-type {overrides.token_embedding_type}", r"^token_embd\.weight$",
+                      overrides.token_embedding_type))
+    for option, pattern, type_name in asked:
+        try:
+            matcher = re.compile(pattern)
+        except re.error as exc:
+            raise QroarError(f"{option}: the pattern is not a regular expression ({exc})") from None
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]][0]
+        for name, length in row_lengths.items():
+            if matcher.search(name) and length % block:
+                raise QroarError(f"{option}: {name} has rows of {length} values, not a multiple of "
+                                 f"{type_name.lower()}'s {block}-value blocks; choose a type with 32-value blocks "
+                                 "(q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl)")
+
+
+def _check_tensor_type(name: str, option: str) -> None:
+    if name.upper() not in TENSOR_TYPES:
+        raise QroarError(f"{option} {name}: not a ggml type; use one of {', '.join(t.lower() for t in TENSOR_TYPES)}")
+
+
 def quantize_gguf(source: Path, target: Path, qtype: str, threads: int, progress: bool = True, *,
-                  quantizer: str = "libllama") -> None:
+                  quantizer: str = "libllama", overrides: TypeOverrides = TypeOverrides()) -> None:
     """Write `target` as `source` quantized to `qtype`, with a tensor progress bar.
 
     `quantizer` "libllama" calls llama_model_quantize through the bindings (in a child process);
     "llama-quantize" runs llama.cpp's program of that name from the tools the set-up built, which
-    reaches what the bindings cannot (importance matrices, per-tensor types). Both run the same
-    libllama, so they write the same bytes."""
-    if qtype not in FTYPES:
-        raise QroarError(f"unknown --qtype {qtype}; choose one of {', '.join(FTYPES)}")
+    reaches what the bindings cannot (`overrides`: importance matrices, per-tensor types; giving any
+    chooses it). Both run the same libllama, so they write the same bytes."""
+    check_quantization(qtype, overrides)
+    if overrides:
+        quantizer = "llama-quantize"
     if quantizer == "libllama":
         command = [sys.executable, "-m", "qroar_gguf.gguf_io.quantize_child", str(source), str(target),
                    str(FTYPES[qtype]), str(threads)]
         read_line = _child_line
     elif quantizer == "llama-quantize":
-        command = [str(find_tool("llama-quantize")), str(source), str(target), qtype, str(threads)]
+        command = [str(find_tool("llama-quantize")), *overrides.tool_args(), str(source), str(target), qtype,
+                   str(threads)]
         read_line = _tool_line
     else:
         raise QroarError(f"unknown quantizer {quantizer}; choose one of {', '.join(QUANTIZERS)}")
@@ -104,7 +187,8 @@ def _tool_line(line: str, log: list[str]) -> tuple[int, int] | None:
 
 def _failure(status: int, log: list[str]) -> str:
     """The reason in llama.cpp's words where it gave one, else what became of the quantizer."""
-    reasons = [line for line in log if "failed to quantize" in line or "error" in line.lower()]
+    reasons = ([line for line in log if "failed to quantize:" in line]  # libllama's own reason
+               or [line for line in log if "failed to quantize" in line or "error" in line.lower()])
     if reasons:
         return reasons[-1].split("failed to quantize:", 1)[-1].strip()
     if status < 0:

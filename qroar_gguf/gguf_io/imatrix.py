@@ -1,0 +1,95 @@
+"""Importance matrices computed with llama.cpp's llama-imatrix, on the unquantized file with the plan
+already applied and at the context the file is made for: the activations the long-context model
+really sees (llama.cpp's usual matrices come from 512-token chunks of the original model).
+
+A matrix is cached under ``$QROAR_CACHE/imatrix`` by the digests of the model file and the text, the
+context, the chunk count and the llama.cpp build, so a second conversion with the same plan and text
+reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from qroar_gguf.digests import sha256_file
+from qroar_gguf.errors import QroarError
+from qroar_gguf.llama_tools import current_build, find_tool
+from qroar_gguf.outputs import exclusive, temporary_beside
+from qroar_gguf.paths import cache_dir
+
+_TOO_SHORT = re.compile(r"you need at least (\d+) tokens")
+#: Windows of the text when none is asked for: provisional (bench measures the choice).
+DEFAULT_CHUNKS = 2
+
+
+@dataclass(frozen=True)
+class ImatrixRequest:
+    """Compute the matrix at conversion: on `text`, `chunks` windows of `ctx` tokens (None: the target)."""
+
+    text: Path
+    ctx: int | None = None
+    chunks: int = DEFAULT_CHUNKS
+
+
+def imatrix_key(model: Path, text: Path, ctx: int, chunks: int) -> str:
+    build = current_build()
+    parts = [sha256_file(model), sha256_file(text), str(ctx), str(chunks),
+             build.info["key"] if build is not None else os.environ.get("QROAR_LLAMA_BIN", "")]
+    return hashlib.sha256(" ".join(parts).encode()).hexdigest()[:24]
+
+
+def compute_imatrix(model: Path, text: Path, *, ctx: int, chunks: int, threads: int, progress: bool = True) -> Path:
+    """Path of the importance matrix of `model` over the first `chunks` windows of `ctx` tokens of
+    `text` (GGUF format, as llama-quantize --imatrix reads it); computed once, then cached."""
+    tool = find_tool("llama-imatrix")
+    folder = cache_dir() / "imatrix"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{imatrix_key(model, text, ctx, chunks)}.imatrix.gguf"
+    if path.is_file():
+        return path
+    with exclusive(path):
+        if path.is_file():
+            return path
+        with temporary_beside(path, "imatrix.gguf") as partial:
+            if progress:
+                print(f"imatrix: {chunks} window(s) of {ctx} tokens of {text.name} through llama-imatrix "
+                      "(a forward pass per window)", file=sys.stderr, flush=True)
+            started = time.monotonic()
+            _run([str(tool), "-m", str(model), "-f", str(text), "-o", str(partial), "-c", str(ctx),
+                  "-b", str(min(ctx, 2048)), "--chunks", str(chunks), "-t", str(threads), "--no-ppl",
+                  "--output-format", "gguf"], text, ctx)
+            if progress:
+                print(f"imatrix: done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+            os.replace(partial, path)
+    return path
+
+
+def _run(command: list[str], text: Path, ctx: int) -> None:
+    log: deque = deque(maxlen=60)
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace")
+    try:
+        for line in child.stdout:
+            log.append(line.rstrip("\n"))
+        status = child.wait()
+    finally:
+        if child.poll() is None:  # stopped: the matrix must not be finished and cached
+            child.kill()
+            child.wait()
+        child.stdout.close()
+    if status != 0:
+        joined = "\n".join(log)
+        short = _TOO_SHORT.search(joined)
+        if short:
+            raise QroarError(f"{text} is too short for an importance matrix at --imatrix-ctx {ctx}: llama-imatrix "
+                             f"needs at least {short.group(1)} tokens; give a longer text or a smaller --imatrix-ctx")
+        errors = [line for line in log if " E " in line or "error" in line.lower()]
+        raise QroarError(f"llama-imatrix failed (exit status {status}): {(errors or list(log) or ['no output'])[-1].strip()}")
