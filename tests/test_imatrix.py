@@ -78,6 +78,7 @@ def test_a_given_matrix_per_tensor_types_and_an_i_quant(smollm2_dir, dev_text, t
     (["--tensor-type", "attn_q=q9_9"], "not a ggml type"),
     (["--output-tensor-type", "int4"], "not a ggml type"),
     (["--token-embedding-type", "q6_k"], "not a multiple of q6_k's 256-value blocks"),  # SmolLM2's rows: 576
+    (["--output-tensor-type", "q4_k"], "token_embd.weight has rows of 576"),  # tied: the output is token_embd
     (["--tensor-type", "attn_(q=q8_0"], "not a regular expression"),
 ])
 def test_bad_quantization_requests_are_one_line(smollm2_dir, tmp_path, extra, needle):

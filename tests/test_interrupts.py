@@ -21,10 +21,17 @@ from checkpoints import gguf_tensors
 from runs import convert_ok, run_cli
 
 
+def _foreground_signals() -> None:
+    """SIGINT as a terminal's foreground job has it: pytest itself may run as a background job of a
+    non-interactive shell, which ignores SIGINT, and an ignored signal stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args: str | Path, env: dict | None = None) -> subprocess.Popen:
     # A session of its own, as a shell gives a foreground job: a terminal's Ctrl-C reaches the group.
     return subprocess.Popen([sys.executable, "-m", "qroar_gguf", *map(str, args), "-q"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+                            preexec_fn=_foreground_signals)
 
 
 def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:

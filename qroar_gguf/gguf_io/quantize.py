@@ -92,8 +92,9 @@ def check_types_fit(row_lengths: dict[str, int], overrides: TypeOverrides) -> No
     for rule in overrides.tensor_types:
         pattern, _, type_name = rule.partition("=")
         asked.append((f"--tensor-type {rule}", pattern, type_name))
-    if overrides.output_tensor_type:
-        asked.append((f"--output-tensor-type {overrides.output_tensor_type}", r"^output\.weight$",
+    if overrides.output_tensor_type:  # with tied embeddings llama.cpp gives token_embd the output's type
+        output = "output.weight" if "output.weight" in row_lengths else "token_embd.weight"
+        asked.append((f"--output-tensor-type {overrides.output_tensor_type}", f"^{re.escape(output)}$",
                       overrides.output_tensor_type))
     if overrides.token_embedding_type:
         asked.append((f"--token-embedding-type {overrides.token_embedding_type}", r"^token_embd\.weight$",
