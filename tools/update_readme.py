@@ -10,6 +10,7 @@ Sections between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` are re
   search    from tools/results/search_*.json (`bash tools/bench_smollm2.sh search`)
   patch     from tools/results/patch_bench.json (tools/bench_patch.py)
   tools     from tools/results/llama_tools_bench.json (tools/bench_llama_tools.py)
+  imatrix   from tools/results/imatrix_bench.json (tools/bench_imatrix.py)
 """
 
 from __future__ import annotations
@@ -210,6 +211,10 @@ def tools_section() -> str:
         missed = ", ".join(f"{t['depth']:.0%}: {'found' if t['correct'] else 'missed'}" for t in c["trials"])
         lines.append(f"- The same prompts to the control (the same weights converted with no plan, so positions past "
                      f"the trained context are not rescaled): {missed}.")
+    if r.get("build"):
+        lines.append(f"- The set-up's build of llama.cpp that these ran (`llama_cpp_version` "
+                     f"{r['build']['llama_cpp_version']}, patches {', '.join(r['build']['patches']) or 'none'}) took "
+                     f"{r['build']['build_seconds']:.0f} s.")
     b = r.get("builds")
     if b:
         lines.append(f"- Providing llama.cpp from scratch: the tools' build (its libllama serving the bindings too) "
@@ -219,12 +224,35 @@ def tools_section() -> str:
     return "\n".join(lines) + "\n"
 
 
+def imatrix_section() -> str:
+    r = _tool_result("imatrix_bench.json")
+    if r is None:
+        return _not_measured("python tools/bench_imatrix.py")
+    lines = [f"`python tools/bench_imatrix.py` → `tools/results/imatrix_bench.json` ({r['machine']['cpus']} cores): "
+             f"SmolLM2 with {r['method']} at {r['target_ctx']} tokens ({r['target_ctx'] // r['trained_ctx']}x); matrices "
+             f"from {r['imatrix_tokens']} tokens of {r['calibration']} on the plan-applied F16; evaluated on one "
+             f"{r['target_ctx']}-token window of {r['evaluation']} against that F16.", "",
+             "| type | imatrix | size | KLD | PPL / F16 | vs no imatrix (PPL ratio, 95% CI) | matrix cost |",
+             "|---|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        if run["imatrix"] == "none":
+            matrix, paired, cost = "none", "", ""
+        else:
+            matrix = f"{run['imatrix']} ({run['imatrix_chunks']} x {run['imatrix_ctx']})"
+            v = run["vs_none"]
+            paired = f"{v['ppl_ratio']:.4f} [{v['ppl_ratio_ci95'][0]:.4f}, {v['ppl_ratio_ci95'][1]:.4f}]"
+            cost = "cached" if run["imatrix_seconds"] is None else f"{run['imatrix_seconds']:.0f} s"
+        lines.append(f"| {run['qtype']} | {matrix} | {run['size_mib']:.1f} MiB | {run['kld_mean']:.4f} ± "
+                     f"{run['kld_se']:.4f} | {run['ppl_ratio_to_f16']:.4f} | {paired} | {cost} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
     sections = (("summary", summary_section()), ("quality", quality_section()), ("convert", convert_section()), ("tail", tail_section()),
                 ("weights", weights_section()), ("search", search_section()), ("patch", patch_section()),
-                ("tools", tools_section()))
+                ("tools", tools_section()), ("imatrix", imatrix_section()))
     for name, body in sections:
         pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
         if not pattern.search(text):
