@@ -253,6 +253,9 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
 @click.option("--metadata", "metadata_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="JSON file of general.* values that override what the checkpoint says "
                                  "(llama.cpp's --metadata format, e.g. {\"general.license\": \"apache-2.0\"}).")
+@click.option("--allow-patched-runtime", is_flag=True,
+              help="Write a family whose rope_freqs only a patched llama.cpp loads (Qwen3: the tools the set-up "
+                   "builds; stock llama.cpp and Ollama refuse such files).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def convert(model: Path, output: Path | None, target_ctx: int | None, scale: float | None, method: str, qtype: str,
@@ -262,8 +265,8 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
             attn_scale: bool | None, bands: int, band_factors: str | None, band_scales: str | None,
             symmetric: bool | None, search: bool, dev_text: Path | None, dev_ctx: int | None, dev_chunks: int | None,
             search_budget: int, search_seed: int, search_objective: str, search_space: str, search_type_k: str,
-            search_report: Path | None, name: str | None, metadata_file: Path | None, force: bool,
-            quiet: bool) -> None:
+            search_report: Path | None, name: str | None, metadata_file: Path | None, allow_patched_runtime: bool,
+            force: bool, quiet: bool) -> None:
     """Convert MODEL (a .safetensors file with config.json and tokenizer beside it, a
     model.safetensors.index.json, or the checkpoint directory) to a GGUF file."""
     from qroar_gguf.convert import ConvertOptions
@@ -293,7 +296,8 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
     options = ConvertOptions(plan=plan, target_ctx=target_ctx, scale=scale,
                              qtype=qtype.upper(), threads=threads, quantizer=quantizer, overrides=overrides,
                              imatrix_from=imatrix_from, keep_f16=keep_f16,
-                             force=force, progress=_show_progress(quiet), name=name, metadata=metadata_file)
+                             force=force, progress=_show_progress(quiet), name=name, metadata=metadata_file,
+                             allow_patched_runtime=allow_patched_runtime)
     if output is None:
         from qroar_gguf.convert import default_output
 

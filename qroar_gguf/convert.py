@@ -63,6 +63,7 @@ class ConvertOptions:
     band_search: dict | None = None  # provenance of the search that chose the band values (search.py)
     name: str | None = None  # general.name (None: from the checkpoint, as llama.cpp's converter finds it)
     metadata: Path | None = None  # a JSON file of general.* overrides (llama.cpp's --metadata format)
+    allow_patched_runtime: bool = False  # write families whose rope_freqs only a patched llama.cpp loads
 
 
 @dataclass
@@ -100,6 +101,10 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
     meta = model_metadata(ckpt, src.family, options.name, options.metadata)  # before the plan's measuring
     plan = make_conversion_plan(options, src)
     fold = options.plan.bands.fold(facts, n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_dim)
+    scaled = fold is not None and any(v != 1 for v in fold.provenance()["band_scales"])
+    if scaled and not src.family.folds_band_scales:
+        raise QroarError(f"band scales cannot be folded into a {src.family.gguf_arch_name} file (its Q/K rows are "
+                         "normalised or not in llama's pair order): use band factors only")
     factors = plan.factors.astype(np.float32) if fold is None else fold.apply_factors(facts, plan.factors)
     if existing is not None:
         factors = combine_with_source(factors, existing)
@@ -167,6 +172,10 @@ def read_source(source: str | Path, options: ConvertOptions) -> Source:
     the trained and target contexts. Reads headers only; every problem is one QroarError line."""
     ckpt = open_checkpoint(source)
     family = family_for(ckpt.config)
+    if family.needs_patch and not options.allow_patched_runtime:
+        raise QroarError(f"a {family.gguf_arch_name} file with rope_freqs runs only in a llama.cpp with "
+                         f"patches/{family.needs_patch} (the tools `bash tools/setup.sh` builds); stock llama.cpp and "
+                         "Ollama refuse it: pass --allow-patched-runtime to write one anyway")
     check_tensors(ckpt, family)
     facts, existing = _rope_facts(ckpt.config, family.hparams, options)
     return Source(ckpt, family, facts, existing)
@@ -272,7 +281,7 @@ def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, family: ModelFamily
     provenance.add_provenance(
         writer, version=__version__, method=plan.method, params=plan.params, trained_ctx=facts.trained_ctx,
         target_ctx=facts.target_ctx, factors=factors, source_factors=existing, attn_scale=plan.attn_scale,
-        source=str(ckpt.config.get("_name_or_path") or ckpt.directory.name))
+        source=str(ckpt.config.get("_name_or_path") or ckpt.directory.name), needs_patch=family.needs_patch)
 
 
 def _plan_tensors(ckpt: Checkpoint, family: ModelFamily, attn_scale: float, factors: np.ndarray,
@@ -287,7 +296,7 @@ def _plan_tensors(ckpt: Checkpoint, family: ModelFamily, attn_scale: float, fact
                              f"{family.hparams.architecture} checkpoint?")
         shape = ckpt.info(hf_name).shape
         qtype = store if len(shape) >= 2 else Q.F32  # norms and biases stay F32, as llama.cpp expects
-        kind = family.rotary_kind(hf_name)
+        kind = family.scale_kind(hf_name)
         rows = None  # band scales (per row) for W_Q / W_K and their biases
         if fold is not None:
             rows = fold.q_rows if kind == "q" else fold.k_rows if kind == "k" else None
@@ -297,11 +306,11 @@ def _plan_tensors(ckpt: Checkpoint, family: ModelFamily, attn_scale: float, fact
 
 def _producer(ckpt: Checkpoint, hf_name: str, family: ModelFamily, attn_scale: float,
               row_scale: np.ndarray | None = None):
-    rotary = family.rotary_kind(hf_name) is not None
+    scaled = family.scale_kind(hf_name) is not None
 
     def produce() -> np.ndarray:
         values = ckpt.load(hf_name)
-        if not rotary:
+        if not scaled:
             return family.modify_tensor(hf_name, values)
         if not np.isfinite(values).all():
             raise QroarError(f"{hf_name} contains NaN or Inf values: the checkpoint is damaged")

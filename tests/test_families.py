@@ -1,22 +1,21 @@
 """Every model family against transformers: small random-weight checkpoints built with transformers
-(Qwen2 with its Q/K/V biases, Llama, Mistral; grouped-query attention; tied and untied embeddings),
-converted to F32 and run by the real libllama; the logits must be transformers' logits."""
+(Qwen2 with its Q/K/V biases, Llama, Mistral, Qwen3 with its q/k norms; grouped-query attention; tied
+and untied embeddings), converted to F32 and run by the real libllama (the set-up's build, patches/
+applied); the logits must be transformers' logits."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
-
 from checkpoints import write_gguf
 from runs import convert_ok, run_cli
 from test_convert import prompt_logits
 
 from qroar_gguf.assets.smollm2 import unpermute_rope_rows
-
-import gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -184,3 +183,53 @@ def test_qwen2_with_every_layer_full_attention_converts(smollm2_dir: Path, tmp_p
     ckpt = build(tmp_path / "ckpt", smollm2_dir, config_class, model_class, use_sliding_window=True,
                  max_window_layers=2, **overrides)
     convert_ok(ckpt, "-o", tmp_path / "out.gguf", "--ctx", "2048", "--qtype", "F16")
+
+
+QWEN3 = ("Qwen3Config", "Qwen3ForCausalLM",
+         dict(num_key_value_heads=2, head_dim=64, tie_word_embeddings=False, rope_theta=1000000.0))
+
+
+def test_qwen3_is_refused_unless_a_patched_runtime_is_allowed(smollm2_dir: Path, tmp_path: Path):
+    from runs import fail_cleanly
+
+    ckpt = build(tmp_path / "ckpt", smollm2_dir, *QWEN3[:2], **QWEN3[2])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    line = fail_cleanly([ckpt, "-o", out_dir / "x.gguf", "--ctx", "2048"], out_dir, "--allow-patched-runtime",
+                        protect=ckpt)
+    assert "0001-qwen3-optional-rope-freqs.patch" in line and "Ollama" in line
+    fail_cleanly([ckpt, "-o", out_dir / "x.gguf", "--ctx", "2048", "--allow-patched-runtime", "--bands", "2",
+                  "--band-scales", "1,1.1"], out_dir, "band scales cannot be folded")
+
+
+def test_qwen3_with_rope_freqs_equals_transformers_in_the_patched_llama_cpp(smollm2_dir: Path, tmp_path: Path):
+    """Qwen3 as GGUF arch qwen3 (per-head q/k norms, NEOX rows) in the libllama the set-up built with
+    patches/0001: with no plan its logits are transformers'; with rope_freqs = 2 everywhere they are
+    llama.cpp's own linear scaling x2 (the patch feeds the factors to qwen3's RoPE); YaRN's attention
+    scale goes into the q/k norms' weights, since a scale on W_Q/W_K would be normalised away."""
+    ckpt = build(tmp_path / "ckpt", smollm2_dir, *QWEN3[:2], **QWEN3[2])
+    files = {m: tmp_path / f"{m}.F32.gguf" for m in ("none", "linear", "yarn")}
+    for method, out in files.items():
+        convert_ok(ckpt, "-o", out, "--method", method, "--scale", "2", "--qtype", "F32", "--allow-patched-runtime")
+    reader = gguf.GGUFReader(files["linear"])
+    from qroar_gguf.gguf_io.reader import field_value
+
+    assert field_value(reader, "general.architecture") == "qwen3"
+    assert field_value(reader, "qroar.needs_patch") == "0001-qwen3-optional-rope-freqs.patch"
+    assert field_value(reader, "qwen3.attention.key_length") == 64
+
+    tokens = [int(t) for t in np.random.default_rng(1).integers(0, 49152, 48)]
+    theirs = transformers_logits(ckpt, tokens)
+    none = prompt_logits(files["none"], tokens, n_ctx=256)
+    np.testing.assert_allclose(none, theirs, rtol=0, atol=2e-3 * np.abs(theirs).max())
+    linear = prompt_logits(files["linear"], tokens, n_ctx=256)
+    runtime_linear = prompt_logits(files["none"], tokens, n_ctx=256, rope_freq_scale=0.5)
+    np.testing.assert_allclose(linear, runtime_linear, rtol=0, atol=1e-4 * np.abs(theirs).max())
+    assert np.abs(linear - none).max() > 0.05 * np.abs(theirs).max()  # the factors changed the logits
+
+    tensors = {f: {t.name: np.array(t.data) for t in gguf.GGUFReader(files[f]).tensors} for f in ("none", "yarn")}
+    scale = field_value(gguf.GGUFReader(files["yarn"]), "qroar.attention_scale_folded")
+    assert scale > 1.0
+    np.testing.assert_array_equal(tensors["yarn"]["blk.0.attn_q.weight"], tensors["none"]["blk.0.attn_q.weight"])
+    np.testing.assert_allclose(tensors["yarn"]["blk.1.attn_k_norm.weight"],
+                               tensors["none"]["blk.1.attn_k_norm.weight"] * np.float32(scale), rtol=1e-6)

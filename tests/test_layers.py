@@ -20,7 +20,7 @@ LAYERS = [
     ["source.checkpoint", "source.safetensors_lazy", "source.text", "gguf_io.reader", "gguf_io.layout", "gguf_io.rewrite", "outputs",
      "assets.austen", "assets.smollm2", "llama_tools"],
     # 2. model families: hyperparameters, tensor names and shapes, vocabularies
-    ["arch.base", "arch.llama", "arch.qwen2", "arch.families", "arch.gguf_arches", "arch.pretokenizer", "arch.vocab"],
+    ["arch.base", "arch.llama", "arch.qwen2", "arch.qwen3", "arch.families", "arch.gguf_arches", "arch.pretokenizer", "arch.vocab"],
     # 3. RoPE math: plans, sensitivity, bands, diagnostics, measuring weights
     ["rope.plans", "rope.layout", "rope.sensitivity", "rope.bands", "rope.diagnostics", "rope.measure",
      "rope.spec"],

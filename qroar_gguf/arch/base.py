@@ -55,6 +55,11 @@ class ModelFamily:
     hf_architectures: ClassVar[tuple[str, ...]] = ()
     #: The GGUF arch the file declares (its runtime must load rope_freqs).
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
+    #: None when stock llama.cpp loads rope_freqs for the arch; else the patches/ file its runtime needs
+    #: (such files are written only when asked for, and say so in their metadata).
+    needs_patch: ClassVar[str | None] = None
+    #: Whether per-band row scales (--band-scales) can be folded: their rows are in llama's pair layout.
+    folds_band_scales: ClassVar[bool] = True
 
     def __init__(self, config: dict):
         self.config = config
@@ -84,6 +89,11 @@ class ModelFamily:
     def rotary_kind(self, hf_name: str) -> str | None:
         """"q" or "k" for the rotary projections (weights and biases) whose rows form RoPE pairs, else None."""
         raise NotImplementedError
+
+    def scale_kind(self, hf_name: str) -> str | None:
+        """"q" or "k" for the tensors an attention scale multiplies (YaRN's, folded at conversion): the
+        rotary projections themselves unless a norm follows them (then the norm's weight)."""
+        return self.rotary_kind(hf_name)
 
     def layer_of(self, hf_name: str) -> int | None:
         """The block a layer tensor belongs to; None for global tensors."""

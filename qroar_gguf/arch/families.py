@@ -11,9 +11,10 @@ from pathlib import Path
 from qroar_gguf.arch.base import ModelFamily, config_architectures, unsupported
 from qroar_gguf.arch.llama import LlamaFamily
 from qroar_gguf.arch.qwen2 import Qwen2Family
+from qroar_gguf.arch.qwen3 import Qwen3Family
 from qroar_gguf.source.checkpoint import open_checkpoint
 
-FAMILIES: tuple[type[ModelFamily], ...] = (LlamaFamily, Qwen2Family)
+FAMILIES: tuple[type[ModelFamily], ...] = (LlamaFamily, Qwen2Family, Qwen3Family)
 
 
 def supported_architectures() -> tuple[str, ...]:

@@ -26,13 +26,17 @@ def _slides(config: dict) -> bool:
     return not (isinstance(layers, int) and isinstance(window_from, int) and window_from >= layers)
 
 
+def refuse_sliding_window(config: dict, gguf_arch: str) -> None:
+    if _slides(config):
+        raise QroarError(f"config.json: use_sliding_window is true, but llama.cpp's {gguf_arch} arch (the one "
+                         "written) attends to the whole context: this checkpoint would run wrongly")
+
+
 class Qwen2Family(LlamaFamily):
     hf_architectures = ("Qwen2ForCausalLM",)
 
     def read_hparams(self, config: dict) -> LlamaHparams:
-        if _slides(config):
-            raise QroarError("config.json: use_sliding_window is true, but llama.cpp's llama arch (the one that "
-                             "reads rope_freqs) attends to the whole context: this checkpoint would run wrongly")
+        refuse_sliding_window(config, "llama")
         return super().read_hparams(config)
 
     def expected_tensors(self) -> dict[str, TensorSpec]:

@@ -26,12 +26,13 @@ BANDS = "qroar.bands"  # int array [N + 1]: first pair of every band, then P
 BAND_FACTORS = "qroar.band_factors"  # float32 array [N]: rope_freqs multipliers per band
 BAND_SCALES = "qroar.band_scales"  # float32 array [N]: W_Q/W_K row scales per band
 BAND_SYMMETRIC = "qroar.band_symmetric"  # bool: W_K divided (true) or multiplied (false) by the scale
+NEEDS_PATCH = "qroar.needs_patch"  # the patches/ file a runtime needs to load this file (qwen3 + rope_freqs)
 SEARCH = "qroar.search"  # JSON object: dev text sha256 and tokens, budget, evaluations, objectives
 
 
 def add_provenance(writer: gguf.GGUFWriter, *, version: str, method: str, params: dict, trained_ctx: int,
                    target_ctx: int, factors: np.ndarray, source_factors: np.ndarray | None, attn_scale: float,
-                   source: str) -> None:
+                   source: str, needs_patch: str | None = None) -> None:
     writer.add_string(VERSION, version)
     writer.add_string(METHOD, method)
     writer.add_string(PARAMS, json.dumps(params, sort_keys=True))
@@ -42,6 +43,8 @@ def add_provenance(writer: gguf.GGUFWriter, *, version: str, method: str, params
         writer.add_array(SOURCE_FACTORS, [float(f) for f in source_factors])
     writer.add_float32(ATTN_SCALE, float(attn_scale))
     writer.add_string(SOURCE, source)
+    if needs_patch is not None:
+        writer.add_string(NEEDS_PATCH, needs_patch)
 
 
 def add_band_provenance(writer: gguf.GGUFWriter, bands: dict | None, search: dict | None) -> None:
