@@ -81,15 +81,24 @@ def patch_files(root: Path | None = None) -> list[Path]:
 
 
 def build_key(cmake_args: Sequence[str] = (), root: Path | None = None) -> str:
-    """Digest of everything that decides the build: the pinned sdist, CMakeLists.txt, each patch (name
-    and bytes) and the extra CMake options (in the order given: later ones win in CMake)."""
+    """Digest of everything that decides the build: the pinned sdist, CMakeLists.txt, each patch (its
+    name and its diff, not the header that describes it) and the extra CMake options (in the order
+    given: later ones win in CMake)."""
     root = root or project_root()
     digest = hashlib.sha256()
     digest.update(f"{SDIST_NAME} {SDIST_SHA256}\n".encode())
-    for path in [root / "CMakeLists.txt", *patch_files(root)]:
-        digest.update(f"{path.name} {sha256_file(path)}\n".encode())
+    digest.update(f"CMakeLists.txt {sha256_file(root / 'CMakeLists.txt')}\n".encode())
+    for path in patch_files(root):
+        digest.update(f"{path.name} {hashlib.sha256(_diff_of(path)).hexdigest()}\n".encode())
     digest.update(json.dumps(list(cmake_args)).encode())
     return digest.hexdigest()[:16]
+
+
+def _diff_of(patch: Path) -> bytes:
+    """A patch file from its first file header on: what `patch` applies (the prose above it is not)."""
+    data = patch.read_bytes()
+    found = re.search(rb"^(diff --git |--- )", data, re.M)
+    return data[found.start():] if found else data
 
 
 def builds_dir() -> Path:

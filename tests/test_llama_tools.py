@@ -209,3 +209,25 @@ def test_missing_tools_are_one_line_before_anything_is_written(smollm2_dir, tmp_
     listed = run_cli("tools")
     assert listed.returncode == 0, listed.stderr
     assert sum(line.strip().endswith("missing") for line in listed.stdout.splitlines()) == len(TOOLS)
+
+
+def test_the_build_key_follows_what_is_compiled(tmp_path):
+    """The sdist, CMakeLists.txt, each patch's diff and the CMake options decide the build; a patch's
+    prose header does not (editing it must not cost a rebuild)."""
+    from qroar_gguf.llama_tools import build_key
+
+    (tmp_path / "patches").mkdir()
+    (tmp_path / "CMakeLists.txt").write_text("project(x)\n")
+    patch = tmp_path / "patches" / "0001-x.patch"
+    patch.write_text("What: a change\n\n--- a/src/x.cpp\n+++ b/src/x.cpp\n@@ -1 +1 @@\n-a\n+b\n")
+    key = build_key(root=tmp_path)
+    patch.write_text("What: the same change, described better\n\n--- a/src/x.cpp\n+++ b/src/x.cpp\n@@ -1 +1 @@\n-a\n+b\n")
+    assert build_key(root=tmp_path) == key
+    patch.write_text("What: a change\n\n--- a/src/x.cpp\n+++ b/src/x.cpp\n@@ -1 +1 @@\n-a\n+c\n")
+    changed = build_key(root=tmp_path)
+    assert changed != key
+    assert build_key(["-DGGML_CUDA=ON"], root=tmp_path) != changed
+    (tmp_path / "CMakeLists.txt").write_text("project(y)\n")
+    assert build_key(root=tmp_path) != changed
+    (tmp_path / "patches" / "0002-y.patch").write_text("--- a/y\n+++ b/y\n")
+    assert len({build_key(root=tmp_path), changed, key}) == 3
