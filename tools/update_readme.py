@@ -195,7 +195,8 @@ def tools_section() -> str:
     if r is None:
         return _not_measured("python tools/bench_llama_tools.py --builds")
     a, k = r["agreement"], r["server_passkey"]
-    lines = [f"`python tools/bench_llama_tools.py --builds` → `tools/results/llama_tools_bench.json` "
+    command = "python tools/bench_llama_tools.py" + (" --builds" if r.get("builds") else "")
+    lines = [f"`{command}` → `tools/results/llama_tools_bench.json` "
              f"({r['machine']['cpus']} cores; SmolLM2 converted with {r['method']} for {a['ctx']} tokens, "
              f"{r['qtype']}).", ""]
     lines.append(f"- `llama-perplexity` and `qroar-gguf eval` on {a['chunks']} window(s) of {a['ctx']} tokens of "
