@@ -146,8 +146,11 @@ def find_tool(name: str) -> Path:
         return path
     build = current_build()
     if build is None:
-        raise QroarError(f"llama.cpp's {name} is not built on this machine: run `qroar-gguf tools build` (once, "
-                         "several minutes) or `bash tools/setup.sh`")
+        stale = builds_dir().is_dir() and any(builds_dir().glob(f"{LLAMA_CPP_PYTHON_VERSION}-*/build.json"))
+        why = ("the cached build is of other sources (CMakeLists.txt or patches/ changed)" if stale
+               else "it is not built on this machine")
+        raise QroarError(f"llama.cpp's {name} is not available: {why}; run `bash tools/setup.sh` or `qroar-gguf "
+                         "tools build` (once, several minutes)")
     path = build.tool(name)
     if not os.access(path, os.X_OK):
         raise QroarError(f"{path} is missing from the cached build: run `qroar-gguf tools build --rebuild`")
