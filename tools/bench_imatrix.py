@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--method", default="yarn")
     parser.add_argument("--scale", type=int, default=2)
     parser.add_argument("--qtypes", default="Q4_0")
-    parser.add_argument("--calibration", default="Pride and Prejudice")
+    parser.add_argument("--calibration", default="Pride & Prejudice")
     parser.add_argument("--evaluation", default="Emma")
     parser.add_argument("--imatrix-tokens", type=int, default=32768, help="calibration tokens of every matrix")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
