@@ -225,7 +225,7 @@ def test_unsupported_architecture(scratch: Path, tmp_path: Path):
     (scratch / "config.json").write_text(json.dumps(config))
     fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path,
                  "unsupported architecture Gemma3ForCausalLM: qroar-gguf converts LlamaForCausalLM, "
-                 "MistralForCausalLM and Qwen2ForCausalLM")
+                 "MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM")
 
 
 def test_target_context_must_grow(scratch: Path, tmp_path: Path):
