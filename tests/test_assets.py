@@ -16,7 +16,6 @@ from qroar_gguf.assets.austen import austen_text, list_titles
 from qroar_gguf.assets.smollm2 import CHECKPOINT_FILES, hf_tensor_name, unpermute_rope_rows
 from qroar_gguf.errors import QroarError
 
-SDIST = Path("/tmp/wb/sdist/llama_cpp_python-0.3.36.tar.gz")
 
 # Digits, punctuation, accents, CJK, emoji (with ZWJ), whitespace runs, tabs, newlines, special tokens.
 TOKENIZER_PROBES = [
@@ -83,9 +82,11 @@ def test_rope_permutation_roundtrip() -> None:
 # --- tokenizer ---------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not SDIST.is_file(), reason="llama-cpp-python sdist not downloaded")
 def test_pre_tokenizer_table_matches_llama_cpp_converter() -> None:
-    with tarfile.open(SDIST) as tar:
+    """Our pre-tokenizer table against the converter of the llama.cpp we build (the set-up keeps its sdist)."""
+    from qroar_gguf.llama_tools import fetch_sdist
+
+    with tarfile.open(fetch_sdist(lambda message: None)) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("vendor/llama.cpp/conversion/base.py"))
         source = tar.extractfile(member).read().decode("utf-8")
     extracted = extract_from_converter(source)
