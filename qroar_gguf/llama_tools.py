@@ -229,22 +229,32 @@ def _cmake() -> str:
                      "environment (tools/setup.sh does) or install it from your system's packages")
 
 
-def _run_logged(command: list[str], step: Callable[[int, int], None], log: deque) -> None:
-    """Run a build command, keeping its last lines for the error and reporting ninja's [k/N] steps."""
+def run_program(command: list[str], log: deque, on_line: Callable[[str], None] | None = None) -> int:
+    """Run one of llama.cpp's programs (or the build), its output line by line into `log` (and
+    `on_line`); a stop (Ctrl-C, SIGTERM as Stopped, an error) kills it first. Returns its status."""
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, errors="replace")
     try:
         for line in child.stdout:
             log.append(line.rstrip("\n"))
-            found = _NINJA_STEP.match(line)
-            if found:
-                step(int(found.group(1)), int(found.group(2)))
-        status = child.wait()
+            if on_line is not None:
+                on_line(line)
+        return child.wait()
     finally:
-        if child.poll() is None:  # stopped: do not leave a compiler running
+        if child.poll() is None:  # stopped: do not leave it running, nor let it finish a file
             child.kill()
             child.wait()
         child.stdout.close()
+
+
+def _run_logged(command: list[str], step: Callable[[int, int], None], log: deque) -> None:
+    """Run a build command, keeping its last lines for the error and reporting ninja's [k/N] steps."""
+    def on_line(line: str) -> None:
+        found = _NINJA_STEP.match(line)
+        if found:
+            step(int(found.group(1)), int(found.group(2)))
+
+    status = run_program(command, log, on_line)
     if status != 0:
         shown = "\n".join(list(log)[-25:])
         raise QroarError(f"building llama.cpp failed ({' '.join(command[:3])} ..., exit status {status}); its last "

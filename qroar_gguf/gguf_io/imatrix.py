@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import subprocess
 import sys
 import time
 from collections import deque
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError
-from qroar_gguf.llama_tools import current_build, find_tool
+from qroar_gguf.llama_tools import current_build, find_tool, run_program
 from qroar_gguf.outputs import exclusive, temporary_beside
 from qroar_gguf.paths import cache_dir
 
@@ -74,17 +73,7 @@ def compute_imatrix(model: Path, text: Path, *, ctx: int, chunks: int, threads: 
 
 def _run(command: list[str], text: Path, ctx: int) -> None:
     log: deque = deque(maxlen=60)
-    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, errors="replace")
-    try:
-        for line in child.stdout:
-            log.append(line.rstrip("\n"))
-        status = child.wait()
-    finally:
-        if child.poll() is None:  # stopped: the matrix must not be finished and cached
-            child.kill()
-            child.wait()
-        child.stdout.close()
+    status = run_program(command, log)
     if status != 0:
         joined = "\n".join(log)
         short = _TOO_SHORT.search(joined)
