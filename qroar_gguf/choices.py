@@ -25,3 +25,11 @@ DEFAULT_METHOD = "yarn"
 AGGREGATIONS = ("max", "mean")
 #: --type-k names (llama.cpp's KV cache types a key cache may take).
 KEY_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+#: bench's --imatrix axis: no importance matrix, one from short windows, one from windows of the file's
+#: target context; evaluate/bench.py owns their meaning.
+IMATRIX_AXIS = ("none", "short", "target")
+#: bench --imatrix short's window: 512 tokens, as llama.cpp's importance matrices are usually made.
+IMATRIX_SHORT_WINDOW = 512
+#: bench --imatrix-tokens: calibration tokens of every matrix, the same for short and target so that
+#: only the window differs.
+DEFAULT_IMATRIX_TOKENS = 32768

@@ -11,7 +11,17 @@ from pathlib import Path
 import click
 
 from qroar_gguf import __version__
-from qroar_gguf.choices import AGGREGATIONS, DEFAULT_METHOD, KEY_CACHE_TYPES, METHODS, QTYPES, QUANTIZERS
+from qroar_gguf.choices import (
+    AGGREGATIONS,
+    DEFAULT_IMATRIX_TOKENS,
+    DEFAULT_METHOD,
+    IMATRIX_AXIS,
+    IMATRIX_SHORT_WINDOW,
+    KEY_CACHE_TYPES,
+    METHODS,
+    QTYPES,
+    QUANTIZERS,
+)
 from qroar_gguf.errors import QroarError, Stopped, stop_on_signals
 from qroar_gguf.outputs import check_destination, describe_os_error, publish_text
 from qroar_gguf.search_settings import (
@@ -30,7 +40,7 @@ class DefaultToConvert(click.Group):
 
     # Options of these commands take several values at once (`--ctx 16384 32768`): click wants the
     # option repeated, so the values are spread over repeated options before parsing.
-    LIST_OPTIONS = {"bench": ("--ctx", "--qtype", "--plans", "--type-k", "--passkey-depths")}
+    LIST_OPTIONS = {"bench": ("--ctx", "--qtype", "--plans", "--type-k", "--imatrix", "--passkey-depths")}
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
@@ -506,6 +516,17 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
 @click.option("--chunks", type=click.IntRange(min=1), default=1, show_default=True, help="Windows per context.")
 @click.option("--type-k", "type_ks", type=click.Choice(KEY_CACHE_TYPES), multiple=True, default=["f16"],
               show_default=True, help="Key cache type(s), an axis like --ctx: --type-k f16 q4_0.")
+@click.option("--imatrix", "imatrixes", type=click.Choice(IMATRIX_AXIS), multiple=True, default=["none"],
+              show_default=True,
+              help="Importance matrix axis, like --type-k: none, short (windows of "
+                   f"{IMATRIX_SHORT_WINDOW} tokens, as matrices are usually made) or target (windows of the file's "
+                   "target context), each computed on the plan's F16 file from --imatrix-text: --imatrix none short "
+                   "target. Each matrix row is paired with the same plan's row without one.")
+@click.option("--imatrix-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="--imatrix short/target: the UTF-8 calibration text. Never the --text you evaluate on.")
+@click.option("--imatrix-tokens", type=click.IntRange(min=IMATRIX_SHORT_WINDOW), default=None,
+              help="--imatrix short/target: calibration tokens of every matrix, the same for both, so that only the "
+                   f"window differs (target takes at least one window). Default: {DEFAULT_IMATRIX_TOKENS}.")
 @click.option("--passkey-trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="Passkey keys per depth (0: no passkey test).")
 @click.option("--passkey-depths", "passkey_depths", type=click.FloatRange(0, 1), multiple=True,
@@ -516,7 +537,8 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
               help="Directory for results.json, results.md, ppl_vs_ctx.png and the cached files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tuple[str, ...], text_path: Path,
-          chunks: int, type_ks: tuple[str, ...], passkey_trials: int, passkey_depths: tuple[float, ...], threads: int,
+          chunks: int, type_ks: tuple[str, ...], imatrixes: tuple[str, ...], imatrix_text: Path | None,
+          imatrix_tokens: int | None, passkey_trials: int, passkey_depths: tuple[float, ...], threads: int,
           out: Path, quiet: bool) -> None:
     """Build every plan's GGUF from MODEL (HF checkpoint) and compare them all on the same chunks.
 
@@ -526,6 +548,7 @@ def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tu
     from qroar_gguf.evaluate.bench import run_bench
 
     run_bench(model, list(ctxs), list(qtypes), list(plans), text_path, out, chunks=chunks, type_k=list(type_ks),
+              imatrix=list(imatrixes), imatrix_text=imatrix_text, imatrix_tokens=imatrix_tokens,
               passkey_trials=passkey_trials, passkey_depths=list(passkey_depths) or None, threads=threads,
               progress=_show_progress(quiet))
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ppl_vs_ctx.png'}")

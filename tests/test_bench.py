@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints import make_tiny_llama
+from runs import fail_cleanly
 from test_convert import convert_ok, run_cli
 
 
@@ -151,3 +152,94 @@ def test_eval_errors_are_one_line(case: str, tiny256: Path, text: Path, tmp_path
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines and len(lines) <= 3, result.stderr  # click usage errors add a usage line
     assert {"missing": "does not exist", "not_gguf": "not a GGUF", "too_short": "tokens"}[case] in result.stderr
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> Path:
+    """About 1400 tokens of Emma (two 512-token windows): never the evaluation text, Persuasion."""
+    from qroar_gguf.assets.austen import austen_text
+
+    path = tmp_path_factory.mktemp("calibration") / "emma.txt"
+    path.write_text(austen_text("Emma").read_text(encoding="utf-8")[20000:26000], encoding="utf-8")
+    return path
+
+
+def test_bench_imatrix_axis_pairs_each_matrix_with_no_matrix(tiny256: Path, text: Path, calibration: Path,
+                                                             tmp_path: Path, monkeypatch):
+    """--imatrix none short: the short row's file is quantized with a matrix computed on the plan's F16
+    file, its PPL is paired with the row without one, F16 gets no matrix, and a rerun computes nothing."""
+    import math
+
+    import gguf
+
+    from qroar_gguf.digests import sha256_file
+    from qroar_gguf.gguf_io.reader import field_value
+    from qroar_gguf.llama_tools import find_tool
+
+    # A cache of its own, so that the matrix is computed here (the tools stay the set-up's build).
+    monkeypatch.setenv("QROAR_LLAMA_BIN", str(find_tool("llama-imatrix").parent))
+    monkeypatch.setenv("QROAR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    common = ["bench", tiny256, "--ctx", "512", "--plans", "yarn", "--text", text, "--chunks", "2", "--out", out, "-q"]
+    args = [*common, "--qtype", "Q4_0", "F16", "--imatrix", "none", "short", "--imatrix-text", calibration,
+            "--imatrix-tokens", "1024"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["imatrixes"] == ["none", "short"] and results["imatrix_tokens"] == 1024
+    by = {(r["qtype"], r["imatrix"]): r for r in results["rows"]}
+    assert set(by) == {("Q4_0", "none"), ("Q4_0", "short"), ("F16", "none")}  # an unquantized file takes none
+    none, short = by[("Q4_0", "none")], by[("Q4_0", "short")]
+    assert (short["imatrix_ctx"], short["imatrix_chunks"]) == (512, 2)  # 1024 tokens in 512-token windows
+    assert "imatrix_ctx" not in none
+    models = out / "models"
+    assert sha256_file(models / short["file"]) != sha256_file(models / none["file"])
+    quantized = gguf.GGUFReader(models / short["file"])
+    assert field_value(quantized, "quantize.imatrix.chunks_count") == 2
+    assert field_value(gguf.GGUFReader(models / none["file"]), "quantize.imatrix.file") is None
+    for r in (none, short):  # both against the same F16 reference, on the same tokens
+        assert r["ref_ppl"] == by[("F16", "none")]["ppl"] and r["kld_mean"] > 0
+
+    ratio, (lo, hi) = short["ratio_to_no_imatrix"], short["ratio_to_no_imatrix_ci95"]
+    assert all(math.isfinite(v) for v in (ratio, lo, hi)) and lo <= ratio <= hi
+    assert ratio == pytest.approx(short["ppl"] / none["ppl"], rel=1e-9)
+    assert "ratio_to_no_imatrix" not in none and "ratio_to_short_imatrix" not in short
+    table = (out / "results.md").read_text()
+    assert "| plan | qtype | imatrix | K cache |" in table and "| yarn | Q4_0 | short 512x2 | f16 |" in table
+    assert table.count("\n| ") == len(results["rows"]) + 1
+    assert (out / "ppl_vs_ctx.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A rerun reuses the cached matrix (llama-imatrix does not run again), the built files and the rows.
+    matrix = Path(field_value(quantized, "quantize.imatrix.file"))
+    assert list((tmp_path / "cache" / "imatrix").glob("*.imatrix.gguf")) == [matrix]
+    stamp, built, runs = matrix.stat().st_mtime_ns, sorted(models.iterdir()), sorted((out / "runs").iterdir())
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert matrix.stat().st_mtime_ns == stamp
+    assert sorted(models.iterdir()) == built and sorted((out / "runs").iterdir()) == runs
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+
+    # Without --imatrix the row is the one measured without a matrix, under the key it always had.
+    plain = run_cli(*common, "--qtype", "Q4_0")
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads((out / "results.json").read_text())["rows"][0]["run"] == none["run"]
+    assert "imatrix" not in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(("case", "needle"), [
+    ("same_text", "has the same content as --text"),
+    ("no_text", "--imatrix short needs --imatrix-text FILE"),
+    ("text_without_matrix", "apply to importance matrices only"),
+    ("i_quant_without_matrix", "cannot be built without an importance matrix"),
+])
+def test_bench_imatrix_requests_are_refused_before_building(case: str, needle: str, tiny256: Path, text: Path,
+                                                            calibration: Path, tmp_path: Path):
+    copy = tmp_path / "same.txt"  # another name, the same content: calibration must differ in content
+    copy.write_bytes(text.read_bytes())
+    extra = {"same_text": ["--imatrix", "short", "--imatrix-text", copy],
+             "no_text": ["--imatrix", "none", "short"],
+             "text_without_matrix": ["--imatrix-text", calibration],
+             "i_quant_without_matrix": ["--qtype", "IQ3_XXS", "--imatrix", "none", "short", "--imatrix-text",
+                                        calibration]}[case]
+    fail_cleanly(["bench", tiny256, "--ctx", "512", "--plans", "yarn", "--text", text, "--out", tmp_path / "bench",
+                  *extra], tmp_path, needle)

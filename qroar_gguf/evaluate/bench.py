@@ -6,6 +6,11 @@ evaluated in lockstep with its reference on the same chunks, which yields both p
 divergence and per-token NLLs for paired comparisons between plans. Built files and finished
 evaluations are cached under OUT/models and OUT/runs, keyed by everything that determines them, so a
 rerun (or an interrupted run) redoes nothing already measured.
+
+The importance-matrix axis (`imatrix`) quantizes each file without a matrix, with one from short
+windows of a calibration text, or with one from windows of the file's target context, each computed
+on that plan's F16 file (the KL reference too) from the same number of calibration tokens, so that
+only the window differs; each matrix row is paired with the same plan's row without one.
 """
 
 from __future__ import annotations
@@ -17,10 +22,18 @@ import time
 from pathlib import Path
 
 import click
+import gguf
 import numpy as np
 
 from qroar_gguf import __version__
 from qroar_gguf.arch.families import checkpoint_hparams
+from qroar_gguf.choices import (
+    DEFAULT_IMATRIX_TOKENS,
+    IMATRIX_AXIS,
+    IMATRIX_SHORT_WINDOW,
+    NEEDS_IMATRIX,
+    UNQUANTIZED,
+)
 from qroar_gguf.convert import ConvertOptions, convert
 from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError
@@ -29,7 +42,10 @@ from qroar_gguf.evaluate.paired import paired_compare
 from qroar_gguf.evaluate.passkey import DEFAULT_DEPTHS, passkey
 from qroar_gguf.evaluate.perplexity import n_scored_per_chunk, ppl_standard_error
 from qroar_gguf.evaluate.runtime import Runtime
-from qroar_gguf.gguf_io.quantize import FTYPES, quantize_gguf
+from qroar_gguf.gguf_io.imatrix import TextTooShort, compute_imatrix, tools_identity
+from qroar_gguf.gguf_io.quantize import FTYPES, TypeOverrides, quantize_gguf
+from qroar_gguf.gguf_io.reader import field_value
+from qroar_gguf.llama_tools import find_tool
 from qroar_gguf.outputs import temporary_beside
 from qroar_gguf.paths import cache_dir
 from qroar_gguf.rope.spec import PlanSpec
@@ -49,24 +65,75 @@ def _source_fingerprint(model: Path) -> list:
 
 class Bench:
     def __init__(self, model: Path, text: Path, out: Path, threads: int, progress: bool, chunks: int,
-                 passkey_trials: int, passkey_depths: tuple[float, ...] | None = None):
+                 passkey_trials: int, passkey_depths: tuple[float, ...] | None = None,
+                 imatrix_text: Path | None = None, imatrix_tokens: int = DEFAULT_IMATRIX_TOKENS):
         self.text = read_text(text)  # before any folder is made: a bad text leaves nothing behind
+        self.text_digest = _digest(self.text)
+        self.imatrix_text, self.imatrix_tokens, self.imatrix_digest = imatrix_text, imatrix_tokens, None
+        if imatrix_text is not None:
+            self.imatrix_digest = _digest(read_text(imatrix_text))
+            if self.imatrix_digest == self.text_digest:
+                # A matrix fitted to the very tokens that are then scored flatters every quantized file.
+                raise QroarError(f"--imatrix-text {imatrix_text} has the same content as --text {text}: calibrate "
+                                 "on a different text than the one you evaluate on")
         self.model, self.text_path, self.out = model, text, out
         self.threads, self.progress, self.chunks = threads, progress, chunks
         self.passkey_trials = passkey_trials
         self.passkey_depths = tuple(float(d) for d in (passkey_depths or DEFAULT_DEPTHS))
         self.runs, self.shared = out / "runs", cache_dir() / "bench-runs"
         self.shared.mkdir(parents=True, exist_ok=True)
-        self.text_digest = _digest(self.text)
         self.source = _source_fingerprint(model if model.is_dir() else model.parent)
         (out / "models").mkdir(parents=True, exist_ok=True)
         self.runs.mkdir(parents=True, exist_ok=True)
 
+    # -- importance matrices -------------------------------------------------------------------
+    def imatrix_window(self, kind: str, built_for: int) -> tuple[int, int] | None:
+        """(window, chunks) of the matrix `kind` for a file built for `built_for` (None: no matrix). Both
+        kinds take the same calibration tokens, so that a difference between them is the window's."""
+        if kind == "none":
+            return None
+        window = IMATRIX_SHORT_WINDOW if kind == "short" else built_for
+        return window, max(1, self.imatrix_tokens // window)
+
+    def imatrix_record(self, kind: str, built_for: int) -> dict:
+        """What a row records of its matrix."""
+        window = self.imatrix_window(kind, built_for)
+        if window is None:
+            return {"imatrix": "none"}
+        return {"imatrix": kind, "imatrix_ctx": window[0], "imatrix_chunks": window[1]}
+
+    def _matrix(self, spec: PlanSpec, reference: Path, kind: str, window: int, chunks: int) -> Path:
+        """The matrix computed on the plan's F16 file (cached by compute_imatrix)."""
+        try:
+            matrix = compute_imatrix(reference, self.imatrix_text, ctx=window, chunks=chunks, threads=self.threads,
+                                     progress=self.progress)
+        except TextTooShort as exc:
+            raise QroarError(f"--imatrix-text {self.imatrix_text} is too short for the {kind} matrix of "
+                             f"{spec.label} ({window}-token windows): llama-imatrix needs at least {exc.needed} "
+                             "tokens; give a longer calibration text") from None
+        # llama-imatrix quietly takes fewer windows when the text runs out; the comparison of short and
+        # target holds only when both saw the tokens asked for.
+        got = field_value(gguf.GGUFReader(matrix), "imatrix.chunk_count")
+        if got is not None and got < chunks:
+            raise QroarError(f"--imatrix-text {self.imatrix_text} holds only {got} window(s) of {window} tokens, but "
+                             f"the {kind} matrix of --imatrix-tokens {self.imatrix_tokens} needs {chunks}: give a "
+                             "longer calibration text or a smaller --imatrix-tokens")
+        return matrix
+
     # -- building ------------------------------------------------------------------------------
-    def build(self, spec: PlanSpec, ctx: int, qtype: str) -> Path:
-        """The GGUF of one plan at one context and quantization, built once."""
-        key = _digest(__version__, self.source, spec.method, spec.record(), ctx, qtype)
-        path = self.out / "models" / f"{_safe(spec.label)}.{ctx}.{qtype}.{key}.gguf"
+    def build(self, spec: PlanSpec, ctx: int, qtype: str, imatrix: str = "none") -> Path:
+        """The GGUF of one plan at one context and quantization, with importance matrix `imatrix`
+        (none, short or target), built once."""
+        parts: list = [__version__, self.source, spec.method, spec.record(), ctx, qtype]
+        window = self.imatrix_window(imatrix, ctx)
+        if window is not None:
+            if qtype in UNQUANTIZED:
+                raise QroarError(f"--qtype {qtype} is not quantized: it takes no importance matrix")
+            # The matrix is determined by the F16 file (the parts above but qtype), the calibration
+            # text, the window and the llama.cpp that computes it.
+            parts.append({"imatrix": imatrix, "window": window[0], "chunks": window[1], "text": self.imatrix_digest,
+                          "tools": tools_identity()})
+        path = self.out / "models" / f"{_stem(spec, ctx, qtype, imatrix)}.{_digest(*parts)}.gguf"
         if path.is_file():
             return path
         if qtype == REFERENCE_QTYPE:
@@ -74,46 +141,58 @@ class Bench:
                                                      progress=self.progress))
         else:
             reference = self.build(spec, ctx, REFERENCE_QTYPE)
+            overrides = TypeOverrides() if window is None else \
+                TypeOverrides(imatrix=self._matrix(spec, reference, imatrix, *window))
             with temporary_beside(path, "partial") as partial:
-                quantize_gguf(reference, partial, qtype, self.threads, progress=self.progress)
+                quantize_gguf(reference, partial, qtype, self.threads, progress=self.progress, overrides=overrides)
                 partial.replace(path)
         return path
 
     # -- measuring -----------------------------------------------------------------------------
-    def evaluate(self, spec: PlanSpec, ctx: int, qtype: str, built_for: int, type_k: str = "f16") -> dict:
+    def evaluate(self, spec: PlanSpec, ctx: int, qtype: str, built_for: int, type_k: str = "f16",
+                 imatrix: str = "none") -> dict:
         """PPL, KLD against the same plan's F16 file, per-token NLLs at `ctx` with key cache `type_k`
-        (both models), of the files built for target context `built_for`, and passkey retrieval when
-        asked; each part cached on its own."""
-        quant, reference = self.build(spec, built_for, qtype), self.build(spec, built_for, REFERENCE_QTYPE)
+        (both models), of the files built for target context `built_for` (the quantized one with
+        importance matrix `imatrix`), and passkey retrieval when asked; each part cached on its own."""
+        quant = self.build(spec, built_for, qtype, imatrix)
+        reference = self.build(spec, built_for, REFERENCE_QTYPE)
         quant_digest = sha256_file(quant)[:16]
-        # (the trailing 0 keeps keys of evaluations recorded before passkey had its own record)
-        key = _digest(quant_digest, sha256_file(reference)[:16], ctx, self.chunks, self.text_digest, type_k, 0)
-        name = f"{_safe(spec.label)}.{ctx}.{qtype}.{key}.json"
+        matrix = self.imatrix_record(imatrix, built_for)
+        # (the trailing 0 keeps keys of evaluations recorded before passkey had its own record; rows
+        # without a matrix keep the keys they had before the imatrix axis)
+        parts = [quant_digest, sha256_file(reference)[:16], ctx, self.chunks, self.text_digest, type_k, 0]
+        if imatrix != "none":
+            parts.append({**matrix, "text": self.imatrix_digest})
+        name = f"{_stem(spec, ctx, qtype, imatrix)}.{_digest(*parts)}.json"
         row = self._cached(name, ".nll.npy")
         if row is None:
-            measured, nll = self._measure(spec, ctx, qtype, type_k, quant, reference)
+            measured, nll = self._measure(spec, ctx, qtype, type_k, quant, reference, imatrix)
             row = {"plan": spec.label, "method": spec.method, "options": spec.record(), "ctx": ctx,
-                   "built_for_ctx": built_for, "qtype": qtype, "type_k": type_k, "file": quant.name, **measured}
+                   "built_for_ctx": built_for, "qtype": qtype, "type_k": type_k, **matrix, "file": quant.name,
+                   **measured}
             self._store(name, row, (".nll.npy", nll))
-        row["run"] = name
+        row.update(matrix)  # records made before the imatrix axis lack it
+        # A record from the shared cache names the file another bench directory built (the same bytes).
+        row["file"], row["run"] = quant.name, name
         if self.passkey_trials:
-            row.update(self._passkey(spec, ctx, qtype, type_k, quant, quant_digest))
+            row.update(self._passkey(spec, ctx, qtype, type_k, quant, quant_digest, imatrix))
         return row
 
-    def _measure(self, spec, ctx, qtype, type_k, quant: Path, reference: Path) -> tuple[dict, np.ndarray]:
+    def _measure(self, spec, ctx, qtype, type_k, quant: Path, reference: Path,
+                 imatrix: str = "none") -> tuple[dict, np.ndarray]:
         with Runtime(reference, n_ctx=ctx, threads=self.threads, type_k=type_k) as ref, \
                 Runtime(quant, n_ctx=ctx, threads=self.threads, type_k=type_k) as rt:
             res = kl_divergence(rt, ref, self.text, max_chunks=self.chunks, quiet=not self.progress,
-                                desc=f"{spec.label} {qtype} @ {ctx}")
+                                desc=f"{spec.label} {qtype}{_imatrix_suffix(imatrix)} @ {ctx}")
         measured = dict(ppl=res.ppl, ppl_se=ppl_standard_error(res.nll), ref_ppl=res.ref_ppl,
                         ref_ppl_se=ppl_standard_error(res.ref_nll), kld_mean=res.mean, kld_median=res.median,
                         kld_p99=res.p99, same_top_pct=res.same_top_pct, n_chunks=res.n_chunks,
                         n_scored=res.n_scored, seconds=res.seconds)
         return measured, np.stack([res.nll, res.ref_nll])
 
-    def _passkey(self, spec, ctx, qtype, type_k, quant: Path, quant_digest: str) -> dict:
+    def _passkey(self, spec, ctx, qtype, type_k, quant: Path, quant_digest: str, imatrix: str = "none") -> dict:
         key = _digest(quant_digest, ctx, type_k, self.passkey_trials, self.passkey_depths)
-        name = f"{_safe(spec.label)}.{ctx}.{qtype}.passkey.{key}.json"
+        name = f"{_stem(spec, ctx, qtype, imatrix)}.passkey.{key}.json"
         record = self._cached(name)
         if record is None:
             with Runtime(quant, n_ctx=ctx, threads=self.threads, type_k=type_k) as rt:
@@ -157,6 +236,15 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_=" else "_" for c in label)
 
 
+def _stem(spec: PlanSpec, ctx: int, qtype: str, imatrix: str) -> str:
+    """The start of a built file's or a record's name (files without a matrix keep their names)."""
+    return f"{_safe(spec.label)}.{ctx}.{qtype}" + ("" if imatrix == "none" else f".imatrix-{imatrix}")
+
+
+def _imatrix_suffix(imatrix: str) -> str:
+    return "" if imatrix == "none" else f" imatrix {imatrix}"
+
+
 def _check_qtypes(qtypes: list[str]) -> None:
     """Refused before building anything (plans and their options are checked as they are parsed)."""
     unknown = [q for q in qtypes if q not in FTYPES]
@@ -164,33 +252,69 @@ def _check_qtypes(qtypes: list[str]) -> None:
         raise QroarError(f"unknown --qtype {unknown[0]}; choose one of {', '.join(FTYPES)}")
 
 
+def _check_imatrix(imatrixes: list[str], qtypes: list[str], text: Path | None, tokens: int | None) -> None:
+    """Refused before building anything, as the options a user would change."""
+    unknown = [m for m in imatrixes if m not in IMATRIX_AXIS]
+    if unknown:
+        raise QroarError(f"unknown --imatrix {unknown[0]}; choose from {', '.join(IMATRIX_AXIS)}")
+    matrices = [m for m in imatrixes if m != "none"]
+    if matrices and text is None:
+        raise QroarError(f"--imatrix {matrices[0]} needs --imatrix-text FILE: a calibration text other than --text")
+    if not matrices and (text is not None or tokens is not None):
+        raise QroarError("--imatrix-text and --imatrix-tokens apply to importance matrices only: add short or "
+                         "target to --imatrix, e.g. --imatrix none short")
+    if tokens is not None and tokens < IMATRIX_SHORT_WINDOW:
+        raise QroarError(f"--imatrix-tokens {tokens} is less than one {IMATRIX_SHORT_WINDOW}-token window of a short "
+                         f"matrix: give at least {IMATRIX_SHORT_WINDOW}")
+    needy = [q for q in qtypes if q in NEEDS_IMATRIX]
+    if needy and "none" in imatrixes:
+        raise QroarError(f"--qtype {needy[0]} cannot be built without an importance matrix: leave none out of "
+                         "--imatrix (e.g. --imatrix short target), and bench the other types in a run of their own")
+    if matrices:  # before minutes of building: one line if the tools are not built
+        find_tool("llama-imatrix")
+        find_tool("llama-quantize")
+
+
+def _imatrixes_for(qtype: str, imatrixes: list[str]) -> list[str]:
+    """An unquantized file takes no matrix: its one row is the one without."""
+    return ["none"] if qtype in UNQUANTIZED else imatrixes
+
+
 def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str], text: Path, out: Path,
               chunks: int = 1, type_k: str | list[str] = "f16", passkey_trials: int = 0, threads: int = 2,
-              progress: bool = True, passkey_depths: list[float] | None = None) -> dict:
+              progress: bool = True, passkey_depths: list[float] | None = None, imatrix: str | list[str] = "none",
+              imatrix_text: Path | None = None, imatrix_tokens: int | None = None) -> dict:
     specs = [PlanSpec.parse(p) for p in plans]
     qtypes = [q.upper() for q in qtypes]
     type_ks = [type_k] if isinstance(type_k, str) else list(type_k)
+    imatrixes = list(dict.fromkeys([imatrix] if isinstance(imatrix, str) else imatrix))
     trained = checkpoint_hparams(model).context_length
     _check_qtypes(qtypes)
-    bench = Bench(model, text, out, threads, progress, chunks, passkey_trials, passkey_depths)
+    _check_imatrix(imatrixes, qtypes, imatrix_text, imatrix_tokens)
+    tokens = imatrix_tokens or DEFAULT_IMATRIX_TOKENS
+    bench = Bench(model, text, out, threads, progress, chunks, passkey_trials, passkey_depths, imatrix_text, tokens)
 
     extended = sorted(c for c in ctxs if c > trained)
     rows: list[dict] = []
-    jobs = [(s, c, q, k) for k in type_ks for c in ctxs for s in specs for q in qtypes]
+    jobs = [(s, c, q, k, m) for k in type_ks for c in ctxs for s in specs for q in qtypes
+            for m in _imatrixes_for(q, imatrixes)]
     t0 = time.monotonic()
-    for i, (spec, ctx, qtype, tk) in enumerate(jobs, 1):
+    for i, (spec, ctx, qtype, tk, m) in enumerate(jobs, 1):
         # A file is built for a target context; rows at or below the trained context run the file
         # built for the smallest extended target, to show what extension costs at short context.
         built_for = ctx if ctx > trained or spec.method == "none" else (extended[0] if extended else 2 * trained)
-        row = bench.evaluate(spec, ctx, qtype, built_for, tk)
+        row = bench.evaluate(spec, ctx, qtype, built_for, tk, m)
         rows.append(row)
-        click.echo(f"[{i}/{len(jobs)}] {spec.label:<24} {qtype:<7} K {tk:<4} ctx {ctx:>6}: PPL {row['ppl']:8.3f} "
-                   f"(F16 {row['ref_ppl']:.3f}), KLD {row['kld_mean']:.4f}"
+        click.echo(f"[{i}/{len(jobs)}] {spec.label:<24} {qtype:<7}{_imatrix_suffix(m)} K {tk:<4} ctx {ctx:>6}: "
+                   f"PPL {row['ppl']:8.3f} (F16 {row['ref_ppl']:.3f}), KLD {row['kld_mean']:.4f}"
                    + (f", passkey {row['passkey']:.0%}" if "passkey" in row else "")
                    + f"  [{time.monotonic() - t0:.0f} s]", err=True)
     _add_ratios(bench, rows)
     results = {"version": __version__, "model": str(model), "text": text.name, "text_sha": bench.text_digest,
-               "chunks": chunks, "type_k": ", ".join(type_ks), "type_ks": type_ks, "ctxs": ctxs, "qtypes": qtypes, "plans": plans, "rows": rows}
+               "chunks": chunks, "type_k": ", ".join(type_ks), "type_ks": type_ks, "ctxs": ctxs, "qtypes": qtypes,
+               "plans": plans, "imatrixes": imatrixes, "rows": rows}
+    if imatrix_text is not None:
+        results.update(imatrix_text=imatrix_text.name, imatrix_text_sha=bench.imatrix_digest, imatrix_tokens=tokens)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
     try:
@@ -200,29 +324,43 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
     return results
 
 
+#: The rows each importance matrix's row is paired with (same plan), by the name of the ratio.
+_IMATRIX_PAIRS = {"none": {}, "short": {"no_imatrix": "none"},
+                  "target": {"no_imatrix": "none", "short_imatrix": "short"}}
+
+
 def _add_ratios(bench: Bench, rows: list[dict]) -> None:
-    """Paired ratios to linear and yarn (same ctx, qtype and key cache, same tokens) with 95% intervals."""
-    index = {(r["plan"], r["ctx"], r["qtype"], r["type_k"]): r for r in rows}
+    """Paired PPL ratios with 95% intervals, each on the same tokens (same ctx, qtype and key cache):
+    every plan's to linear and to yarn with the same importance matrix, and every matrix's to the same
+    plan without one (target's to short too)."""
+    index = {(r["plan"], r["ctx"], r["qtype"], r["type_k"], r["imatrix"]): r for r in rows}
     for row in rows:
-        for other in ("linear", "yarn"):
-            ref = index.get((other, row["ctx"], row["qtype"], row["type_k"]))
+        same = (row["ctx"], row["qtype"], row["type_k"])
+        pairs = [(other, index.get((other, *same, row["imatrix"]))) for other in ("linear", "yarn")]
+        pairs += [(name, index.get((row["plan"], *same, m))) for name, m in _IMATRIX_PAIRS[row["imatrix"]].items()]
+        for name, ref in pairs:
             if ref is None or ref is row:
                 continue
             # With several windows, the standard error comes from per-window mean differences (tokens
             # within a window are correlated); with one window it is per token.
             block = n_scored_per_chunk(row["ctx"]) if row["n_chunks"] > 1 else None
             cmp = paired_compare(bench.nll(row), bench.nll(ref), block=block)
-            row[f"ratio_to_{other}"] = cmp.ppl_ratio
-            row[f"ratio_to_{other}_ci95"] = list(cmp.ratio_ci95)
+            row[f"ratio_to_{name}"] = cmp.ppl_ratio
+            row[f"ratio_to_{name}_ci95"] = list(cmp.ratio_ci95)
 
 
 def results_markdown(results: dict) -> str:
-    lines = [f"Model `{Path(results['model']).name}`, text {results['text']}, {results['chunks']} chunk(s) per "
+    # Results from before the imatrix axis, and runs without matrices, keep the table they had.
+    matrices = results.get("imatrixes", ["none"]) != ["none"]
+    intro = (f"Model `{Path(results['model']).name}`, text {results['text']}, {results['chunks']} chunk(s) per "
              f"context, key cache {results['type_k']}. PPL of the second half of each window "
              "(llama-perplexity's protocol) +/- standard error; ratios are paired on the same tokens (95% "
-             "interval); KLD is against the same plan's unquantized F16 file.", "",
-             "| plan | qtype | K cache | ctx | PPL | F16 PPL | / linear | / yarn | KLD | same top % | passkey |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "interval); KLD is against the same plan's unquantized F16 file.")
+    if matrices:
+        intro += (f" Importance matrices from {results['imatrix_tokens']} tokens of {results['imatrix_text']} "
+                  f"each, computed on the plan's F16 file: short in {IMATRIX_SHORT_WINDOW}-token windows, target "
+                  "in windows of the file's target context (window x windows); / no imatrix and / short compare "
+                  "with the same plan's row.")
 
     def ratio(row: dict, other: str) -> str:
         if f"ratio_to_{other}" not in row:
@@ -230,11 +368,24 @@ def results_markdown(results: dict) -> str:
         lo, hi = row[f"ratio_to_{other}_ci95"]
         return f"{row[f'ratio_to_{other}']:.3f} [{lo:.3f}, {hi:.3f}]"
 
+    def imatrix(row: dict) -> str:
+        kind = row.get("imatrix", "none")
+        return kind if kind == "none" else f"{kind} {row['imatrix_ctx']}x{row['imatrix_chunks']}"
+
+    columns = [("plan", lambda r: r["plan"]), ("qtype", lambda r: r["qtype"])]
+    columns += [("imatrix", imatrix)] if matrices else []
+    columns += [("K cache", lambda r: r["type_k"]), ("ctx", lambda r: str(r["ctx"])),
+                ("PPL", lambda r: f"{r['ppl']:.3f} +/- {r['ppl_se']:.3f}"),
+                ("F16 PPL", lambda r: f"{r['ref_ppl']:.3f}"),
+                ("/ linear", lambda r: ratio(r, "linear")), ("/ yarn", lambda r: ratio(r, "yarn"))]
+    if matrices:
+        columns += [("/ no imatrix", lambda r: ratio(r, "no_imatrix")),
+                    ("/ short", lambda r: ratio(r, "short_imatrix"))]
+    columns += [("KLD", lambda r: f"{r['kld_mean']:.4f}"), ("same top %", lambda r: f"{r['same_top_pct']:.1f}"),
+                ("passkey", lambda r: f"{r['passkey']:.0%}" if "passkey" in r else "-")]
+    lines = [intro, "", "| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in sorted(results["rows"], key=lambda r: (r["type_k"], r["ctx"], r["qtype"], r["ppl"])):
-        passkey = f"{r['passkey']:.0%}" if "passkey" in r else "-"
-        lines.append(f"| {r['plan']} | {r['qtype']} | {r['type_k']} | {r['ctx']} | {r['ppl']:.3f} +/- {r['ppl_se']:.3f} | "
-                     f"{r['ref_ppl']:.3f} | {ratio(r, 'linear')} | {ratio(r, 'yarn')} | {r['kld_mean']:.4f} | "
-                     f"{r['same_top_pct']:.1f} | {passkey} |")
+        lines.append("| " + " | ".join(cell(r) for _, cell in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -247,14 +398,19 @@ def plot_ppl_vs_ctx(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results["qtypes"]), figsize=(6 * len(results["qtypes"]), 4.5), squeeze=False)
     for ax, qtype in zip(axes[0], results["qtypes"]):
         type_ks = results.get("type_ks", [results["type_k"]])
+        imatrixes = _imatrixes_for(qtype, results.get("imatrixes", ["none"]))
         for plan in results["plans"]:
             for tk in type_ks:
-                pts = sorted((r["ctx"], r["ppl"], r["ppl_se"]) for r in results["rows"]
-                             if r["plan"] == plan and r["qtype"] == qtype and r["type_k"] == tk)
-                if pts:
-                    x, y, e = zip(*pts)
-                    ax.errorbar(x, y, yerr=e, marker="o", capsize=3,
-                                label=plan if len(type_ks) == 1 else f"{plan} (K {tk})")
+                for m in imatrixes:
+                    pts = sorted((r["ctx"], r["ppl"], r["ppl_se"]) for r in results["rows"]
+                                 if r["plan"] == plan and r["qtype"] == qtype and r["type_k"] == tk
+                                 and r.get("imatrix", "none") == m)
+                    if pts:
+                        x, y, e = zip(*pts)
+                        what = [f"K {tk}"] if len(type_ks) > 1 else []
+                        what += [f"imatrix {m}"] if len(imatrixes) > 1 else []
+                        ax.errorbar(x, y, yerr=e, marker="o", capsize=3,
+                                    label=plan + (f" ({', '.join(what)})" if what else ""))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")

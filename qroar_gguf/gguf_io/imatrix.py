@@ -38,10 +38,23 @@ class ImatrixRequest:
     chunks: int = DEFAULT_CHUNKS
 
 
-def imatrix_key(model: Path, text: Path, ctx: int, chunks: int) -> str:
+class TextTooShort(QroarError):
+    """The text holds fewer tokens than llama-imatrix needs for one window (`needed`); callers that
+    choose the window for the user say what to change in their own terms."""
+
+    def __init__(self, message: str, needed: int):
+        super().__init__(message)
+        self.needed = needed
+
+
+def tools_identity() -> str:
+    """Which llama.cpp computes the matrices: the set-up's build key, or the folder QROAR_LLAMA_BIN names."""
     build = current_build()
-    parts = [sha256_file(model), sha256_file(text), str(ctx), str(chunks),
-             build.info["key"] if build is not None else os.environ.get("QROAR_LLAMA_BIN", "")]
+    return build.info["key"] if build is not None else os.environ.get("QROAR_LLAMA_BIN", "")
+
+
+def imatrix_key(model: Path, text: Path, ctx: int, chunks: int) -> str:
+    parts = [sha256_file(model), sha256_file(text), str(ctx), str(chunks), tools_identity()]
     return hashlib.sha256(" ".join(parts).encode()).hexdigest()[:24]
 
 
@@ -78,7 +91,8 @@ def _run(command: list[str], text: Path, ctx: int) -> None:
         joined = "\n".join(log)
         short = _TOO_SHORT.search(joined)
         if short:
-            raise QroarError(f"{text} is too short for an importance matrix at --imatrix-ctx {ctx}: llama-imatrix "
-                             f"needs at least {short.group(1)} tokens; give a longer text or a smaller --imatrix-ctx")
+            raise TextTooShort(f"{text} is too short for an importance matrix at --imatrix-ctx {ctx}: llama-imatrix "
+                               f"needs at least {short.group(1)} tokens; give a longer text or a smaller --imatrix-ctx",
+                               int(short.group(1)))
         errors = [line for line in log if " E " in line or "error" in line.lower()]
         raise QroarError(f"llama-imatrix failed (exit status {status}): {(errors or list(log) or ['no output'])[-1].strip()}")
