@@ -48,9 +48,13 @@ class TextTooShort(QroarError):
 
 
 def tools_identity() -> str:
-    """Which llama.cpp computes the matrices: the set-up's build key, or the folder QROAR_LLAMA_BIN names."""
+    """Which llama.cpp computes the matrices: the folder QROAR_LLAMA_BIN names (it overrides the set-up's
+    build, as in find_tool), else the set-up's build key."""
+    override = os.environ.get("QROAR_LLAMA_BIN")
+    if override:
+        return override
     build = current_build()
-    return build.info["key"] if build is not None else os.environ.get("QROAR_LLAMA_BIN", "")
+    return build.info["key"] if build is not None else ""
 
 
 def imatrix_key(model: Path, text: Path, ctx: int, chunks: int) -> str:
