@@ -14,6 +14,12 @@ patches/ applied), run a file qroar-gguf made on the CPU and on the GPU, and tim
 
 Writes JSON (default tools/results/cuda_check.json). Needs the set-up done (`bash tools/setup.sh`) and
 the CUDA toolkit (nvcc) on PATH; the sdist is taken from $QROAR_CACHE/sdist when there is no network.
+`--cuda-bin`/`--cpu-bin` name builds made elsewhere, and `--phase cpu` does the CPU side alone (while
+CUDA builds), `--phase gpu` the rest.
+
+Not yet seen to pass: on an H200 (CUDA 13.0) the Python bindings died (SIGSEGV) loading a model from
+the CUDA build's libllama, right after llama.cpp initialised the tokenizer, while llama.cpp's own tools
+from the same build ran; the cause is not known. tools/gpu_session.sh measures with the tools alone.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ sys.path.insert(0, str(REPO))
 
 QROAR = [sys.executable, "-m", "qroar_gguf"]
 CHILD = r"""
+import os
 import sys
 import numpy as np
 from qroar_gguf.evaluate.runtime import Runtime
 from qroar_gguf.source.text import read_text
 path, text, n_ctx, ngl, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-with Runtime(path, n_ctx=n_ctx, n_batch=n_ctx, n_gpu_layers=ngl, threads=8) as rt:
+with Runtime(path, n_ctx=n_ctx, n_batch=n_ctx, n_gpu_layers=ngl, threads=os.cpu_count()) as rt:
     tokens = rt.tokenize(read_text(text))[:n_ctx]
     scored = np.zeros(n_ctx, dtype=bool)
     scored[n_ctx // 2::8] = True  # every 8th position of the second half, beyond the trained context too
@@ -74,6 +81,11 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=32768)
     parser.add_argument("--logit-ctx", type=int, default=12288, help="window of the logit comparison (> 8192)")
     parser.add_argument("--text", default="Emma")
+    parser.add_argument("--cuda-bin", type=Path, help="a CUDA build's bin folder (default: build one)")
+    parser.add_argument("--cpu-bin", type=Path, help="the CPU build's bin folder (default: the set-up's)")
+    parser.add_argument("--workdir", type=Path, help="keep files and CPU logits here (reused when present)")
+    parser.add_argument("--phase", choices=("all", "cpu", "gpu"), default="all",
+                        help="cpu: convert and take the CPU logits only (e.g. while CUDA builds); gpu: the rest")
     parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "cuda_check.json")
     args = parser.parse_args()
 
@@ -81,49 +93,73 @@ def main() -> None:
     from qroar_gguf.assets.smollm2 import default_model_dir
     from qroar_gguf.llama_tools import build_tools, current_build
 
-    if shutil.which("nvcc") is None:
-        raise SystemExit("nvcc is not on PATH: this check needs the CUDA toolkit")
-    cpu = current_build()
-    if cpu is None or cpu.info["cmake_args"]:
-        raise SystemExit("run bash tools/setup.sh first (the default CPU build)")
-    gpu_info = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True).stdout.strip()
-    result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": gpu_info}}
-    start = time.monotonic()
-    cuda = build_tools(["-DGGML_CUDA=ON"], jobs=os.cpu_count())
-    result["cuda_build"] = {"seconds": round(time.monotonic() - start, 1), **cuda.info}
+    cpu_bin = args.cpu_bin
+    if cpu_bin is None:
+        cpu = current_build()
+        if cpu is None or cpu.info["cmake_args"]:
+            raise SystemExit("run bash tools/setup.sh first (the default CPU build), or name --cpu-bin")
+        cpu_bin = cpu.bin
     text = austen_text(args.text)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         files = {}
         for method in ("yarn", "none"):
-            files[method] = tmp / f"{method}.Q4_0.gguf"
-            subprocess.run([*QROAR, str(default_model_dir(progress=False)), "-o", str(files[method]), "--ctx",
-                            str(args.ctx), "--method", method, "--qtype", "Q4_0", "-q"], check=True)
+            files[method] = work / f"{method}.Q4_0.gguf"
+            if not files[method].is_file():
+                subprocess.run([*QROAR, str(default_model_dir(progress=False)), "-o", str(files[method]), "--ctx",
+                                str(args.ctx), "--method", method, "--qtype", "Q4_0", "-q"], check=True)
         runs = {}
         for method in ("yarn", "none"):
-            runs[f"{method}_cpu"] = logits_on(None, files[method], text, args.logit_ctx, 0, tmp / f"{method}_cpu.npy")
-            runs[f"{method}_gpu"] = logits_on(cuda.bin, files[method], text, args.logit_ctx, 999,
-                                              tmp / f"{method}_gpu.npy")
+            saved = work / f"{method}_cpu.{args.logit_ctx}.npy"
+            if saved.is_file():
+                import numpy as np
+
+                runs[f"{method}_cpu"] = np.load(saved)
+            else:
+                runs[f"{method}_cpu"] = logits_on(cpu_bin, files[method], text, args.logit_ctx, 0, saved)
+        if args.phase == "cpu":
+            return
+
+        if shutil.which("nvcc") is None and args.cuda_bin is None:
+            raise SystemExit("nvcc is not on PATH: this check needs the CUDA toolkit")
+        try:
+            gpu_info = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                       "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            gpu_info = None
+        result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": gpu_info}}
+        if args.cuda_bin is None:
+            start = time.monotonic()
+            cuda = build_tools(["-DGGML_CUDA=ON"], jobs=os.cpu_count())
+            result["cuda_build"] = {"seconds": round(time.monotonic() - start, 1), **cuda.info}
+            cuda_bin = cuda.bin
+        else:
+            cuda_bin = args.cuda_bin
+            result["cuda_build"] = {"bin": str(cuda_bin), "built_by": "the caller"}
+        for method in ("yarn", "none"):
+            runs[f"{method}_gpu"] = logits_on(cuda_bin, files[method], text, args.logit_ctx, 999,
+                                              work / f"{method}_gpu.npy")
         result["logits"] = {
             "ctx": args.logit_ctx, "scored_positions": int(runs["yarn_cpu"].shape[0]),
             "yarn_gpu_vs_cpu": compare(runs["yarn_gpu"], runs["yarn_cpu"]),
             "none_gpu_vs_cpu": compare(runs["none_gpu"], runs["none_cpu"]),
             "control_none_vs_yarn_gpu": compare(runs["none_gpu"], runs["yarn_gpu"]),
+            "control_none_vs_yarn_cpu": compare(runs["none_cpu"], runs["yarn_cpu"]),
         }
         print(json.dumps(result["logits"]), flush=True)
 
         start = time.monotonic()
-        run = subprocess.run([str(cuda.tool("llama-perplexity")), "-m", str(files["yarn"]), "-f", str(text), "-c",
+        run = subprocess.run([str(cuda_bin / "llama-perplexity"), "-m", str(files["yarn"]), "-f", str(text), "-c",
                               str(args.ctx), "--chunks", "1", "-ngl", "999", "-fa", "on"],
                              capture_output=True, text=True, check=True)
         tool_seconds = time.monotonic() - start
         ppl_tool = float(re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr).group(1))
-        report = tmp / "eval.json"
+        report = work / "eval.json"
         start = time.monotonic()
         subprocess.run([*QROAR, "eval", str(files["yarn"]), "--text", str(text), "--ctx", str(args.ctx),
                         "--chunks", "1", "--json", str(report), "-q"], check=True,
-                       env={**os.environ, "LLAMA_CPP_LIB_PATH": str(cuda.bin)})
+                       env={**os.environ, "LLAMA_CPP_LIB_PATH": str(cuda_bin)})
         eval_seconds = time.monotonic() - start
         ppl_eval = json.loads(report.read_text())["perplexity"]["ppl"]
         result["evaluation_32k"] = {"ctx": args.ctx, "ppl_llama_perplexity": ppl_tool, "ppl_eval": ppl_eval,
