@@ -11,6 +11,7 @@ Sections between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` are re
   patch     from tools/results/patch_bench.json (tools/bench_patch.py)
   tools     from tools/results/llama_tools_bench.json (tools/bench_llama_tools.py)
   imatrix   from tools/results/imatrix_bench.json (tools/bench_imatrix.py)
+  imatrix-gpu  from tools/results/imatrix_gpu.json (tools/gpu_session.sh on a GPU machine)
 """
 
 from __future__ import annotations
@@ -248,12 +249,94 @@ def imatrix_section() -> str:
     return "\n".join(lines) + "\n"
 
 
+
+def _ci(v: dict) -> str:
+    return f"{v['ppl_ratio']:.3f} [{v['ppl_ratio_ci95'][0]:.3f}, {v['ppl_ratio_ci95'][1]:.3f}]"
+
+
+def ctx_label(scale) -> str:
+    return f"{scale}x ({int(8192 * scale)} tokens)"
+
+
+def _imatrix_findings(runs: list[dict]) -> list[str]:
+    """The issue's questions, answered from the rows (each line only where its rows were measured)."""
+    def row(ctx, qtype, imatrix, attn=None, plan="yarn"):
+        return next((r for r in runs if (r["target_ctx"], r["qtype"], r["imatrix"], r["attn_type"], r["plan"])
+                     == (ctx, qtype, imatrix, attn, plan)), None)
+
+    lines = []
+    for ctx in sorted({r["target_ctx"] for r in runs}):
+        parts = []
+        none, short = row(ctx, "Q4_K_M", "none"), row(ctx, "Q4_K_M", "short")
+        if none and short:
+            parts.append(f"Q4_K_M's PPL over F16 {100 * (none['ppl_ratio_to_f16'] - 1):.1f}% without a matrix, "
+                         f"{100 * (short['ppl_ratio_to_f16'] - 1):.1f}% with the short one (target: within 3%)")
+        none, short = row(ctx, "Q4_0", "none"), row(ctx, "Q4_0", "short")
+        if none and short:
+            parts.append(f"the short matrix cuts Q4_0's KLD by {100 * (1 - short['kld_mean'] / none['kld_mean']):.0f}% "
+                         "(target: halved)")
+        versus = [f"{r['qtype']} {_ci(r['vs_short'])}" for r in runs
+                  if r["target_ctx"] == ctx and r["plan"] == "yarn" and not r["attn_type"] and "vs_short" in r]
+        if versus:
+            parts.append("target-context matrix / short one, PPL ratio: " + ", ".join(versus))
+        for qtype in ("Q4_0", "Q4_K_M"):
+            base, higher = row(ctx, qtype, "short"), row(ctx, qtype, "short", "q8_0")
+            if base and higher:
+                parts.append(f"attn_q/attn_k at q8_0 on {qtype} with the short matrix: "
+                             f"+{higher['size_mib'] - base['size_mib']:.1f} MiB, KLD {base['kld_mean']:.4f} → "
+                             f"{higher['kld_mean']:.4f}, PPL ratio to the default {_ci(higher['vs_attn_default'])}")
+        if parts:
+            lines.append(f"- {ctx} tokens (yarn): " + "; ".join(parts) + ".")
+    return lines
+
+
+def imatrix_grid_section() -> str:
+    r = _tool_result("imatrix_gpu.json")
+    if r is None:
+        return _not_measured("bash tools/gpu_session.sh (on a machine with an NVIDIA GPU)")
+    gpu = r["machine"].get("gpu", "a GPU")
+    done = [run for run in r["runs"] if "kld_mean" in run]
+    skipped = [run for run in r["runs"] if "kld_mean" not in run]
+    lines = [f"`bash tools/gpu_session.sh` → `tools/results/imatrix_gpu.json` (llama.cpp built with CUDA, {gpu}; "
+             f"{r['machine']['cpus']} cores): SmolLM2 (trained {r['trained_ctx']}) with each plan at each target "
+             f"context; matrices from {r['imatrix_tokens']} tokens of {r['calibration']} on the plan-applied F16; "
+             f"evaluated on one target-context window of {r['evaluation']} against that F16 (KLD, PPL ratio). "
+             "Paired columns: per-token NLL against the same file without a matrix, the target matrix against "
+             "the short one, and a higher attn_q/attn_k type against the same file with the type's default "
+             "(PPL ratio, 95% CI; below 1 is better).", "",
+             "| ctx | plan | type | attn_q/k | imatrix | size | KLD | PPL / F16 | vs none | target vs short | "
+             "vs default attn |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {"none": 0, "short": 1, "target": 2}
+    for run in sorted(done, key=lambda x: (x["target_ctx"], x["plan"], x["qtype"], x["attn_type"] or "",
+                                          order[x["imatrix"]])):
+        matrix = run["imatrix"] if run["imatrix"] == "none" else \
+            f"{run['imatrix']} ({run['imatrix_chunks']} x {run['imatrix_ctx']})"
+        cells = [_ci(run[k]) if k in run else "" for k in ("vs_none", "vs_short", "vs_attn_default")]
+        lines.append(f"| {run['target_ctx']} | {run['plan']} | {run['qtype']} | {run['attn_type'] or 'default'} | "
+                     f"{matrix} | {run['size_mib']:.1f} MiB | {run['kld_mean']:.4f} ± {run['kld_se']:.4f} | "
+                     f"{run['ppl_ratio_to_f16']:.4f} | " + " | ".join(cells) + " |")
+    lines += [""] + _imatrix_findings(done)
+    cost = _tool_result("imatrix_cost.json")
+    if cost:
+        ref = cost["references"][0]
+        mats = ", ".join(f"{m['imatrix']} ({m['chunks']} x {m['ctx']}) {m['seconds']:.0f} s" for m in cost["matrices"]
+                         if m["seconds"] is not None)
+        lines.append(f"- Cost on {cost['machine']['cpus']} cores (`tools/bench_imatrix.py --matrices-only`, "
+                     f"`tools/results/imatrix_cost.json`), at {ctx_label(ref['scale'])}: converting the F16 file "
+                     f"{ref['seconds']:.0f} s; the matrices: {mats}. At 2x see the table above.")
+    if skipped:
+        lines += ["", "Not measured in that run (time ran out or failed): "
+                  + "; ".join(f"{x['target_ctx']} {x['plan']} {x['qtype']} {x['imatrix']}"
+                              + (f" attn {x['attn_type']}" if x["attn_type"] else "") for x in skipped) + "."]
+    return "\n".join(lines) + "\n"
+
 def main() -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
     sections = (("summary", summary_section()), ("quality", quality_section()), ("convert", convert_section()), ("tail", tail_section()),
                 ("weights", weights_section()), ("search", search_section()), ("patch", patch_section()),
-                ("tools", tools_section()), ("imatrix", imatrix_section()))
+                ("tools", tools_section()), ("imatrix", imatrix_section()),
+                ("imatrix-gpu", imatrix_grid_section()))
     for name, body in sections:
         pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
         if not pattern.search(text):
