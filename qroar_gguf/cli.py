@@ -216,11 +216,12 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
               help="Quantize with this importance matrix (llama-imatrix's output).")
 @click.option("--imatrix-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Compute the importance matrix on this UTF-8 text with llama-imatrix, on the unquantized file with "
-                   "the plan applied, at --imatrix-ctx (cached). Never the text you evaluate on.")
+                   "the plan applied, in --imatrix-ctx windows (cached). Never the text you evaluate on.")
 @click.option("--imatrix-ctx", type=click.IntRange(min=16), default=None,
-              help="--imatrix-text: window in tokens. Default: the target context.")
+              help="--imatrix-text: window in tokens. Default: 512, as llama.cpp's matrices are usually made (README "
+                   "compares windows of the target context).")
 @click.option("--imatrix-chunks", type=click.IntRange(min=1), default=None,
-              help="--imatrix-text: windows of the text to use. Default: 2.")
+              help="--imatrix-text: windows of the text to use (fewer if the text runs out). Default: 64.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
               help="Type of the tensors whose names match PATTERN, e.g. attn_q=q8_0 (repeatable; llama-quantize's "
                    "option).")
@@ -296,13 +297,13 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
         raise click.UsageError("--imatrix-ctx and --imatrix-chunks apply to --imatrix-text only")
     plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales,
                       (not search) if symmetric is None else symmetric)
-    from qroar_gguf.gguf_io.imatrix import DEFAULT_CHUNKS, ImatrixRequest
+    from qroar_gguf.gguf_io.imatrix import DEFAULT_CHUNKS, DEFAULT_WINDOW, ImatrixRequest
     from qroar_gguf.gguf_io.quantize import TypeOverrides
 
     overrides = TypeOverrides(imatrix=imatrix, tensor_types=tensor_types, output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type)
-    imatrix_from = None if imatrix_text is None else ImatrixRequest(imatrix_text, imatrix_ctx,
-                                                                    imatrix_chunks or DEFAULT_CHUNKS)
+    imatrix_from = None if imatrix_text is None else ImatrixRequest(
+        imatrix_text, imatrix_ctx or DEFAULT_WINDOW, imatrix_chunks or DEFAULT_CHUNKS)
     options = ConvertOptions(plan=plan, target_ctx=target_ctx, scale=scale,
                              qtype=qtype.upper(), threads=threads, quantizer=quantizer, overrides=overrides,
                              imatrix_from=imatrix_from, keep_f16=keep_f16,

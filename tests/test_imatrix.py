@@ -46,15 +46,16 @@ def test_a_matrix_is_computed_once_and_cached(plan_f16, dev_text):
 def test_convert_computes_the_matrix_on_the_plan_applied_file(smollm2_dir, dev_text, tmp_path, plan_f16):
     plain, weighted = tmp_path / "plain.Q4_0.gguf", tmp_path / "imatrix.Q4_0.gguf"
     convert_ok(smollm2_dir, "-o", plain, "--ctx", TARGET, "--method", "yarn", "--qtype", "Q4_0")
+    # the defaults: 512-token windows, 64 of them or as many as the text holds (two here)
     convert_ok(smollm2_dir, "-o", weighted, "--ctx", TARGET, "--method", "yarn", "--qtype", "Q4_0",
-               "--imatrix-text", dev_text, "--imatrix-ctx", 512)
+               "--imatrix-text", dev_text)
     reader = gguf.GGUFReader(weighted)
     assert field_value(reader, "quantize.imatrix.chunks_count") == 2
     assert Path(field_value(reader, "quantize.imatrix.dataset")).name == dev_text.name  # (a cached matrix keeps its first path)
     assert set(_types(weighted)) == set(_types(plain))  # (llama.cpp may pick other types for a few tensors)
     assert weighted.read_bytes() != plain.read_bytes()
     # the same matrix as computing it directly on the plan's unquantized file: the cache key is the file's digest
-    cached = compute_imatrix(plan_f16, dev_text, ctx=512, chunks=2, threads=2, progress=False)
+    cached = compute_imatrix(plan_f16, dev_text, ctx=512, chunks=64, threads=2, progress=False)
     assert Path(field_value(reader, "quantize.imatrix.file")) == cached
 
 
@@ -88,8 +89,8 @@ def test_bad_quantization_requests_are_one_line(smollm2_dir, tmp_path, extra, ne
 def test_a_text_too_short_for_the_window_is_one_line(smollm2_dir, dev_text, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    fail_cleanly([smollm2_dir, "-o", out_dir / "x.gguf", "--ctx", TARGET, "--qtype", "Q4_0", "--imatrix-text", dev_text],
-                 out_dir, "too short for an importance matrix")
+    fail_cleanly([smollm2_dir, "-o", out_dir / "x.gguf", "--ctx", TARGET, "--qtype", "Q4_0", "--imatrix-text", dev_text,
+                  "--imatrix-ctx", TARGET], out_dir, "too short for an importance matrix")
 
 
 def test_imatrix_options_need_the_text(smollm2_dir, tmp_path):

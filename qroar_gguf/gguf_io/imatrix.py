@@ -1,6 +1,7 @@
 """Importance matrices computed with llama.cpp's llama-imatrix, on the unquantized file with the plan
-already applied and at the context the file is made for: the activations the long-context model
-really sees (llama.cpp's usual matrices come from 512-token chunks of the original model).
+already applied: the activations of the long-context model. The window defaults to llama.cpp's usual
+512 tokens: README's measurement (tools/bench_imatrix.py) found matrices from windows of the target
+context no better, at 2x and 4x, for several times the cost; a window can still be asked for.
 
 A matrix is cached under ``$QROAR_CACHE/imatrix`` by the digests of the model file and the text, the
 context, the chunk count and the llama.cpp build, so a second conversion with the same plan and text
@@ -25,8 +26,9 @@ from qroar_gguf.outputs import exclusive, temporary_beside
 from qroar_gguf.paths import cache_dir
 
 _TOO_SHORT = re.compile(r"you need at least (\d+) tokens")
-#: Windows of the text when none is asked for: provisional (bench measures the choice).
-DEFAULT_CHUNKS = 2
+#: The window and the number of windows when none are asked for (see the module's note).
+DEFAULT_WINDOW = 512
+DEFAULT_CHUNKS = 64
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class ImatrixRequest:
     """Compute the matrix at conversion: on `text`, `chunks` windows of `ctx` tokens (None: the target)."""
 
     text: Path
-    ctx: int | None = None
+    ctx: int | None = DEFAULT_WINDOW
     chunks: int = DEFAULT_CHUNKS
 
 
