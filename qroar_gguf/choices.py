@@ -28,8 +28,9 @@ KEY_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 #: bench's --imatrix axis: no importance matrix, one from short windows, one from windows of the file's
 #: target context; evaluate/bench.py owns their meaning.
 IMATRIX_AXIS = ("none", "short", "target")
-#: bench --imatrix short's window: 512 tokens, as llama.cpp's importance matrices are usually made.
+#: bench --imatrix short's window and convert --imatrix-ctx's default: 512 tokens, as llama.cpp's
+#: importance matrices are usually made.
 IMATRIX_SHORT_WINDOW = 512
 #: bench --imatrix-tokens: calibration tokens of every matrix, the same for short and target so that
-#: only the window differs.
+#: only the window differs; convert --imatrix-chunks defaults to as many windows as make them.
 DEFAULT_IMATRIX_TOKENS = 32768

@@ -218,10 +218,11 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
               help="Compute the importance matrix on this UTF-8 text with llama-imatrix, on the unquantized file with "
                    "the plan applied, in --imatrix-ctx windows (cached). Never the text you evaluate on.")
 @click.option("--imatrix-ctx", type=click.IntRange(min=16), default=None,
-              help="--imatrix-text: window in tokens. Default: 512, as llama.cpp's matrices are usually made (README "
-                   "compares windows of the target context).")
+              help=f"--imatrix-text: window in tokens. Default: {IMATRIX_SHORT_WINDOW}, as llama.cpp's matrices are "
+                   "usually made (README compares windows of the target context).")
 @click.option("--imatrix-chunks", type=click.IntRange(min=1), default=None,
-              help="--imatrix-text: windows of the text to use (fewer if the text runs out). Default: 64.")
+              help=f"--imatrix-text: windows of the text to use (fewer if the text runs out). Default: as many as "
+                   f"make {DEFAULT_IMATRIX_TOKENS} tokens.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
               help="Type of the tensors whose names match PATTERN, e.g. attn_q=q8_0 (repeatable; llama-quantize's "
                    "option).")
@@ -297,13 +298,13 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
         raise click.UsageError("--imatrix-ctx and --imatrix-chunks apply to --imatrix-text only")
     plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales,
                       (not search) if symmetric is None else symmetric)
-    from qroar_gguf.gguf_io.imatrix import DEFAULT_CHUNKS, DEFAULT_WINDOW, ImatrixRequest
+    from qroar_gguf.gguf_io.imatrix import DEFAULT_WINDOW, ImatrixRequest
     from qroar_gguf.gguf_io.quantize import TypeOverrides
 
     overrides = TypeOverrides(imatrix=imatrix, tensor_types=tensor_types, output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type)
     imatrix_from = None if imatrix_text is None else ImatrixRequest(
-        imatrix_text, imatrix_ctx or DEFAULT_WINDOW, imatrix_chunks or DEFAULT_CHUNKS)
+        imatrix_text, imatrix_ctx or DEFAULT_WINDOW, imatrix_chunks)
     options = ConvertOptions(plan=plan, target_ctx=target_ctx, scale=scale,
                              qtype=qtype.upper(), threads=threads, quantizer=quantizer, overrides=overrides,
                              imatrix_from=imatrix_from, keep_f16=keep_f16,

@@ -23,7 +23,7 @@ from qroar_gguf.arch.vocab import read_vocab, write_vocab
 from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
-from qroar_gguf.gguf_io.imatrix import ImatrixRequest, compute_imatrix
+from qroar_gguf.gguf_io.imatrix import ImatrixRequest, compute_imatrix, default_chunks
 from qroar_gguf.gguf_io.quantize import TypeOverrides, check_quantization, check_types_fit, quantize_gguf
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
 from qroar_gguf.llama_tools import find_tool
@@ -138,8 +138,9 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
                 overrides = options.overrides
                 if options.imatrix_from is not None:
                     asked = options.imatrix_from
+                    window = asked.ctx or facts.target_ctx
                     overrides = replace(overrides, imatrix=compute_imatrix(
-                        first, asked.text, ctx=asked.ctx or facts.target_ctx, chunks=asked.chunks,
+                        first, asked.text, ctx=window, chunks=asked.chunks or default_chunks(window),
                         threads=options.threads, progress=options.progress))
                 quantize_gguf(first, final_tmp, options.qtype, options.threads, progress=options.progress,
                               quantizer=options.quantizer, overrides=overrides)

@@ -9,11 +9,13 @@ are computed with llama-imatrix on the reference over the same number of calibra
 (`--imatrix-tokens`) of one Austen novel: in 512-token windows (as people usually make them) or in
 windows of the target context. Each quantized file is evaluated on a window of the target context of
 *another* novel: KL divergence against the reference and PPL, and per-token NLLs paired against the
-same file without a matrix, the short matrix against the target one, and a higher attn_q/attn_k type
+same file without a matrix, the target matrix against the short one, and a higher attn_q/attn_k type
 against the same file without it (the difference and its standard error).
 
-Jobs run in `--workers` processes (on a GPU build of llama.cpp: `LLAMA_CPP_LIB_PATH` and
-`QROAR_LLAMA_BIN` name it); jobs not started by `--deadline` seconds are listed as skipped. The JSON
+Jobs run in `--workers` processes. The evaluation runs through the Python bindings (the libllama
+`LLAMA_CPP_LIB_PATH` names, else the set-up's) or, with `--evaluator llama-perplexity`, through the
+llama.cpp `QROAR_LLAMA_BIN` names (`--gpu-tools`: every layer on the GPU). Jobs not started by
+`--deadline` seconds are listed as skipped. The JSON
 (default tools/results/imatrix_bench.json; README's `imatrix` section is rendered from it) is rewritten
 after every job, so a run cut short keeps what it finished.
 """
@@ -94,6 +96,25 @@ def _stat(log: str, label: str) -> tuple[float, float]:
     return float(found.group(1)), float(found.group(2))
 
 
+def saved_shape(path: Path) -> tuple[int, int, int]:
+    """(n_ctx, n_vocab, n_chunk) of a complete --kl-divergence-base file; llama-perplexity exits 0 and
+    leaves a file holding only its header when the text is too short, so the size is checked too."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    header = np.fromfile(path, dtype=np.int32, count=5, offset=0)
+    if magic != b"_logits_" or header.size < 5:
+        raise RuntimeError(f"{path} is not a llama-perplexity logits file")
+    n_ctx, n_vocab, n_chunk = int(header[2]), int(header[3]), int(header[4])
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    size = 20 + 4 * n_chunk * n_ctx + 2 * n_chunk * (n_ctx - 1 - n_ctx // 2) * nv
+    if n_chunk < 1 or path.stat().st_size != size:
+        raise RuntimeError(f"{path} is incomplete ({path.stat().st_size} bytes, {size} expected): is the text "
+                           "shorter than one window?")
+    return n_ctx, n_vocab, n_chunk
+
+
 def saved_nll(path: Path):
     """Per-token NLL of the scored tokens of the first window, from a --kl-divergence-base file.
 
@@ -104,8 +125,7 @@ def saved_nll(path: Path):
     """
     import numpy as np
 
-    header = np.fromfile(path, dtype=np.int32, count=5, offset=0)
-    n_ctx, n_vocab, n_chunk = int(header[2]), int(header[3]), int(header[4])
+    n_ctx, n_vocab, n_chunk = saved_shape(path)
     tokens = np.fromfile(path, dtype=np.int32, count=n_chunk * n_ctx, offset=20)
     first = n_ctx // 2
     n_scored, nv = n_ctx - 1 - first, 2 * ((n_vocab + 1) // 2) + 4
@@ -150,6 +170,7 @@ def save_reference_logits(reference: Path, evaluation: Path, ctx: int) -> Path:
         partial = path.with_suffix(".logits.part")
         perplexity_tool("-m", reference, "-f", evaluation, "-c", ctx, "--kl-divergence-base", partial,
                         gpu=bool(os.environ.get("QROAR_TOOLS_GPU")))
+        saved_shape(partial)
         partial.replace(path)
     return path
 
@@ -245,6 +266,11 @@ def main() -> None:
         return
     if args.calibration.lower() == args.evaluation.lower():
         raise SystemExit("calibrate and evaluate on different texts")
+    unknown = set(args.matrices.split(",") + args.attn_matrices.split(",")) - {"none", "short", "target"}
+    if unknown:
+        raise SystemExit(f"unknown matrices {sorted(unknown)}: none, short or target")
+    if args.imatrix_tokens < 512:
+        raise SystemExit("--imatrix-tokens must be at least one 512-token window")
     begun = time.monotonic()
     scales = [float(s) if "." in s else int(s) for s in args.scales.split(",")]
     plans, qtypes = args.plans.split(","), args.qtypes.split(",")
@@ -254,7 +280,7 @@ def main() -> None:
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "llama_cpp_lib": gpu},
               "model": "SmolLM2-135M-Instruct", "trained_ctx": TRAINED, "calibration": args.calibration,
               "evaluation": args.evaluation, "imatrix_tokens": args.imatrix_tokens, "workers": args.workers,
-              "matrices_concurrent": bool(gpu) and args.workers > 1,
+              "matrices_concurrent": bool(gpu or args.gpu_tools) and args.workers > 1,
               "references": [], "matrices": [], "runs": []}
     result["evaluator"] = args.evaluator
     if gpu or args.gpu_tools:

@@ -79,7 +79,11 @@ bench)  # BUDGET: seconds this step may take in all (jobs still running then are
     QROAR_LLAMA_BIN="$work"/cpu/bin nice -n 10 python3 tools/bench_imatrix.py "${grid[@]}" --prepare-only \
         --out "$work"/prep.json ${GRID_ARGS:-}
     echo "CPU side done at $(date +%T)"
-    while [ ! -e "$work"/build.done ] && [ ! -e "$work"/build.failed ]; do sleep 2; done
+    while [ ! -e "$work"/build.done ] && [ ! -e "$work"/build.failed ]; do
+        pgrep -f "gpu_session.sh build" >/dev/null || [ -e "$work"/build.done ] || [ -e "$work"/build.failed ] ||
+            { echo "the CUDA build stopped"; tail -n 20 "$work"/build.log; exit 1; }
+        sleep 2
+    done
     tail -n 3 "$work"/build.log && cp "$work"/build.log "$out"/cuda_build.log
     [ -e "$work"/build.done ] || exit 1
     echo "CUDA build: $(cat "$work"/build.done) s"

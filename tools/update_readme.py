@@ -254,8 +254,8 @@ def _ci(v: dict) -> str:
     return f"{v['ppl_ratio']:.3f} [{v['ppl_ratio_ci95'][0]:.3f}, {v['ppl_ratio_ci95'][1]:.3f}]"
 
 
-def ctx_label(scale) -> str:
-    return f"{scale}x ({int(8192 * scale)} tokens)"
+def ctx_label(scale, trained: int) -> str:
+    return f"{scale}x ({int(trained * scale)} tokens)"
 
 
 def _imatrix_findings(runs: list[dict]) -> list[str]:
@@ -322,7 +322,7 @@ def imatrix_grid_section() -> str:
         mats = ", ".join(f"{m['imatrix']} ({m['chunks']} x {m['ctx']}) {m['seconds']:.0f} s" for m in cost["matrices"]
                          if m["seconds"] is not None)
         lines.append(f"- Cost on {cost['machine']['cpus']} cores (`tools/bench_imatrix.py --matrices-only`, "
-                     f"`tools/results/imatrix_cost.json`), at {ctx_label(ref['scale'])}: converting the F16 file "
+                     f"`tools/results/imatrix_cost.json`), at {ctx_label(ref['scale'], cost['trained_ctx'])}: converting the F16 file "
                      f"{ref['seconds']:.0f} s; the matrices: {mats}. At 2x see the table above.")
     if skipped:
         lines += ["", "Not measured in that run (time ran out or failed): "

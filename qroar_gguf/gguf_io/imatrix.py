@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from qroar_gguf.choices import DEFAULT_IMATRIX_TOKENS, IMATRIX_SHORT_WINDOW
 from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError
 from qroar_gguf.llama_tools import current_build, find_tool, run_program
@@ -26,18 +27,24 @@ from qroar_gguf.outputs import exclusive, temporary_beside
 from qroar_gguf.paths import cache_dir
 
 _TOO_SHORT = re.compile(r"you need at least (\d+) tokens")
-#: The window and the number of windows when none are asked for (see the module's note).
-DEFAULT_WINDOW = 512
-DEFAULT_CHUNKS = 64
+#: The window when none is asked for (see the module's note).
+DEFAULT_WINDOW = IMATRIX_SHORT_WINDOW
+
+
+def default_chunks(window: int) -> int:
+    """Windows when none are asked for: as many as make DEFAULT_IMATRIX_TOKENS calibration tokens, so
+    that a larger window costs no more text (and no more compute per token) than the default one."""
+    return max(1, DEFAULT_IMATRIX_TOKENS // window)
 
 
 @dataclass(frozen=True)
 class ImatrixRequest:
-    """Compute the matrix at conversion: on `text`, `chunks` windows of `ctx` tokens (None: the target)."""
+    """Compute the matrix at conversion: on `text`, `chunks` windows of `ctx` tokens (None: the target
+    context; the default number of windows)."""
 
     text: Path
     ctx: int | None = DEFAULT_WINDOW
-    chunks: int = DEFAULT_CHUNKS
+    chunks: int | None = None  # default_chunks(ctx)
 
 
 class TextTooShort(QroarError):
@@ -54,7 +61,10 @@ def tools_identity() -> str:
     build, as in find_tool), else the set-up's build key."""
     override = os.environ.get("QROAR_LLAMA_BIN")
     if override:
-        return override
+        # the folder's llama-imatrix as it is now: a rebuild in the same folder is another build
+        tool = Path(override).resolve() / "llama-imatrix"
+        stat = tool.stat() if tool.is_file() else None
+        return f"{tool} {stat.st_size} {stat.st_mtime_ns}" if stat else str(tool)
     build = current_build()
     return build.info["key"] if build is not None else ""
 
