@@ -96,3 +96,26 @@ def test_a_text_too_short_for_the_window_is_one_line(smollm2_dir, dev_text, tmp_
 def test_imatrix_options_need_the_text(smollm2_dir, tmp_path):
     fail_cleanly([smollm2_dir, "-o", tmp_path / "x.gguf", "--imatrix-ctx", 512], tmp_path, "--imatrix-text", status=2)
     assert not os.listdir(tmp_path)
+
+
+def test_a_matrix_key_names_the_llama_cpp_that_computes_it(tmp_path, monkeypatch):
+    """A matrix from the llama.cpp QROAR_LLAMA_BIN names is not the set-up build's, and a rebuild in the
+    same folder is another build (keys are of files' bytes, so two tiny files stand in for model and text)."""
+    from qroar_gguf.gguf_io.imatrix import imatrix_key
+
+    model, text = tmp_path / "m.gguf", tmp_path / "t.txt"
+    model.write_bytes(b"model")
+    text.write_text("text")
+    monkeypatch.delenv("QROAR_LLAMA_BIN", raising=False)
+    setup = imatrix_key(model, text, 512, 2)
+    other = tmp_path / "other-bin"
+    other.mkdir()
+    tool = other / "llama-imatrix"
+    tool.write_bytes(b"one build")
+    monkeypatch.setenv("QROAR_LLAMA_BIN", str(other))
+    first = imatrix_key(model, text, 512, 2)
+    monkeypatch.setenv("QROAR_LLAMA_BIN", str(other) + "/")
+    assert imatrix_key(model, text, 512, 2) == first  # the same folder, spelled otherwise
+    tool.write_bytes(b"a rebuild of it")
+    rebuilt = imatrix_key(model, text, 512, 2)
+    assert len({setup, first, rebuilt}) == 3
