@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,13 +36,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from qroar_gguf.assets.austen import austen_text  # noqa: E402
 from qroar_gguf.assets.smollm2 import default_model_dir  # noqa: E402
+from qroar_gguf.choices import IMATRIX_SHORT_WINDOW  # noqa: E402
 from qroar_gguf.evaluate.paired import paired_compare  # noqa: E402
-from qroar_gguf.gguf_io.imatrix import compute_imatrix, imatrix_key  # noqa: E402
+from qroar_gguf.gguf_io.imatrix import compute_imatrix, default_chunks, imatrix_key  # noqa: E402
 from qroar_gguf.paths import cache_dir  # noqa: E402
 
 QROAR = [sys.executable, "-m", "qroar_gguf"]
@@ -75,12 +80,13 @@ def plan_args(plan: str, target: int) -> list[str] | None:
     raise SystemExit(f"unknown plan {plan!r}: yarn, searched or none")
 
 
-def perplexity_tool(*args, gpu: bool) -> str:
-    """Run llama-perplexity (the build QROAR_LLAMA_BIN or the set-up names); its log, for parsing."""
+def perplexity_tool(*args) -> str:
+    """Run llama-perplexity (the build QROAR_LLAMA_BIN or the set-up names; every layer on the GPU
+    under --gpu-tools); its log, for parsing."""
     from qroar_gguf.llama_tools import find_tool
 
     command = [str(find_tool("llama-perplexity")), *(str(a) for a in args), "--chunks", "1", "-fa", "on",
-               "-ngl", "999" if gpu else "0"]
+               "-ngl", "999" if os.environ.get("QROAR_TOOLS_GPU") else "0"]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"llama-perplexity failed ({run.returncode}): {run.stderr.strip()[-500:]}")
@@ -88,8 +94,6 @@ def perplexity_tool(*args, gpu: bool) -> str:
 
 
 def _stat(log: str, label: str) -> tuple[float, float]:
-    import re
-
     found = re.search(re.escape(label) + r"\s*:\s*([-0-9.eE+]+)\s*±\s*([-0-9.eE+]+)", log)
     if found is None:
         raise RuntimeError(f"llama-perplexity printed no '{label}'")
@@ -99,8 +103,6 @@ def _stat(log: str, label: str) -> tuple[float, float]:
 def saved_shape(path: Path) -> tuple[int, int, int]:
     """(n_ctx, n_vocab, n_chunk) of a complete --kl-divergence-base file; llama-perplexity exits 0 and
     leaves a file holding only its header when the text is too short, so the size is checked too."""
-    import numpy as np
-
     with open(path, "rb") as f:
         magic = f.read(8)
     header = np.fromfile(path, dtype=np.int32, count=5, offset=0)
@@ -123,8 +125,6 @@ def saved_nll(path: Path):
     scale and a float minimum log-probability, then each token's log-probability as uint16 steps of the
     scale above the minimum (anything 16 nats or more below the top token reads as the minimum).
     """
-    import numpy as np
-
     n_ctx, n_vocab, n_chunk = saved_shape(path)
     tokens = np.fromfile(path, dtype=np.int32, count=n_chunk * n_ctx, offset=20)
     first = n_ctx // 2
@@ -139,26 +139,20 @@ def saved_nll(path: Path):
 def evaluate_with_tool(job: dict, out: Path) -> dict:
     """KLD and PPL of `out` against the reference's saved log-probabilities, by llama-perplexity; the
     per-token NLLs (for the paired comparisons) from a second run that saves the file's own."""
-    import numpy as np
-
-    gpu = bool(os.environ.get("QROAR_TOOLS_GPU"))
     log = perplexity_tool("-m", out, "-c", job["target_ctx"], "--kl-divergence", "--kl-divergence-base",
-                          job["reference_logits"], gpu=gpu)
+                          job["reference_logits"])
     kld, kld_se = _stat(log, "Mean    KLD")
     ln_ratio, ln_ratio_se = _stat(log, "Mean ln(PPL(Q)/PPL(base))")
-    same_top, same_top_se = _stat(log, "Same top p")
+    same_top, _ = _stat(log, "Same top p")
     ppl, _ = _stat(log, "Mean PPL(Q)")
     ref_ppl, _ = _stat(log, "Mean PPL(base)")
     own = Path(job["nll"]).with_suffix(".logits")
     try:
-        perplexity_tool("-m", out, "-f", job["evaluation"], "-c", job["target_ctx"], "--kl-divergence-base", own,
-                        gpu=gpu)
+        perplexity_tool("-m", out, "-f", job["evaluation"], "-c", job["target_ctx"], "--kl-divergence-base", own)
         nll = saved_nll(own)
     finally:
         own.unlink(missing_ok=True)
     np.save(job["nll"], nll)
-    import math
-
     return {"kld_mean": kld, "kld_se": kld_se, "same_top_pct": same_top, "ppl": ppl, "ref_ppl": ref_ppl,
             "ppl_ratio_to_f16": math.exp(ln_ratio), "ln_ppl_ratio_se": ln_ratio_se, "n_scored": int(nll.size),
             "ppl_from_saved": math.exp(float(nll.mean()))}
@@ -168,8 +162,7 @@ def save_reference_logits(reference: Path, evaluation: Path, ctx: int) -> Path:
     path = reference.with_suffix(".logits")
     if not path.is_file():
         partial = path.with_suffix(".logits.part")
-        perplexity_tool("-m", reference, "-f", evaluation, "-c", ctx, "--kl-divergence-base", partial,
-                        gpu=bool(os.environ.get("QROAR_TOOLS_GPU")))
+        perplexity_tool("-m", reference, "-f", evaluation, "-c", ctx, "--kl-divergence-base", partial)
         saved_shape(partial)
         partial.replace(path)
     return path
@@ -177,8 +170,6 @@ def save_reference_logits(reference: Path, evaluation: Path, ctx: int) -> Path:
 
 def run_job(job: dict) -> dict:
     """Convert one file and evaluate it against its reference (runs in a child process)."""
-    import numpy as np
-
     from qroar_gguf.evaluate.kld import kl_divergence
     from qroar_gguf.evaluate.runtime import Runtime
     from qroar_gguf.source.text import read_text
@@ -216,8 +207,6 @@ def job_name(job: dict) -> str:
 
 def pairs(runs: list[dict], nll_of) -> None:
     """Paired NLL comparisons: matrix vs none, target vs short, higher attn type vs none (same matrix)."""
-    import numpy as np
-
     def find(run, **changed):
         want = {k: run[k] for k in ("scale", "plan", "qtype", "imatrix", "attn_type")} | changed
         return next((r for r in runs if all(r[k] == v for k, v in want.items()) and "kld_mean" in r), None)
@@ -269,8 +258,8 @@ def main() -> None:
     unknown = set(args.matrices.split(",") + args.attn_matrices.split(",")) - {"none", "short", "target"}
     if unknown:
         raise SystemExit(f"unknown matrices {sorted(unknown)}: none, short or target")
-    if args.imatrix_tokens < 512:
-        raise SystemExit("--imatrix-tokens must be at least one 512-token window")
+    if args.imatrix_tokens < IMATRIX_SHORT_WINDOW:
+        raise SystemExit(f"--imatrix-tokens must be at least one {IMATRIX_SHORT_WINDOW}-token window")
     begun = time.monotonic()
     scales = [float(s) if "." in s else int(s) for s in args.scales.split(",")]
     plans, qtypes = args.plans.split(","), args.qtypes.split(",")
@@ -368,8 +357,9 @@ def main() -> None:
         wanted = []
         for scale, plan, _ in setups:
             target = ctx_of(scale)
-            for name, window in (("short", (512, args.imatrix_tokens // 512)),
-                                 ("target", (target, max(1, args.imatrix_tokens // target)))):
+            for name, window in (("short", (IMATRIX_SHORT_WINDOW, default_chunks(IMATRIX_SHORT_WINDOW,
+                                                                                 args.imatrix_tokens))),
+                                 ("target", (target, default_chunks(target, args.imatrix_tokens)))):
                 if name in matrices or (args.attn_types and name in args.attn_matrices.split(",")):
                     wanted.append((scale, plan, name, *window))
 

@@ -42,7 +42,7 @@ from qroar_gguf.evaluate.paired import paired_compare
 from qroar_gguf.evaluate.passkey import DEFAULT_DEPTHS, passkey
 from qroar_gguf.evaluate.perplexity import n_scored_per_chunk, ppl_standard_error
 from qroar_gguf.evaluate.runtime import Runtime
-from qroar_gguf.gguf_io.imatrix import TextTooShort, compute_imatrix, tools_identity
+from qroar_gguf.gguf_io.imatrix import TextTooShort, compute_imatrix, default_chunks, tools_identity
 from qroar_gguf.gguf_io.quantize import FTYPES, TypeOverrides, quantize_gguf
 from qroar_gguf.gguf_io.reader import field_value
 from qroar_gguf.llama_tools import find_tool
@@ -93,7 +93,7 @@ class Bench:
         if kind == "none":
             return None
         window = IMATRIX_SHORT_WINDOW if kind == "short" else built_for
-        return window, max(1, self.imatrix_tokens // window)
+        return window, default_chunks(window, self.imatrix_tokens)
 
     def imatrix_record(self, kind: str, built_for: int) -> dict:
         """What a row records of its matrix."""

@@ -31,10 +31,10 @@ _TOO_SHORT = re.compile(r"you need at least (\d+) tokens")
 DEFAULT_WINDOW = IMATRIX_SHORT_WINDOW
 
 
-def default_chunks(window: int) -> int:
-    """Windows when none are asked for: as many as make DEFAULT_IMATRIX_TOKENS calibration tokens, so
+def default_chunks(window: int, tokens: int = DEFAULT_IMATRIX_TOKENS) -> int:
+    """Windows when none are asked for: as many as make `tokens` calibration tokens (at least one), so
     that a larger window costs no more text (and no more compute per token) than the default one."""
-    return max(1, DEFAULT_IMATRIX_TOKENS // window)
+    return max(1, tokens // window)
 
 
 @dataclass(frozen=True)
