@@ -73,8 +73,10 @@ bench)  # BUDGET: seconds this step may take in all (jobs still running then are
     export QROAR_CACHE="$work"/cache PYTHONPATH="$work/site:$PWD" PYTHONUNBUFFERED=1
     # Python runs libllama on the CPU only (quantizing); llama.cpp's own tools run on the GPU
     export LLAMA_CPP_LIB_PATH="$work"/cpu/bin
-    grid=(--workdir "$work"/grid --scales 4,2 --plans yarn,searched --qtypes Q4_0,Q4_K_M,Q3_K_M --attn-types q8_0
-          --imatrix-tokens 32768 --evaluator llama-perplexity --gpu-tools --threads 2 --workers 6)
+    # the searched plans first: what a run cut short by its budget keeps
+    grid=(--workdir "$work"/grid --scales 4,2 --plans searched,yarn --qtypes Q4_0,Q4_K_M,Q3_K_M
+          --attn-types q8_0,f16 --attn-plans searched,yarn --imatrix-tokens 32768 --evaluator llama-perplexity
+          --gpu-tools --threads 2 --workers 8)
     # While CUDA builds: the unquantized references and every file that needs no matrix (niced)
     QROAR_LLAMA_BIN="$work"/cpu/bin nice -n 10 python3 tools/bench_imatrix.py "${grid[@]}" --prepare-only \
         --out "$work"/prep.json ${GRID_ARGS:-}
@@ -90,6 +92,18 @@ bench)  # BUDGET: seconds this step may take in all (jobs still running then are
     # no job starts later than a job's length before the end
     QROAR_LLAMA_BIN="$work"/build/bin python3 tools/bench_imatrix.py "${grid[@]}" \
         --deadline $((end - $(date +%s) - ${JOB_SECONDS:-30})) --out "$out"/imatrix_gpu.json ${GRID_ARGS:-}
+    # With time left: where the Python bindings die loading a model from the CUDA libllama (a backtrace
+    # when gdb is there, else Python's fault handler)
+    left=$((end - $(date +%s)))
+    if [ "$left" -gt 40 ]; then
+        probe=(python3 -X faulthandler -c "import sys; from qroar_gguf.evaluate.runtime import Runtime
+with Runtime(sys.argv[1], n_ctx=512, n_gpu_layers=999, threads=2, verbose=True) as rt: print('loaded', rt.tokenize('The pass key')[:8])"
+               "$(ls "$work"/grid/*.gguf | head -n 1)")
+        command -v gdb >/dev/null && probe=(gdb -q -batch -ex 'set print thread-events off' -ex run -ex bt -ex 'info sharedlibrary' --args "${probe[@]}")
+        LLAMA_CPP_LIB_PATH="$work"/build/bin timeout $((left - 10)) "${probe[@]}" >"$out"/cuda_probe.log 2>&1 ||
+            echo "probe exit status $?" >>"$out"/cuda_probe.log
+        tail -n 40 "$out"/cuda_probe.log
+    fi
     ;;
 *)
     echo "usage: $0 pack|start|bench" >&2
