@@ -100,7 +100,7 @@ bench)  # BUDGET: seconds this step may take in all (jobs still running then are
 with Runtime(sys.argv[1], n_ctx=512, n_gpu_layers=999, threads=2, verbose=True) as rt: print('loaded', rt.tokenize('The pass key')[:8])"
                "$(ls "$work"/grid/*.gguf | head -n 1)")
         command -v gdb >/dev/null && probe=(gdb -q -batch -ex 'set print thread-events off' -ex run -ex bt -ex 'info sharedlibrary' --args "${probe[@]}")
-        LLAMA_CPP_LIB_PATH="$work"/build/bin timeout $((left - 10)) "${probe[@]}" >"$out"/cuda_probe.log 2>&1 ||
+        LLAMA_CPP_LIB_PATH="$work"/build/bin timeout $((left > 70 ? 60 : left - 10)) "${probe[@]}" >"$out"/cuda_probe.log 2>&1 ||
             echo "probe exit status $?" >>"$out"/cuda_probe.log
         tail -n 40 "$out"/cuda_probe.log
     fi
