@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +366,12 @@ def test_paired_compare():
         paired_compare(a, b[:-1])
     with pytest.raises(QroarError, match="block"):
         paired_compare(a, b, block=7)
+
+
+def test_libstdcxx_is_global_before_libllama_loads():
+    """numpy loads libstdc++ privately (through its OpenBLAS); a CUDA libllama that then bound to that copy
+    crashed initialising the tokenizer. Importing the runtime makes the loaded libstdc++ global first."""
+    probe = ("import ctypes; g = ctypes.CDLL(None); import numpy; import qroar_gguf.evaluate.runtime; "
+             "print(hasattr(g, '_ZNSt6locale7classicEv'))")  # std::locale::classic(), in the global scope?
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert run.stdout.split()[-1] == "True"

@@ -35,6 +35,14 @@ import numpy as np
 
 from qroar_gguf.errors import QroarError
 
+# A libllama built with CUDA on some systems crashed (SIGSEGV) initialising the tokenizer when numpy had
+# loaded libstdc++ first (privately, through its bundled OpenBLAS) and libllama then bound to it; making
+# the loaded libstdc++ global before libllama loads avoids it (LD_PRELOAD of libstdc++ did too).
+try:
+    ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+except OSError:  # no libstdc++ by that name: nothing was loaded privately either
+    pass
+
 try:
     import llama_cpp as _llama
 except ImportError as exc:  # pragma: no cover - the project installs it
