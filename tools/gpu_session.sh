@@ -9,7 +9,7 @@
 #
 # The model (llama.cpp's published Q4_1 GGUF of SmolLM2, from which the checkpoint is rebuilt) is too
 # large for one copy and travels in two halves. The CPU build of this machine travels too: Python's
-# libllama quantizes with it (the bindings crashed loading a model with the CUDA libllama there).
+# libllama quantizes with it (the measurements need no CUDA libllama in Python).
 # GRID_ARGS is added to the benchmark's options and CUDA_CMAKE_ARGS replaces the CUDA options (a smaller
 # run and no CUDA for a rehearsal on a CPU).
 set -euo pipefail
@@ -92,7 +92,7 @@ bench)  # BUDGET: seconds this step may take in all (jobs still running then are
     # no job starts later than a job's length before the end
     QROAR_LLAMA_BIN="$work"/build/bin python3 tools/bench_imatrix.py "${grid[@]}" \
         --deadline $((end - $(date +%s) - ${JOB_SECONDS:-30})) --out "$out"/imatrix_gpu.json ${GRID_ARGS:-}
-    # With time left: where the Python bindings die loading a model from the CUDA libllama (a backtrace
+    # With time left: whether the Python bindings load a model from the CUDA libllama (a backtrace
     # when gdb is there, else Python's fault handler)
     left=$((end - $(date +%s)))
     if [ "$left" -gt 40 ]; then

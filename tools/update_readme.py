@@ -260,33 +260,46 @@ def ctx_label(scale, trained: int) -> str:
 
 def _imatrix_findings(runs: list[dict]) -> list[str]:
     """The issue's questions, answered from the rows (each line only where its rows were measured)."""
-    def row(ctx, qtype, imatrix, attn=None, plan="yarn"):
-        return next((r for r in runs if (r["target_ctx"], r["qtype"], r["imatrix"], r["attn_type"], r["plan"])
-                     == (ctx, qtype, imatrix, attn, plan)), None)
+    def row(ctx, plan, qtype, imatrix, attn=None):
+        return next((r for r in runs if (r["target_ctx"], r["plan"], r["qtype"], r["imatrix"], r["attn_type"])
+                     == (ctx, plan, qtype, imatrix, attn)), None)
 
     lines = []
     for ctx in sorted({r["target_ctx"] for r in runs}):
+        for plan in sorted({r["plan"] for r in runs if r["target_ctx"] == ctx}, reverse=True):
+            parts = []
+            none, short = row(ctx, plan, "Q4_K_M", "none"), row(ctx, plan, "Q4_K_M", "short")
+            if none and short:
+                parts.append(f"Q4_K_M's PPL over F16 {100 * (none['ppl_ratio_to_f16'] - 1):.1f}% without a matrix, "
+                             f"{100 * (short['ppl_ratio_to_f16'] - 1):.1f}% with the short one (target: within 3%)")
+            none, short = row(ctx, plan, "Q4_0", "none"), row(ctx, plan, "Q4_0", "short")
+            if none and short:
+                parts.append(f"the short matrix cuts Q4_0's KLD by "
+                             f"{100 * (1 - short['kld_mean'] / none['kld_mean']):.0f}% (target: halved)")
+            versus = [f"{r['qtype']} {_ci(r['vs_short'])}" for r in runs
+                      if (r["target_ctx"], r["plan"]) == (ctx, plan) and not r["attn_type"] and "vs_short" in r]
+            if versus:
+                parts.append("target-context matrix / short one, PPL ratio: " + ", ".join(versus))
+            if parts:
+                lines.append(f"- {ctx} tokens, {plan}: " + "; ".join(parts) + ".")
         parts = []
-        none, short = row(ctx, "Q4_K_M", "none"), row(ctx, "Q4_K_M", "short")
-        if none and short:
-            parts.append(f"Q4_K_M's PPL over F16 {100 * (none['ppl_ratio_to_f16'] - 1):.1f}% without a matrix, "
-                         f"{100 * (short['ppl_ratio_to_f16'] - 1):.1f}% with the short one (target: within 3%)")
-        none, short = row(ctx, "Q4_0", "none"), row(ctx, "Q4_0", "short")
-        if none and short:
-            parts.append(f"the short matrix cuts Q4_0's KLD by {100 * (1 - short['kld_mean'] / none['kld_mean']):.0f}% "
-                         "(target: halved)")
-        versus = [f"{r['qtype']} {_ci(r['vs_short'])}" for r in runs
-                  if r["target_ctx"] == ctx and r["plan"] == "yarn" and not r["attn_type"] and "vs_short" in r]
-        if versus:
-            parts.append("target-context matrix / short one, PPL ratio: " + ", ".join(versus))
-        for qtype in ("Q4_0", "Q4_K_M"):
-            base, higher = row(ctx, qtype, "short"), row(ctx, qtype, "short", "q8_0")
-            if base and higher:
-                parts.append(f"attn_q/attn_k at q8_0 on {qtype} with the short matrix: "
-                             f"+{higher['size_mib'] - base['size_mib']:.1f} MiB, KLD {base['kld_mean']:.4f} → "
-                             f"{higher['kld_mean']:.4f}, PPL ratio to the default {_ci(higher['vs_attn_default'])}")
+        for name in ("none", "short", "target"):
+            higher = [r for r in runs if r["target_ctx"] == ctx and r["attn_type"] and r["imatrix"] == name
+                      and "vs_attn_default" in r]
+            if not higher:
+                continue
+            ratios = [r["vs_attn_default"]["ppl_ratio"] for r in higher]
+            kld = [100 * (r["kld_mean"] / row(ctx, r["plan"], r["qtype"], name)["kld_mean"] - 1) for r in higher]
+            worse = sum(r["vs_attn_default"]["ppl_ratio_ci95"][0] > 1 for r in higher)
+            better = sum(r["vs_attn_default"]["ppl_ratio_ci95"][1] < 1 for r in higher)
+            parts.append(f"{'without a matrix' if name == 'none' else f'with the {name} matrix'} ({len(higher)} "
+                         f"files) KLD {min(kld):+.0f}% to {max(kld):+.0f}%, PPL ratio {min(ratios):.3f} to "
+                         f"{max(ratios):.3f} (better in {better}, worse in {worse})")
         if parts:
-            lines.append(f"- {ctx} tokens (yarn): " + "; ".join(parts) + ".")
+            higher = [r for r in runs if r["target_ctx"] == ctx and r["attn_type"]]
+            lines.append(f"- {ctx} tokens, attn_q/attn_k at {' or '.join(sorted({r['attn_type'] for r in higher}))} "
+                         f"against the type's default ({', '.join(sorted({r['plan'] for r in higher}))}): "
+                         + "; ".join(parts) + ".")
     return lines
 
 
@@ -297,24 +310,43 @@ def imatrix_grid_section() -> str:
     gpu = r["machine"].get("gpu", "a GPU")
     done = [run for run in r["runs"] if "kld_mean" in run]
     skipped = [run for run in r["runs"] if "kld_mean" not in run]
+    order = {"none": 0, "short": 1, "target": 2}
+
+    def key(x):
+        return x["target_ctx"], x["plan"] != "yarn", x["plan"], x["qtype"], order[x["imatrix"]], x["attn_type"] or ""
+
+    def matrix(run):
+        return run["imatrix"] if run["imatrix"] == "none" else \
+            f"{run['imatrix']} ({run['imatrix_chunks']} x {run['imatrix_ctx']})"
+
+    def quality(run):
+        return f"{run['kld_mean']:.4f} ± {run['kld_se']:.4f} | {run['ppl_ratio_to_f16']:.4f}"
+
     lines = [f"`bash tools/gpu_session.sh` → `tools/results/imatrix_gpu.json` (llama.cpp built with CUDA, {gpu}; "
              f"{r['machine']['cpus']} cores): SmolLM2 (trained {r['trained_ctx']}) with each plan at each target "
-             f"context; matrices from {r['imatrix_tokens']} tokens of {r['calibration']} on the plan-applied F16; "
-             f"evaluated on one target-context window of {r['evaluation']} against that F16 (KLD, PPL ratio). "
-             "Paired columns: per-token NLL against the same file without a matrix, the target matrix against "
-             "the short one, and a higher attn_q/attn_k type against the same file with the type's default "
+             f"context (`searched`: the band factors of the committed `search_emma*k_q4_0.json`); matrices from "
+             f"{r['imatrix_tokens']} tokens of {r['calibration']} on the plan-applied F16; evaluated on one "
+             f"target-context window of {r['evaluation']} against that F16 (KLD, PPL ratio). Paired columns: "
+             "per-token NLL against the same file without a matrix, and the target matrix against the short one "
              "(PPL ratio, 95% CI; below 1 is better).", "",
-             "| ctx | plan | type | attn_q/k | imatrix | size | KLD | PPL / F16 | vs none | target vs short | "
-             "vs default attn |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    order = {"none": 0, "short": 1, "target": 2}
-    for run in sorted(done, key=lambda x: (x["target_ctx"], x["plan"], x["qtype"], x["attn_type"] or "",
-                                          order[x["imatrix"]])):
-        matrix = run["imatrix"] if run["imatrix"] == "none" else \
-            f"{run['imatrix']} ({run['imatrix_chunks']} x {run['imatrix_ctx']})"
-        cells = [_ci(run[k]) if k in run else "" for k in ("vs_none", "vs_short", "vs_attn_default")]
-        lines.append(f"| {run['target_ctx']} | {run['plan']} | {run['qtype']} | {run['attn_type'] or 'default'} | "
-                     f"{matrix} | {run['size_mib']:.1f} MiB | {run['kld_mean']:.4f} ± {run['kld_se']:.4f} | "
-                     f"{run['ppl_ratio_to_f16']:.4f} | " + " | ".join(cells) + " |")
+             "| ctx | plan | type | imatrix | size | KLD | PPL / F16 | vs none | target vs short |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run in sorted((x for x in done if not x["attn_type"]), key=key):
+        cells = [_ci(run[k]) if k in run else "" for k in ("vs_none", "vs_short")]
+        lines.append(f"| {run['target_ctx']} | {run['plan']} | {run['qtype']} | {matrix(run)} | "
+                     f"{run['size_mib']:.1f} MiB | {quality(run)} | " + " | ".join(cells) + " |")
+    higher = sorted((x for x in done if x["attn_type"]), key=key)
+    if higher:
+        lines += ["", "attn_q/attn_k at a higher type (`--tensor-type`), size against quality; the last column "
+                  "pairs each file with the same one at the type's own attn_q/attn_k type.", "",
+                  "| ctx | plan | type | imatrix | attn_q/k | size | KLD | PPL / F16 | vs default attn |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for run in higher:
+            base = next((x for x in done if not x["attn_type"] and key(x)[:5] == key(run)[:5]), None)
+            grown = f" (+{run['size_mib'] - base['size_mib']:.1f})" if base else ""
+            lines.append(f"| {run['target_ctx']} | {run['plan']} | {run['qtype']} | {matrix(run)} | "
+                         f"{run['attn_type']} | {run['size_mib']:.1f} MiB{grown} | {quality(run)} | "
+                         f"{_ci(run['vs_attn_default']) if 'vs_attn_default' in run else ''} |")
     lines += [""] + _imatrix_findings(done)
     cost = _tool_result("imatrix_cost.json")
     if cost:
@@ -322,13 +354,15 @@ def imatrix_grid_section() -> str:
         mats = ", ".join(f"{m['imatrix']} ({m['chunks']} x {m['ctx']}) {m['seconds']:.0f} s" for m in cost["matrices"]
                          if m["seconds"] is not None)
         lines.append(f"- Cost on {cost['machine']['cpus']} cores (`tools/bench_imatrix.py --matrices-only`, "
-                     f"`tools/results/imatrix_cost.json`), at {ctx_label(ref['scale'], cost['trained_ctx'])}: converting the F16 file "
-                     f"{ref['seconds']:.0f} s; the matrices: {mats}. At 2x see the table above.")
+                     f"`tools/results/imatrix_cost.json`), at {ctx_label(ref['scale'], cost['trained_ctx'])}: "
+                     f"converting the F16 file {ref['seconds']:.0f} s; the matrices: {mats}. At 2x see the first "
+                     "table.")
     if skipped:
         lines += ["", "Not measured in that run (time ran out or failed): "
                   + "; ".join(f"{x['target_ctx']} {x['plan']} {x['qtype']} {x['imatrix']}"
                               + (f" attn {x['attn_type']}" if x["attn_type"] else "") for x in skipped) + "."]
     return "\n".join(lines) + "\n"
+
 
 def main() -> None:
     readme = REPO / "README.md"
