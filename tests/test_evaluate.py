@@ -368,9 +368,10 @@ def test_paired_compare():
         paired_compare(a, b, block=7)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libstdc++.so.6 is a Linux library")
 def test_libstdcxx_is_global_before_libllama_loads():
-    """numpy loads libstdc++ privately (through its OpenBLAS); a CUDA libllama that then bound to that copy
-    crashed initialising the tokenizer. Importing the runtime makes the loaded libstdc++ global first."""
+    """numpy loads libstdc++ privately (RTLD_LOCAL); a CUDA libllama that then bound to that copy crashed
+    initialising its tokenizer. Importing the runtime makes the loaded libstdc++ global first."""
     probe = ("import ctypes; g = ctypes.CDLL(None); import numpy; import qroar_gguf.evaluate.runtime; "
              "print(hasattr(g, '_ZNSt6locale7classicEv'))")  # std::locale::classic(), in the global scope?
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

@@ -18,10 +18,11 @@ the CUDA toolkit (nvcc) on PATH; the sdist is taken from $QROAR_CACHE/sdist when
 CUDA builds), `--phase gpu` the rest.
 
 Not yet run to the end. On an H200 (CUDA 13.0) the Python bindings died (SIGSEGV) loading a model from
-the CUDA build's libllama, right after llama.cpp initialised the tokenizer: numpy had loaded libstdc++
-privately before libllama bound to it. qroar_gguf.evaluate.runtime now makes the loaded libstdc++
-global first; with that the bindings loaded and decoded a 16k window there, on the GPU and (in another
-process) on the CPU build. tools/gpu_session.sh measures with llama.cpp's tools alone.
+the CUDA build's libllama, right after llama.cpp initialised the tokenizer, when numpy had loaded
+libstdc++ privately first (not when libllama was loaded first, nor with libstdc++ preloaded).
+qroar_gguf.evaluate.runtime now makes the loaded libstdc++ global before libllama loads; with that, a
+manual check there (output not committed) loaded and decoded a 16k window on the GPU and, in another
+process, on the CPU build. tools/gpu_session.sh measures with llama.cpp's tools alone.
 """
 
 from __future__ import annotations

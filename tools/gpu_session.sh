@@ -95,10 +95,11 @@ bench)  # BUDGET: seconds this step may take in all (jobs still running then are
     # With time left: whether the Python bindings load a model from the CUDA libllama (a backtrace
     # when gdb is there, else Python's fault handler)
     left=$((end - $(date +%s)))
-    if [ "$left" -gt 40 ]; then
+    model=$(ls "$work"/grid/*.gguf 2>/dev/null | head -n 1 || true)
+    if [ "$left" -gt 40 ] && [ -n "$model" ]; then
         probe=(python3 -X faulthandler -c "import sys; from qroar_gguf.evaluate.runtime import Runtime
 with Runtime(sys.argv[1], n_ctx=512, n_gpu_layers=999, threads=2, verbose=True) as rt: print('loaded', rt.tokenize('The pass key')[:8])"
-               "$(ls "$work"/grid/*.gguf | head -n 1)")
+               "$model")
         command -v gdb >/dev/null && probe=(gdb -q -batch -ex 'set print thread-events off' -ex run -ex bt -ex 'info sharedlibrary' --args "${probe[@]}")
         LLAMA_CPP_LIB_PATH="$work"/build/bin timeout $((left > 70 ? 60 : left - 10)) "${probe[@]}" >"$out"/cuda_probe.log 2>&1 ||
             echo "probe exit status $?" >>"$out"/cuda_probe.log

@@ -272,10 +272,13 @@ def _imatrix_findings(runs: list[dict]) -> list[str]:
             if none and short:
                 parts.append(f"Q4_K_M's PPL over F16 {100 * (none['ppl_ratio_to_f16'] - 1):.1f}% without a matrix, "
                              f"{100 * (short['ppl_ratio_to_f16'] - 1):.1f}% with the short one (target: within 3%)")
-            none, short = row(ctx, plan, "Q4_0", "none"), row(ctx, plan, "Q4_0", "short")
-            if none and short:
-                parts.append(f"the short matrix cuts Q4_0's KLD by "
-                             f"{100 * (1 - short['kld_mean'] / none['kld_mean']):.0f}% (target: halved)")
+            cuts = [(qtype, none, short) for qtype in ("Q4_0", "Q3_K_M")
+                    for none, short in [(row(ctx, plan, qtype, "none"), row(ctx, plan, qtype, "short"))]
+                    if none and short]
+            if cuts:
+                parts.append("the short matrix cuts the KLD of " + ", ".join(
+                    f"{qtype} by {100 * (1 - short['kld_mean'] / none['kld_mean']):.0f}%" for qtype, none, short in cuts)
+                    + " (target for Q4_0: halved)")
             versus = [f"{r['qtype']} {_ci(r['vs_short'])}" for r in runs
                       if (r["target_ctx"], r["plan"]) == (ctx, plan) and not r["attn_type"] and "vs_short" in r]
             if versus:
@@ -355,8 +358,8 @@ def imatrix_grid_section() -> str:
                          if m["seconds"] is not None)
         lines.append(f"- Cost on {cost['machine']['cpus']} cores (`tools/bench_imatrix.py --matrices-only`, "
                      f"`tools/results/imatrix_cost.json`), at {ctx_label(ref['scale'], cost['trained_ctx'])}: "
-                     f"converting the F16 file {ref['seconds']:.0f} s; the matrices: {mats}. At 2x see the first "
-                     "table.")
+                     f"converting the F16 file {ref['seconds']:.0f} s; the matrices: {mats}. At 2x see the cost column "
+                     "of the CPU table above.")
     if skipped:
         lines += ["", "Not measured in that run (time ran out or failed): "
                   + "; ".join(f"{x['target_ctx']} {x['plan']} {x['qtype']} {x['imatrix']}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import os
 import sys
 import threading
 import weakref
@@ -35,12 +36,13 @@ import numpy as np
 
 from qroar_gguf.errors import QroarError
 
-# A libllama built with CUDA on some systems crashed (SIGSEGV) initialising the tokenizer when numpy had
-# loaded libstdc++ first (privately, through its bundled OpenBLAS) and libllama then bound to it; making
-# the loaded libstdc++ global before libllama loads avoids it (LD_PRELOAD of libstdc++ did too).
+# A libllama built with CUDA crashed (SIGSEGV, on an H200 machine) initialising its tokenizer when numpy,
+# imported first, had loaded libstdc++ privately (RTLD_LOCAL) and libllama then bound to that copy; it
+# loaded when libllama came first, or with libstdc++ preloaded. So the copy already loaded is made
+# global before libllama loads (RTLD_NOLOAD: never load one from another path than libllama would).
 try:
-    ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
-except OSError:  # no libstdc++ by that name: nothing was loaded privately either
+    ctypes.CDLL("libstdc++.so.6", mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
+except OSError:  # none loaded (or none by that name): nothing to promote
     pass
 
 try:
