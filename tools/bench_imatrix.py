@@ -46,6 +46,7 @@ from qroar_gguf.assets.smollm2 import default_model_dir  # noqa: E402
 from qroar_gguf.choices import IMATRIX_SHORT_WINDOW  # noqa: E402
 from qroar_gguf.evaluate.paired import paired_compare  # noqa: E402
 from qroar_gguf.gguf_io.imatrix import compute_imatrix, default_chunks, imatrix_key  # noqa: E402
+from qroar_gguf.outputs import publish_text, temporary_beside  # noqa: E402
 from qroar_gguf.paths import cache_dir  # noqa: E402
 
 QROAR = [sys.executable, "-m", "qroar_gguf"]
@@ -146,12 +147,9 @@ def evaluate_with_tool(job: dict, out: Path) -> dict:
     same_top, _ = _stat(log, "Same top p")
     ppl, _ = _stat(log, "Mean PPL(Q)")
     ref_ppl, _ = _stat(log, "Mean PPL(base)")
-    own = Path(job["nll"]).with_suffix(".logits")
-    try:
+    with temporary_beside(Path(job["nll"]).with_suffix(".logits"), "logits") as own:
         perplexity_tool("-m", out, "-f", job["evaluation"], "-c", job["target_ctx"], "--kl-divergence-base", own)
         nll = saved_nll(own)
-    finally:
-        own.unlink(missing_ok=True)
     np.save(job["nll"], nll)
     return {"kld_mean": kld, "kld_se": kld_se, "same_top_pct": same_top, "ppl": ppl, "ref_ppl": ref_ppl,
             "ppl_ratio_to_f16": math.exp(ln_ratio), "ln_ppl_ratio_se": ln_ratio_se, "n_scored": int(nll.size),
@@ -161,10 +159,10 @@ def evaluate_with_tool(job: dict, out: Path) -> dict:
 def save_reference_logits(reference: Path, evaluation: Path, ctx: int) -> Path:
     path = reference.with_suffix(".logits")
     if not path.is_file():
-        partial = path.with_suffix(".logits.part")
-        perplexity_tool("-m", reference, "-f", evaluation, "-c", ctx, "--kl-divergence-base", partial)
-        saved_shape(partial)
-        partial.replace(path)
+        with temporary_beside(path, "partial") as partial:
+            perplexity_tool("-m", reference, "-f", evaluation, "-c", ctx, "--kl-divergence-base", partial)
+            saved_shape(partial)
+            partial.replace(path)
     return path
 
 
@@ -287,9 +285,7 @@ def main() -> None:
     def save() -> None:
         with lock:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.out.with_suffix(".part")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            tmp.replace(args.out)
+            publish_text(args.out, json.dumps(result, indent=2) + "\n")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -22,7 +22,7 @@ from pathlib import Path
 from qroar_gguf.choices import DEFAULT_IMATRIX_TOKENS, IMATRIX_SHORT_WINDOW
 from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError
-from qroar_gguf.llama_tools import current_build, find_tool, run_program
+from qroar_gguf.llama_tools import BIN_OVERRIDE_ENV, current_build, find_tool, run_program
 from qroar_gguf.outputs import exclusive, temporary_beside
 from qroar_gguf.paths import cache_dir
 
@@ -57,9 +57,9 @@ class TextTooShort(QroarError):
 
 
 def tools_identity() -> str:
-    """Which llama.cpp computes the matrices: the folder QROAR_LLAMA_BIN names (it overrides the set-up's
+    """Which llama.cpp computes the matrices: the folder $QROAR_LLAMA_BIN names (it overrides the set-up's
     build, as in find_tool), else the set-up's build key."""
-    override = os.environ.get("QROAR_LLAMA_BIN")
+    override = os.environ.get(BIN_OVERRIDE_ENV)
     if override:
         # the folder's llama-imatrix as it is now: a rebuild in the same folder is another build
         tool = Path(override).resolve() / "llama-imatrix"
