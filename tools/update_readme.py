@@ -241,17 +241,17 @@ def imatrix_section() -> str:
             matrix, paired, cost = "none", "", ""
         else:
             matrix = f"{run['imatrix']} ({run['imatrix_chunks']} x {run['imatrix_ctx']})"
-            v = run["vs_none"]
-            paired = f"{v['ppl_ratio']:.4f} [{v['ppl_ratio_ci95'][0]:.4f}, {v['ppl_ratio_ci95'][1]:.4f}]"
+            paired = _ci(run["vs_none"], digits=4)
             cost = "cached" if run["imatrix_seconds"] is None else f"{run['imatrix_seconds']:.0f} s"
         lines.append(f"| {run['qtype']} | {matrix} | {run['size_mib']:.1f} MiB | {run['kld_mean']:.4f} ± "
                      f"{run['kld_se']:.4f} | {run['ppl_ratio_to_f16']:.4f} | {paired} | {cost} |")
     return "\n".join(lines) + "\n"
 
 
-
-def _ci(v: dict) -> str:
-    return f"{v['ppl_ratio']:.3f} [{v['ppl_ratio_ci95'][0]:.3f}, {v['ppl_ratio_ci95'][1]:.3f}]"
+def _ci(v: dict, digits: int = 3) -> str:
+    """A paired PPL ratio with its 95% interval."""
+    lo, hi = v["ppl_ratio_ci95"]
+    return f"{v['ppl_ratio']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def ctx_label(scale, trained: int) -> str:
