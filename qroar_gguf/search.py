@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import llama_cpp
 import numpy as np
 
 from qroar_gguf import __version__
@@ -56,7 +55,7 @@ from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.kld import kl_divergence
 from qroar_gguf.evaluate.perplexity import perplexity
-from qroar_gguf.evaluate.runtime import Runtime
+from qroar_gguf.evaluate.runtime import Runtime, bindings_version
 from qroar_gguf.outputs import check_destination, publish_text
 from qroar_gguf.paths import cache_dir
 from qroar_gguf.rope.bands import apply_band_factors, band_starts, pair_bands
@@ -138,7 +137,7 @@ class _Context:
         zmean = [float(np.mean(z[self.pair_band == b])) for b in range(self.n_bands)]
         self.band_order = sorted(range(self.n_bands), key=lambda b: (-round(score[b], 12), -round(zmean[b], 12), b))
         self.prior = {"score": score, "z_mean": zmean}
-        self.versions = [__version__, llama_cpp.__version__]
+        self.versions = [__version__, bindings_version()]
 
     def effective(self, factors: tuple[float, ...], scales: tuple[float, ...], symmetric: bool) -> dict:
         """What determines the candidate's weights and rope_freqs (nominal values that clamp alike agree)."""

@@ -75,6 +75,12 @@ def _lib():
     return _llama
 
 
+def bindings_version() -> str:
+    """llama-cpp-python's version. Code in this process reaches the bindings through this module, so
+    that the libstdc++ promotion above happens before libllama loads."""
+    return _lib().__version__
+
+
 _GGML_LOG_LEVEL_ERROR = 4
 # llama.cpp's latest error lines, kept while its log is silenced: they say why a load failed.
 _recent_errors: collections.deque[str] = collections.deque(maxlen=4)
