@@ -175,7 +175,7 @@ _plan_detail_options = _options(
                  help="qroar: the plan whose interpolation is softened on protected pairs. Default yarn."),
     click.option("--attn-scale/--no-attn-scale", default=None,
                  help="yarn (and qroar on a yarn base): YaRN's attention scale 0.1*ln(r)+1, folded into W_Q and "
-                      "W_K by convert, written as <arch>.rope.scaling.attn_factor by patch. Default on."),
+                      "W_K (patch: into their block scales). Default on."),
     click.option("--bands", type=click.IntRange(min=1), default=4, show_default=True,
                  help="Frequency bands of rotary pairs (by rotations in the trained context) for --band-factors, "
                       "--band-scales and --search."),
@@ -355,21 +355,32 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
 @click.option("--modelfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write an Ollama Modelfile here (FROM the output, num_ctx the new context, the chat "
                    "template): `ollama create NAME -f PATH`.")
+@click.option("--attn-factor-key", is_flag=True,
+              help="Write the attention scale as <arch>.rope.scaling.attn_factor instead of folding it into W_Q/W_K's "
+                   "block scales: needed for BF16, IQ1_M, MXFP4 or NVFP4 attention weights, but llama.cpp applies "
+                   "the key again to every cached key at each context shift (Ollama's default), so long chats drift.")
+@click.option("--fix-shift", is_flag=True,
+              help="Instead of extending: rewrite a file whose attention scale a context shift re-applies (a YaRN "
+                   "scaling type, an attn_factor key; `inspect` says) so that shifts only rotate, with the same "
+                   "logits otherwise. Takes no plan options; a file already exact is left alone.")
 @click.option("--force", is_flag=True,
               help="Overwrite existing output files, and patch a file qroar-gguf already made or patched (its "
                    "factors then multiply into the ones it has).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
-def patch(gguf_file: Path, output: Path, target_ctx: int | None, scale: float | None, method: str,
+@click.pass_context
+def patch(ctx: click.Context, gguf_file: Path, output: Path, target_ctx: int | None, scale: float | None, method: str,
           beta: float | None, agg: str | None, base: str | None, attn_scale: bool | None, bands: int,
-          band_factors: str | None, band_scales: str | None, modelfile: Path | None, force: bool,
-          quiet: bool) -> None:
+          band_factors: str | None, band_scales: str | None, modelfile: Path | None, attn_factor_key: bool,
+          fix_shift: bool, force: bool, quiet: bool) -> None:
     """Extend GGUF_FILE (quantized or not, e.g. a downloaded Q4_K_M) to a longer context without
-    re-quantizing it: every tensor is copied byte for byte, rope_freqs.weight is added (or multiplied
-    into the file's own) and the context length is raised.
+    re-quantizing it: rope_freqs.weight is added (or multiplied into the file's own), the context length
+    is raised, and an attention scale goes into the block scales of W_Q/W_K's rotary rows, where a context
+    shift cannot apply it again; every other tensor is copied byte for byte.
 
     \b
     qroar-gguf patch model.Q4_K_M.gguf -o model.32k.Q4_K_M.gguf --ctx 32768 --modelfile Modelfile
     ollama create model-32k -f Modelfile
+    qroar-gguf patch downloaded-128k.gguf -o fixed.gguf --fix-shift   # exact under context shifts
     """
     from qroar_gguf.patch import PatchOptions
     from qroar_gguf.patch import patch as run_patch
@@ -379,17 +390,49 @@ def patch(gguf_file: Path, output: Path, target_ctx: int | None, scale: float | 
     if not output.name:
         raise click.UsageError("-o needs a file name")
     _refuse_same_file([("GGUF_FILE", gguf_file), ("-o", output), ("--modelfile", modelfile)])
+    if fix_shift:
+        plan_given = [f"--{name.replace('_', '-')}" for name in ("target_ctx", "scale", "method", "beta", "agg", "base",
+                                                                  "attn_scale", "bands", "band_factors", "band_scales",
+                                                                  "attn_factor_key")
+                      if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+        if plan_given:
+            raise click.UsageError(f"--fix-shift keeps the file's RoPE as it is: {', '.join(plan_given)} do not "
+                                   "apply (fix first, then patch the fixed file to extend it)")
+        _fix_shift(gguf_file, output, PatchOptions(force=force, progress=_show_progress(quiet), modelfile=modelfile),
+                   quiet)
+        return
     plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales, True)
     options = PatchOptions(plan=plan, target_ctx=target_ctx, scale=scale, force=force,
-                           progress=_show_progress(quiet), modelfile=modelfile)
+                           progress=_show_progress(quiet), modelfile=modelfile, attn_factor_key=attn_factor_key)
     result = run_patch(gguf_file, output, options)
     if not quiet:
         f = result.factors
+        copied = ("every tensor of the input copied unchanged" if not result.scaled_tensors else
+                  f"every tensor of the input copied unchanged but {len(result.scaled_tensors)} whose rotary rows "
+                  f"carry the attention scale {result.attn_folded:.4g}")
         click.echo(f"wrote {result.output} ({result.output.stat().st_size / 2**20:.1f} MiB) in {result.seconds:.1f} s, "
-                   "every tensor of the input copied unchanged")
+                   + copied)
         click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, "
                    f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs"
-                   + ("" if result.attn_factor is None else f", rope.scaling.attn_factor {result.attn_factor:.4g}"))
+                   + ("" if result.attn_factor is None else f", rope.scaling.attn_factor {result.attn_factor:.4g} "
+                      "(re-applied at every context shift)"))
+        if result.modelfile is not None:
+            click.echo(f"wrote {result.modelfile}: ollama create NAME -f {result.modelfile}")
+
+
+def _fix_shift(gguf_file: Path, output: Path, options, quiet: bool) -> None:
+    from qroar_gguf.patch import fix_shift
+
+    result = fix_shift(gguf_file, output, options)
+    if result.output is None:
+        click.echo(f"{gguf_file} is already exact under context shifts ({result.before.describe()}); "
+                   "nothing written")
+        return
+    if not quiet:
+        key = ("rope.scaling.attn_factor removed" if result.attn_factor is None else
+               f"rope.scaling.attn_factor {result.attn_factor:.6g} cancels YaRN's kernel factor")
+        click.echo(f"wrote {result.output} in {result.seconds:.1f} s: the factor {result.moved:.6g} a context shift "
+                   f"re-applied now lives in {len(result.scaled_tensors)} tensors' rotary rows; {key}")
         if result.modelfile is not None:
             click.echo(f"wrote {result.modelfile}: ollama create NAME -f {result.modelfile}")
 
@@ -409,6 +452,7 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
                f"{summary['n_tensors']} tensors {summary['tensor_types']}")
     click.echo(f"context length {summary['context_length']}, rope base {summary['rope_freq_base']}, "
                f"{summary['rope_dimension_count']} rotary dims")
+    click.echo(f"context shift: {summary['context_shift']['summary']}")
     factors = summary["rope_freqs"]
     if factors is None:
         click.echo("no rope_freqs.weight: positions are not rescaled by the file")

@@ -211,6 +211,37 @@ def fetch_sdist(say: Callable[[str], None]) -> Path:
     return path
 
 
+def reference_converter(say: Callable[[str], None] = lambda _: None) -> Path:
+    """llama.cpp's own ``convert_hf_to_gguf.py`` from the pinned sdist, with the ``conversion/`` package and
+    the ``gguf-py`` it runs with (put ``gguf-py`` first on PYTHONPATH), extracted once into the cache. It
+    converts the Hugging Face architectures qroar-gguf has no converter of its own for, and writes
+    reference files the way llama.cpp's users get them."""
+    import tarfile
+
+    root = cache_dir() / f"converter-{LLAMA_CPP_PYTHON_VERSION}"
+    script = root / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    sdist = fetch_sdist(say)
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/")
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".converter-") as tmp:
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers()
+                       if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(tmp, members=members, filter="data")
+        try:
+            os.rename(tmp, root)  # whole or not at all; another run may have put it there first
+        except OSError:
+            if not script.is_file():
+                raise
+        else:
+            os.mkdir(tmp)  # for TemporaryDirectory's clean-up
+    return script
+
+
 def _program(name: str) -> str | None:
     """`name` next to this Python (a venv's bin: pip's cmake and ninja) or on PATH."""
     beside = Path(sys.executable).parent / name

@@ -2,14 +2,19 @@
 
 The stages mirror conversion's: read the source and its facts (`read_gguf_source`), make the plan
 (`make_patch_plan`; qroar measures the file's own attn_q/attn_k, dequantized), write (every key kept
-but the context length, every tensor copied byte for byte, `rope_freqs.weight` added or multiplied
-into the file's own), publish under the output's lock by rename.
+but the context length, every tensor copied byte for byte but the few that carry the attention scale,
+`rope_freqs.weight` added or multiplied into the file's own), publish under the output's lock by rename.
 
-The one thing a patch cannot do as `convert` does is fold an attention scale into W_Q/W_K: they are
-quantized. It writes the scale as `<arch>.rope.scaling.attn_factor` instead, which llama.cpp multiplies
-into the rotation of every query and key (`cparams.yarn_attn_factor *= hparams.rope_attn_factor` in
-llama-context.cpp; without a YaRN scaling type nothing else changes it); for fully rotary heads that is
-the fold exactly.
+An attention scale (YaRN's temperature) goes where `convert` puts it, into the weights, so that a
+context shift (llama-server `--context-shift`, Ollama's default), which re-ropes every cached key with
+llama.cpp's runtime attention factor, cannot apply it again: the f16 block scales of the rotary rows of
+W_Q/W_K (and their biases) are multiplied, which scales those rows exactly up to f16 rounding with no
+re-quantization (`gguf_io.blockscale`; `arch.temperature` says which rows). `--attn-factor-key` writes
+it as `<arch>.rope.scaling.attn_factor` instead, the form llama.cpp's runtime reads and re-applies at
+every shift.
+
+`fix_shift` repairs a file made elsewhere the same way: whatever a shift would re-apply (an attn_factor
+key, YaRN's own factor in the kernel) moves into the weights, and the key left cancels the kernel's.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import numpy as np
 from qroar_gguf import __version__
 from qroar_gguf.arch.gguf_arches import PATCHABLE, REWRITTEN_AS, refusal
 from qroar_gguf.arch.llama import permute_for_gguf
+from qroar_gguf.arch.temperature import ShiftState, shift_state, temperature_targets
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
+from qroar_gguf.gguf_io.blockscale import scale_rows, why_not_scalable
 from qroar_gguf.gguf_io.layout import GgufLayout, RawTensor, pack_key, read_layout
 from qroar_gguf.gguf_io.reader import ARCHITECTURE, GgufHparams, field_value, read_hparams
 from qroar_gguf.gguf_io.rewrite import TensorOut, rewritten_header, write_rewritten
@@ -56,6 +63,7 @@ class PatchOptions:
     force: bool = False  # overwrite the output; patch a file qroar-gguf already made or patched
     progress: bool = True
     modelfile: Path | None = None  # also write an Ollama Modelfile here
+    attn_factor_key: bool = False  # the attention scale as <arch>.rope.scaling.attn_factor, not in W_Q/W_K
 
 
 @dataclass
@@ -66,6 +74,8 @@ class PatchResult:
     trained_ctx: int
     target_ctx: int
     attn_factor: float | None  # <arch>.rope.scaling.attn_factor as written; None: not written
+    attn_folded: float  # the attention scale multiplied into W_Q/W_K rows (1: none)
+    scaled_tensors: list[str]  # the tensors whose rows carry it (every other one is copied byte for byte)
     modelfile: Path | None
     seconds: float
 
@@ -80,6 +90,7 @@ class GgufSource:
     facts: RopeFacts
     existing: np.ndarray | None  # the file's own rope_freqs.weight (Llama 3.x files carry one)
     attn_factor: float | None  # the file's own <arch>.rope.scaling.attn_factor
+    head_dim: int  # a head's size: the key length where the file has one
 
     @property
     def target_arch(self) -> str:
@@ -118,7 +129,7 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
             if name not in names:
                 raise QroarError(f"{path} has no {name}: a {arch} file with {hp.n_layer} layers needs one per "
                                  "layer (split attention projections), and llama.cpp would not load it")
-    head = field_value(layout, gguf.Keys.Attention.KEY_LENGTH.format(arch=arch)) or hp.n_embd // hp.n_head
+    head = head_dim(layout, hp)
     if arch in REWRITTEN_AS and hp.n_rot != head:
         raise QroarError(f"{path}: {hp.n_rot} of {head} dimensions per head rotate; rewriting {arch} as "
                          f"{REWRITTEN_AS[arch]} reorders whole heads, which only fully rotary heads allow")
@@ -129,7 +140,14 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
         raise QroarError(f"{path}: {arch}.rope.scaling.attn_factor is {attn_factor!r}, not a positive number")
     facts = rope_facts_for(hp.n_rot, hp.rope_theta, hp.context_length, options.plan.method, options.target_ctx,
                            options.scale)
-    return GgufSource(path, layout, hp, facts, existing, attn_factor)
+    return GgufSource(path, layout, hp, facts, existing, attn_factor, head)
+
+
+def head_dim(layout: GgufLayout, hp: GgufHparams) -> int:
+    """A head's size as llama.cpp reads it: the key length where the file has one (Qwen3-0.6B's is not
+    n_embd / n_head), else n_embd / n_head."""
+    key_length = field_value(layout, gguf.Keys.Attention.KEY_LENGTH.format(arch=hp.architecture))
+    return key_length if isinstance(key_length, int) and key_length > 0 else hp.n_embd // hp.n_head
 
 
 def _check_scaling(layout: GgufLayout, path: Path, arch) -> None:
@@ -148,7 +166,7 @@ def _check_scaling(layout: GgufLayout, path: Path, arch) -> None:
 
 def _rescaled(made: dict | None) -> bool:
     """Whether qroar-gguf already changed the file's RoPE (a `--method none` file it made is as trained)."""
-    if made is None:
+    if made is None or "method" not in made:  # none, or only a --fix-shift record: RoPE as trained
         return False
     factors = made.get("factors")
     unscaled = (isinstance(factors, list) and all(f == 1.0 for f in factors)
@@ -190,51 +208,91 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
         check_destination(Path(options.modelfile), force=options.force, what="--modelfile", inputs=[src.path])
     plan = make_patch_plan(options, src)
     hp, facts = src.hp, src.facts
-    fold = options.plan.bands.fold(facts, n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.n_embd // hp.n_head)
+    fold = options.plan.bands.fold(facts, n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=src.head_dim)
     factors = plan.factors.astype(np.float32) if fold is None else fold.apply_factors(facts, plan.factors)
     if src.existing is not None:
         factors = combine_with_source(factors, src.existing)
-    attn_factor = None
-    if src.attn_factor is not None or plan.attn_scale != 1.0:
-        attn_factor = float(np.float32((src.attn_factor or 1.0) * plan.attn_scale))
+    temperature = float((src.attn_factor or 1.0) * plan.attn_scale)  # the file's own scale and the plan's
+    attn_factor, folded, scaled = None, 1.0, {}
+    if options.attn_factor_key:
+        if src.attn_factor is not None or plan.attn_scale != 1.0:
+            attn_factor = float(np.float32(temperature))
+    elif temperature != 1.0:
+        folded, scaled = temperature, _temperature_rows(src.layout, src.hp, src.head_dim, temperature)
 
-    tensors = [_tensor_out(src, t, factors) for t in src.layout.tensors]
+    tensors = [_tensor_out(src, t, factors, scaled.get(t.name)) for t in src.layout.tensors]
     if src.existing is None:  # first, where llama.cpp's converter puts it
         tensors.insert(0, TensorOut(ROPE_FREQS, values=factors))
-    changes = {**_key_changes(src, facts, attn_factor), **_provenance_entries(src, plan, factors, fold)}
-    header = rewritten_header(src.layout, changes, tensors)
+    changes = {**_key_changes(src, facts, attn_factor), **_provenance_entries(src, plan, factors, fold, folded,
+                                                                          plan.attn_scale if options.attn_factor_key else 1.0)}
+    _publish(src.layout, rewritten_header(src.layout, changes, tensors), tensors, output, options.force,
+             options.progress)
+    modelfile = _write_modelfile(options, src.layout, output, facts.target_ctx)
+    return PatchResult(output=output, plan=plan, factors=factors, trained_ctx=facts.trained_ctx,
+                       target_ctx=facts.target_ctx, attn_factor=attn_factor, attn_folded=folded,
+                       scaled_tensors=list(scaled), modelfile=modelfile, seconds=time.monotonic() - start)
 
+
+def _temperature_rows(layout: GgufLayout, hp: GgufHparams, head_dim: int, scale: float) -> dict[str, np.ndarray]:
+    """Tensor name -> per-row factors that put the attention scale into the weights; one line where a
+    tensor's type cannot take it exactly."""
+    targets = temperature_targets(layout, hp.n_layer, hp.n_head, hp.n_kv_head, head_dim, hp.n_rot, scale)
+    for target in targets:
+        reason = why_not_scalable(target.tensor.tensor_type)
+        if reason is not None:
+            raise QroarError(f"{layout.path}: {target.tensor.name} cannot carry the attention scale {scale:.6g}: "
+                             f"{reason}; --attn-factor-key writes it as rope.scaling.attn_factor instead (which a "
+                             "context shift applies again)")
+    return {target.tensor.name: target.row_factors for target in targets}
+
+
+def _publish(layout: GgufLayout, header: bytes, tensors: list[TensorOut], output: Path, force: bool,
+             progress: bool) -> None:
+    """The rewritten file written beside ``output`` under its lock, then renamed into place."""
     with ExitStack() as held:
         held.enter_context(exclusive(output))
-        check_destination(output, force=options.force, what="output", inputs=[src.path])  # again, under the lock
+        check_destination(output, force=force, what="output", inputs=[layout.path])  # again, under the lock
         try:
             partial = held.enter_context(temporary_beside(output, "partial"))
             check_free_space(partial, len(header) + sum(t.nbytes for t in tensors), "the patched file")
-            write_rewritten(partial, src.layout, header, tensors, progress=options.progress)
+            write_rewritten(partial, layout, header, tensors, progress=progress)
             os.replace(partial, output)
         except OSError as exc:
             raise QroarError(describe_os_error(exc, "write", output)) from None
-    modelfile = None
-    if options.modelfile is not None:
-        modelfile = Path(options.modelfile)
-        template = field_value(src.layout, gguf.Keys.Tokenizer.CHAT_TEMPLATE)
-        publish_text(modelfile, modelfile_text(_from_path(output, modelfile), facts.target_ctx,
-                                               template if isinstance(template, str) else None))
-    return PatchResult(output=output, plan=plan, factors=factors, trained_ctx=facts.trained_ctx,
-                       target_ctx=facts.target_ctx, attn_factor=attn_factor, modelfile=modelfile,
-                       seconds=time.monotonic() - start)
 
 
-def _tensor_out(src: GgufSource, t: RawTensor, factors: np.ndarray) -> TensorOut:
-    """A tensor of the output: rope_freqs from the factors, Q/K rows into llama's pairs when the file is
-    rewritten (whole rows move, so quantized blocks are copied as they are), every other one copied."""
+def _write_modelfile(options, layout: GgufLayout, output: Path, context: int) -> Path | None:
+    if options.modelfile is None:
+        return None
+    modelfile = Path(options.modelfile)
+    template = field_value(layout, gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+    publish_text(modelfile, modelfile_text(_from_path(output, modelfile), context,
+                                           template if isinstance(template, str) else None))
+    return modelfile
+
+
+def _tensor_out(src: GgufSource, t: RawTensor, factors: np.ndarray, row_factors: np.ndarray | None) -> TensorOut:
+    """A tensor of the output: rope_freqs from the factors; Q/K rows scaled by ``row_factors`` (their
+    block scales) and into llama's pairs when the file is rewritten (whole rows move, so quantized blocks
+    are copied as they are); every other one copied."""
     if t.name == ROPE_FREQS:
         return TensorOut(ROPE_FREQS, values=factors)
+    steps = []
+    if row_factors is not None:
+        steps.append(lambda rows: scale_rows(rows, t.tensor_type, row_factors))
     parts = t.name.split(".")
     if src.rewritten and len(parts) == 4 and parts[2] in ("attn_q", "attn_k"):
         n_head = src.hp.n_head if parts[2] == "attn_q" else src.hp.n_kv_head
-        return TensorOut(t.name, source=t, reorder_rows=lambda rows: permute_for_gguf(rows, n_head))
-    return TensorOut(t.name, source=t)
+        steps.append(lambda rows: permute_for_gguf(rows, n_head))  # after scaling: the factors are by input row
+    return TensorOut(t.name, source=t, rewrite_rows=_chained(steps) if steps else None)
+
+
+def _chained(steps):
+    def run(rows: np.ndarray) -> np.ndarray:
+        for step in steps:
+            rows = step(rows)
+        return rows
+    return run
 
 
 def _key_changes(src: GgufSource, facts: RopeFacts, attn_factor: float | None) -> dict[str, bytes | None]:
@@ -251,26 +309,35 @@ def _key_changes(src: GgufSource, facts: RopeFacts, attn_factor: float | None) -
     old = fields[context].type
     context_type = old if old in (VT.UINT32, VT.UINT64, VT.INT32, VT.INT64) else VT.UINT32
     changes[context] = pack_key(src.renamed(context), context_type, facts.target_ctx)
+    key = gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch)
     if attn_factor is not None:
-        key = gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch)
         changes[key] = pack_key(src.renamed(key), VT.FLOAT32, attn_factor)
+    elif key in fields:  # the file's own scale went into the weights with the plan's
+        changes[key] = None
     changes.update({name: None for name in fields if name.startswith(provenance.PREFIX)})
     return changes
 
 
-def _provenance_entries(src: GgufSource, plan: RopePlan, factors: np.ndarray, fold) -> dict[str, bytes]:
-    """The qroar.* keys, written by provenance's own functions and stored as entries."""
+def _provenance_entries(src: GgufSource, plan: RopePlan, factors: np.ndarray, fold, folded: float,
+                        key_scale: float) -> dict[str, bytes]:
+    """The qroar.* keys, written by provenance's own functions and stored as entries: ``folded`` went into
+    the weights, ``key_scale`` (the plan's share) into rope.scaling.attn_factor."""
     writer = gguf.GGUFWriter(path=None, arch=src.hp.architecture)
     provenance.add_provenance(
         writer, version=__version__, method=plan.method, params=plan.params, trained_ctx=src.facts.trained_ctx,
-        target_ctx=src.facts.target_ctx, factors=factors, source_factors=src.existing, attn_scale=1.0,
+        target_ctx=src.facts.target_ctx, factors=factors, source_factors=src.existing, attn_scale=folded,
         source=src.path.name,
     )
-    writer.add_float32(provenance.ATTN_FACTOR, float(plan.attn_scale))
+    writer.add_float32(provenance.ATTN_FACTOR, float(key_scale))
     if src.rewritten:
         writer.add_string(provenance.SOURCE_ARCH, src.hp.architecture)
     if fold is not None:
         provenance.add_band_provenance(writer, fold.provenance(), None)
+    return _stored_entries(writer)
+
+
+def _stored_entries(writer: gguf.GGUFWriter) -> dict[str, bytes]:
+    """The qroar.* keys a throwaway writer holds, as stored entries."""
     entries = {}
     for name, v in writer.kv_data[0].items():
         if name.startswith(provenance.PREFIX):
@@ -286,3 +353,65 @@ def _from_path(output: Path, modelfile: Path) -> str:
         return "./" + output.absolute().relative_to(modelfile.absolute().parent).as_posix()
     except ValueError:
         return str(output.absolute())
+
+
+@dataclass
+class FixShiftResult:
+    output: Path | None  # None: the file was already exact under shifts, nothing written
+    before: ShiftState
+    moved: float  # the factor moved into the weights
+    attn_factor: float | None  # <arch>.rope.scaling.attn_factor as written (None: dropped or absent)
+    scaled_tensors: list[str]
+    modelfile: Path | None
+    seconds: float
+
+
+#: Arches whose sliding-window layers run with freq_scale 1 yet receive the context's attention factor:
+#: a key that cancels YaRN's kernel factor on the global layers would scale the sliding ones.
+_SLIDING_WINDOW = gguf.Keys.Attention.SLIDING_WINDOW
+
+
+def fix_shift(source: str | Path, output: str | Path, options: PatchOptions) -> FixShiftResult:
+    """Rewrite a file whose attention temperature a context shift re-applies (a YaRN scaling type, an
+    attn_factor key) into the exact form: the factor in the rotary rows of the q/k weights (or q/k norms),
+    and an attn_factor key that cancels what the kernel still multiplies in. The same logits without a
+    shift (up to f16 rounding of the block scales), and a shift that only rotates."""
+    start = time.monotonic()
+    path, output = Path(source), Path(output)
+    layout = read_layout(path)
+    hp = read_hparams(layout, path)
+    arch = hp.architecture
+    state = shift_state(layout, arch, hp.context_length)
+    if arch == "deepseek2":
+        raise QroarError(f"{path}: deepseek2 builds its attention scale from the attn factor itself, and Ollama runs "
+                         "it without --context-shift: --fix-shift leaves such files as they are")
+    if state.exact:
+        return FixShiftResult(None, state, 1.0, None, [], None, time.monotonic() - start)
+    check_destination(output, force=options.force, what="output", inputs=[path])
+    if options.modelfile is not None:
+        check_destination(Path(options.modelfile), force=options.force, what="--modelfile", inputs=[path])
+    runtime = state.context_scale * state.kernel_scale  # what the runtime multiplies in besides the key
+    if abs(runtime - 1.0) > 1e-6 and layout.get_field(_SLIDING_WINDOW.format(arch=arch)) is not None:
+        raise QroarError(f"{path}: {arch} runs sliding-window layers without YaRN's factor but with the attention "
+                         "factor key, so no key can cancel YaRN's factor on every layer: --fix-shift cannot make this "
+                         "file exact")
+    scaled = _temperature_rows(layout, hp, head_dim(layout, hp), state.shift_factor)
+    new_key = None if abs(runtime - 1.0) <= 1e-6 else float(np.float32(1.0 / runtime))
+    key = gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch)
+    changes: dict[str, bytes | None] = {key: None if new_key is None else pack_key(key, VT.FLOAT32, new_key)}
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    writer.add_float32(provenance.SHIFT_FOLDED, float(state.shift_factor))
+    made = provenance.read_provenance(layout) or {}
+    if provenance.ATTN_FACTOR in layout.fields:  # our own key-form patch: its scale is in the weights now
+        folded_before = made.get("attention_scale_folded")
+        folded_before = folded_before if isinstance(folded_before, float) else 1.0
+        writer.add_float32(provenance.ATTN_FACTOR, 1.0)
+        writer.add_float32(provenance.ATTN_SCALE, float(folded_before * state.shift_factor))
+    changes.update(_stored_entries(writer))
+    tensors = [TensorOut(t.name, source=t, rewrite_rows=None if t.name not in scaled else
+                         (lambda rows, t=t: scale_rows(rows, t.tensor_type, scaled[t.name])))
+               for t in layout.tensors]
+    _publish(layout, rewritten_header(layout, changes, tensors), tensors, output, options.force, options.progress)
+    modelfile = _write_modelfile(options, layout, output, hp.context_length)
+    return FixShiftResult(output, state, state.shift_factor, new_key, list(scaled), modelfile,
+                          time.monotonic() - start)

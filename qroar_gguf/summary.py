@@ -7,7 +7,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qroar_gguf.arch.temperature import shift_state
 from qroar_gguf.errors import QroarError
+from qroar_gguf.gguf_io.layout import read_layout
 from qroar_gguf.gguf_io.provenance import read_provenance
 from qroar_gguf.gguf_io.reader import ARCHITECTURE, field_value, open_gguf
 from qroar_gguf.rope.diagnostics import band_report
@@ -35,10 +37,17 @@ def read_summary(path: str | Path) -> dict:
     rope = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
     summary["rope_freqs"] = None if rope is None else [float(v) for v in np.asarray(rope.data, np.float32).ravel()]
     summary["rope_freqs_type"] = None if rope is None else rope.tensor_type.name
+    summary["context_shift"] = _context_shift(path, arch, summary["context_length"])
     provenance = read_provenance(reader)
     summary["qroar"] = provenance
     summary["bands"] = _bands(path, summary, provenance or {})
     return summary
+
+
+def _context_shift(path: str | Path, arch: str, context) -> dict:
+    """Whether a context shift (llama-server --context-shift, Ollama's default) keeps the file exact."""
+    state = shift_state(read_layout(path), arch, context if isinstance(context, int) else None)
+    return {"exact": state.exact, "factor_per_shift": state.shift_factor, "summary": state.describe()}
 
 
 def _bands(path: str | Path, summary: dict, provenance: dict) -> list[dict] | None:

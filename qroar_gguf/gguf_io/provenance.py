@@ -21,6 +21,7 @@ ATTN_SCALE = "qroar.attention_scale_folded"  # the scale multiplied into W_Q and
 SOURCE = "qroar.source"  # the checkpoint's name (patch: the input file's)
 SOURCE_ARCH = "qroar.source_arch"  # patch: the input's GGUF arch, where it was rewritten as another
 ATTN_FACTOR = "qroar.attention_factor"  # patch: the plan's scale, written into <arch>.rope.scaling.attn_factor
+SHIFT_FOLDED = "qroar.shift_folded"  # patch --fix-shift: the factor a context shift re-applied, moved into the weights
 # Band-wise method (rope/bands.py, search.py); written only when band values are given or searched.
 BANDS = "qroar.bands"  # int array [N + 1]: first pair of every band, then P
 BAND_FACTORS = "qroar.band_factors"  # float32 array [N]: rope_freqs multipliers per band

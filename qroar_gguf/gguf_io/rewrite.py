@@ -27,14 +27,15 @@ _CHUNK = 1 << 24  # bytes per copy call
 
 @dataclass(frozen=True)
 class TensorOut:
-    """One tensor of the output: copied from the input (``source``), with its rows reordered by
-    ``reorder_rows`` when given (rows as bytes, ``[rows, bytes per row]``: quantized blocks never
-    straddle rows), or written from ``values`` (F32, 1-D)."""
+    """One tensor of the output: copied from the input (``source``), with its rows rewritten by
+    ``rewrite_rows`` when given (rows as bytes, ``[rows, bytes per row]`` in and out: quantized blocks never
+    straddle rows, so rows can be reordered or their block scales multiplied), or written from ``values``
+    (F32, 1-D)."""
 
     name: str
     source: RawTensor | None = None
     values: np.ndarray | None = None
-    reorder_rows: Callable[[np.ndarray], np.ndarray] | None = None
+    rewrite_rows: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -74,8 +75,8 @@ def write_rewritten(path: Path, layout: GgufLayout, header: bytes, tensors: list
         fout.write(header)
         for t in tensors:
             fout.write(b"\0" * (-fout.tell() % alignment))
-            if t.reorder_rows is not None:
-                fout.write(_reordered(fin, t))
+            if t.rewrite_rows is not None:
+                fout.write(_rewritten(fin, t))
             elif t.values is None:
                 _copy_range(fin, fout, t.source.data_offset, t.nbytes)
             else:
@@ -84,17 +85,17 @@ def write_rewritten(path: Path, layout: GgufLayout, header: bytes, tensors: list
         fout.write(b"\0" * (-fout.tell() % alignment))
 
 
-def _reordered(fin, t: TensorOut) -> bytes:
-    """The tensor's bytes with its rows reordered (one tensor in memory, twice at most)."""
+def _rewritten(fin, t: TensorOut) -> bytes:
+    """The tensor's bytes with its rows rewritten (one tensor in memory, twice at most)."""
     dims = t.source.dims
     rows = dims[0] if len(dims) == 1 else t.source.n_elements // dims[0]
     fin.seek(t.source.data_offset)
     raw = np.frombuffer(fin.read(t.nbytes), dtype=np.uint8)
     if raw.size != t.nbytes or t.nbytes % rows:
         raise QroarError(f"{fin.name}: tensor {t.name} cannot be read as {rows} whole rows")
-    out = t.reorder_rows(raw.reshape(rows, t.nbytes // rows))
+    out = t.rewrite_rows(raw.reshape(rows, t.nbytes // rows))
     if out.shape != (rows, t.nbytes // rows):
-        raise AssertionError(f"{t.name}: reordering changed the shape")
+        raise AssertionError(f"{t.name}: rewriting its rows changed the shape")
     return np.ascontiguousarray(out).tobytes()
 
 
