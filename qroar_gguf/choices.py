@@ -15,8 +15,8 @@ QTYPE_FAMILIES: dict[str, tuple[str, dict[str, int]]] = {
                  "(_M, _L) or fewer (_S); Q2_K_S only with an importance matrix",
                  {"Q4_K_M": 15, "Q4_K": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q5_K": 17, "Q5_K_S": 16, "Q6_K": 18,
                   "Q3_K_L": 13, "Q3_K_M": 12, "Q3_K": 12, "Q3_K_S": 11, "Q2_K": 10, "Q2_K_S": 21}),
-    "i-quants": ("smallest files for their quality, from lattice codebooks; below 4 bits only with an "
-                 "importance matrix (--imatrix or --imatrix-text)",
+    "i-quants": ("codebook quants (lattice grids; a non-linear table for IQ4_*) for 4 bits and fewer; below 4 "
+                 "bits only with an importance matrix (--imatrix or --imatrix-text)",
                  {"IQ4_XS": 30, "IQ4_NL": 25, "IQ3_M": 27, "IQ3_S": 26, "IQ3_XS": 22, "IQ3_XXS": 23,
                   "IQ2_M": 29, "IQ2_S": 28, "IQ2_XS": 20, "IQ2_XXS": 19, "IQ1_M": 31, "IQ1_S": 24}),
     "legacy": ("one scale (and an offset, _1) per block of 32 values: simple, fast everywhere; Q8_0 is near "
