@@ -10,12 +10,15 @@ import pytest
 
 from checkpoints import write_safetensors
 from qroar_gguf.choices import EXPERTS_ONLY, FILE_TYPES, NEEDS_IMATRIX, TERNARY, UNQUANTIZED
+from qroar_gguf.errors import QroarError
 from qroar_gguf.file_types import canonical_qtype, qtype_named_by
 from qroar_gguf.gguf_io.quantize import TypeOverrides, quantize_gguf
 from runs import convert_ok, fail_cleanly, run_cli
 
 OWN_NAMES = sorted({canonical_qtype(name) for name in FILE_TYPES})
-QUANTIZED = [q for q in OWN_NAMES if q not in UNQUANTIZED and q not in EXPERTS_ONLY]
+# MXFP4_MOE is refused on every model converted here (none has experts); the ternary types are written
+# from a ternary model (test_ternary_types_only_for_ternary_models).
+QUANTIZED = [q for q in OWN_NAMES if q not in UNQUANTIZED and q not in EXPERTS_ONLY and q not in TERNARY]
 
 
 def loaded(path: Path) -> int:
@@ -65,15 +68,20 @@ def test_imatrix_types_are_refused_without_one(tiny, tmp_path: Path):
         assert "--imatrix-text" in line and "--imatrix " in line
 
 
-def test_mxfp4_moe_is_refused_on_a_dense_model(tiny, tmp_path: Path):
+def test_mxfp4_moe_is_refused_on_a_dense_model(tiny, tiny_f16: Path, tmp_path: Path):
     directory, _ = tiny
     fail_cleanly([directory, "-o", tmp_path / "x.gguf", "--qtype", "MXFP4_MOE"], tmp_path, "mixture-of-experts")
+    with pytest.raises(QroarError, match="mixture-of-experts"):  # bench quantizes an unquantized GGUF
+        quantize_gguf(tiny_f16, tmp_path / "y.gguf", "MXFP4_MOE", 2, progress=False)
+    assert not (tmp_path / "y.gguf").exists()
 
 
 @pytest.mark.parametrize("qtype", TERNARY)
-def test_ternary_types_only_for_ternary_models(qtype: str, tiny, tmp_path: Path):
+def test_ternary_types_only_for_ternary_models(qtype: str, tiny, tiny_f16: Path, tmp_path: Path):
     directory, tensors = tiny
     fail_cleanly([directory, "-o", tmp_path / "x.gguf", "--qtype", qtype], tmp_path, "ternary")
+    with pytest.raises(QroarError, match="ternary"):  # bench quantizes an unquantized GGUF
+        quantize_gguf(tiny_f16, tmp_path / "y.gguf", qtype, 2, progress=False)
 
     ternary = tmp_path / "ternary"
     ternary.mkdir()

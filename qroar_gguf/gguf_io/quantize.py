@@ -146,6 +146,11 @@ def quantize_gguf(source: Path, target: Path, qtype: str, threads: int, progress
     reaches what the bindings cannot (`overrides`: importance matrices, per-tensor types; giving any
     chooses it). Both run the same libllama, so they write the same bytes."""
     check_quantization(qtype, overrides)
+    if qtype in EXPERTS_ONLY or qtype in TERNARY:  # convert checked the checkpoint already; bench has not
+        tensors = gguf.GGUFReader(source).tensors
+        layer_matrix = next(t for t in tensors if t.name.startswith("blk.") and len(t.shape) >= 2)
+        check_type_fits_model(qtype, [t.name for t in tensors],
+                              lambda: gguf.quants.dequantize(layer_matrix.data, layer_matrix.tensor_type))
     if overrides:
         quantizer = "llama-quantize"
     if quantizer == "libllama":
