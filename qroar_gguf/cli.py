@@ -19,10 +19,11 @@ from qroar_gguf.choices import (
     IMATRIX_SHORT_WINDOW,
     KEY_CACHE_TYPES,
     METHODS,
+    QTYPE_FAMILIES,
     QTYPES,
     QUANTIZERS,
 )
-from qroar_gguf.errors import QroarError, Stopped, stop_on_signals
+from qroar_gguf.errors import QroarError, Stopped, UsageProblem, stop_on_signals
 from qroar_gguf.outputs import check_destination, describe_os_error, publish_text
 from qroar_gguf.search_settings import (
     DEFAULT_BUDGET,
@@ -33,6 +34,23 @@ from qroar_gguf.search_settings import (
 )
 
 THREADS = click.IntRange(min=1, max=512)  # ggml's GGML_MAX_N_THREADS: more crash its thread pool
+QTYPE = click.Choice(QTYPES, case_sensitive=False)  # llama-quantize's names; file_types canonicalizes aliases
+
+
+def _qtype_list() -> str:
+    """--help's list of the --qtype names by family, a line on what each family is for."""
+    import textwrap
+
+    lines = ["Quantization types (--qtype, any case; Q3_K, Q4_K and Q5_K stand for their _M):", ""]
+    for family, (purpose, types) in QTYPE_FAMILIES.items():
+        own: dict[int, str] = {}  # each type by its own name, the first with its number (aliases follow it)
+        for name, ftype in types.items():
+            own.setdefault(ftype, name)
+        lines.append("\b")
+        lines += textwrap.wrap(f"{family}: {' '.join(own.values())}", 78, subsequent_indent="    ")
+        lines += textwrap.wrap(purpose, 78, initial_indent="    ", subsequent_indent="    ")
+        lines.append("")
+    return "\n".join(lines)
 
 
 class DefaultToConvert(click.Group):
@@ -75,6 +93,8 @@ class DefaultToConvert(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except UsageProblem as exc:
+            raise click.UsageError(str(exc)) from None
         except QroarError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:  # the environment (disk, permissions, names), not a bug: one line
@@ -199,14 +219,16 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
     return PlanSpec(method, plan_options, agg, band_spec)
 
 
-@main.command()
+@main.command(epilog=_qtype_list())
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="GGUF file to write (appears only when complete). Default: NAME-SIZE-CTX-QTYPE.gguf in the "
                    "current folder, named from the model's metadata as llama.cpp's converter names files.")
 @_target_options
-@click.option("--qtype", type=click.Choice(QTYPES, case_sensitive=False), default="Q4_K_M", show_default=True,
-              help="Quantization, done by llama.cpp's own quantizer.")
+@click.option("--qtype", type=QTYPE, default=None, metavar="TYPE",
+              help="Quantization (any name llama-quantize takes, listed below), done by llama.cpp's own quantizer. "
+                   "Default: the type -o's name says (model.Q8_0.gguf), else Q4_K_M; a --qtype that -o's name "
+                   "contradicts is refused unless --force.")
 @click.option("--threads", type=THREADS, default=os.cpu_count() or 1, show_default=True,
               help="Threads for quantization.")
 @click.option("--quantizer", type=click.Choice(QUANTIZERS), default="libllama", show_default=True,
@@ -268,9 +290,11 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
 @click.option("--allow-patched-runtime", is_flag=True,
               help="Write a family whose rope_freqs only a patched llama.cpp loads (Qwen3: the tools the set-up "
                    "builds; stock llama.cpp and Ollama refuse such files).")
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--force", is_flag=True,
+              help="Overwrite existing output files, and write a --qtype that -o's name contradicts.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
-def convert(model: Path, output: Path | None, target_ctx: int | None, scale: float | None, method: str, qtype: str,
+def convert(model: Path, output: Path | None, target_ctx: int | None, scale: float | None, method: str,
+            qtype: str | None,
             threads: int, quantizer: str, imatrix: Path | None, imatrix_text: Path | None, imatrix_ctx: int | None,
             imatrix_chunks: int | None, tensor_types: tuple[str, ...], output_tensor_type: str | None,
             token_embedding_type: str | None, keep_f16: Path | None, beta: float | None, agg: str | None, base: str | None,
@@ -292,7 +316,10 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
         raise click.UsageError("--symmetric/--no-symmetric applies to --band-scales or --search only")
     if output is not None and not output.name:
         raise click.UsageError("-o needs a file name")
+    from qroar_gguf.file_types import choose_qtype
     from qroar_gguf.search_settings import SearchSettings
+
+    qtype, qtype_origin = choose_qtype(qtype, output, force=force)
 
     if imatrix_text is None and (imatrix_ctx is not None or imatrix_chunks is not None):
         raise click.UsageError("--imatrix-ctx and --imatrix-chunks apply to --imatrix-text only")
@@ -306,7 +333,7 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
     imatrix_from = None if imatrix_text is None else ImatrixRequest(
         imatrix_text, imatrix_ctx or DEFAULT_WINDOW, imatrix_chunks)
     options = ConvertOptions(plan=plan, target_ctx=target_ctx, scale=scale,
-                             qtype=qtype.upper(), threads=threads, quantizer=quantizer, overrides=overrides,
+                             qtype=qtype, threads=threads, quantizer=quantizer, overrides=overrides,
                              imatrix_from=imatrix_from, keep_f16=keep_f16,
                              force=force, progress=_show_progress(quiet), name=name, metadata=metadata_file,
                              allow_patched_runtime=allow_patched_runtime)
@@ -336,8 +363,8 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
         result = run_convert(model, output, options)
     if not quiet:
         f = result.factors
-        click.echo(f"wrote {result.output} ({result.qtype}, {result.output.stat().st_size / 2**20:.1f} MiB) "
-                   f"in {result.seconds:.1f} s")
+        click.echo(f"wrote {result.output} ({result.qtype} {qtype_origin}, "
+                   f"{result.output.stat().st_size / 2**20:.1f} MiB) in {result.seconds:.1f} s")
         click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, "
                    f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs, "
                    f"attention scale {result.plan.attn_scale:.4g}")
@@ -402,6 +429,11 @@ def patch(ctx: click.Context, gguf_file: Path, output: Path, target_ctx: int | N
                    quiet)
         return
     plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales, True)
+    from qroar_gguf.file_types import kept_type_warning
+
+    warning = kept_type_warning(gguf_file, output)
+    if warning is not None:
+        click.echo(warning, err=True)
     options = PatchOptions(plan=plan, target_ctx=target_ctx, scale=scale, force=force,
                            progress=_show_progress(quiet), modelfile=modelfile, attn_factor_key=attn_factor_key)
     result = run_patch(gguf_file, output, options)
@@ -553,9 +585,10 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--ctx", "ctxs", type=click.IntRange(min=8), multiple=True, required=True,
               help="Context(s) to evaluate at; repeat or list: --ctx 8192 16384 32768.")
-@click.option("--qtype", "qtypes", type=click.Choice(QTYPES, case_sensitive=False), multiple=True,
+@click.option("--qtype", "qtypes", type=QTYPE, multiple=True, metavar="TYPE",
               default=["Q4_0", "Q4_K_M"], show_default=True,
-              help="Quantization(s); every plan's F16 file is the KL reference.")
+              help="Quantization(s), convert's names (`qroar-gguf convert --help` lists them); every plan's F16 file "
+                   "is the KL reference.")
 @click.option("--plans", "plans", multiple=True, default=list(METHODS),
               show_default=True, help="Plans, each `method[:key=value,...]`, e.g. yarn:attn_scale=false qroar:beta=4.")
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
@@ -592,9 +625,10 @@ def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tu
     `qroar:band_factors=1/1/1.1/1.25,band_scales=1/1/0.9/1,symmetric=false`.
     """
     from qroar_gguf.evaluate.bench import run_bench
+    from qroar_gguf.file_types import canonical_qtype
 
-    run_bench(model, list(ctxs), list(qtypes), list(plans), text_path, out, chunks=chunks, type_k=list(type_ks),
-              imatrix=list(imatrixes), imatrix_text=imatrix_text, imatrix_tokens=imatrix_tokens,
+    run_bench(model, list(ctxs), [canonical_qtype(q) for q in qtypes], list(plans), text_path, out, chunks=chunks,
+              type_k=list(type_ks), imatrix=list(imatrixes), imatrix_text=imatrix_text, imatrix_tokens=imatrix_tokens,
               passkey_trials=passkey_trials, passkey_depths=list(passkey_depths) or None, threads=threads,
               progress=_show_progress(quiet))
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ppl_vs_ctx.png'}")
@@ -606,7 +640,8 @@ def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tu
               help="RoPE plan to demonstrate.")
 @click.option("--ctx", "target_ctx", type=click.IntRange(min=1), default=None,
               help="Target context. Default: 2x the trained context (16384 for SmolLM2).")
-@click.option("--qtype", type=click.Choice(QTYPES, case_sensitive=False), default="Q4_K_M", show_default=True)
+@click.option("--qtype", type=QTYPE, default="Q4_K_M", show_default=True, metavar="TYPE",
+              help="Quantization, convert's names (`qroar-gguf convert --help` lists them).")
 @click.option("--text", "text_title", default="Emma", show_default=True,
               help="Which Jane Austen novel to measure on.")
 @click.option("--threads", type=THREADS, default=os.cpu_count() or 1, show_default=True)
@@ -619,8 +654,9 @@ def demo(method: str, target_ctx: int | None, qtype: str, text_title: str, threa
     (perplexity in llama.cpp on a Jane Austen novel at 8k and 16k tokens: minutes on two cores;
     --no-perplexity stops after converting)."""
     from qroar_gguf.demo import run_demo
+    from qroar_gguf.file_types import canonical_qtype
 
-    run_demo(method, target_ctx, qtype.upper(), text_title, threads, _show_progress(quiet), measure=measure)
+    run_demo(method, target_ctx, canonical_qtype(qtype), text_title, threads, _show_progress(quiet), measure=measure)
 
 
 @main.group(invoke_without_command=True)

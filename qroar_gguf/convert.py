@@ -24,7 +24,13 @@ from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.imatrix import ImatrixRequest, compute_imatrix, default_chunks
-from qroar_gguf.gguf_io.quantize import TypeOverrides, check_quantization, check_types_fit, quantize_gguf
+from qroar_gguf.gguf_io.quantize import (
+    TypeOverrides,
+    check_quantization,
+    check_type_fits_model,
+    check_types_fit,
+    quantize_gguf,
+)
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
 from qroar_gguf.llama_tools import find_tool
 from qroar_gguf.outputs import (
@@ -120,6 +126,8 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
     tensors = _plan_tensors(ckpt, src.family, plan.attn_scale, factors, Q[store], fold)
     if not unquantized:
         check_types_fit({t.name: t.shape[-1] for t in tensors if len(t.shape) >= 2}, options.overrides)
+        layer_matrix = next(t for t in tensors if t.name.startswith("blk.") and len(t.shape) >= 2)
+        check_type_fits_model(options.qtype, [t.name for t in tensors], layer_matrix.produce)
 
     destinations = [(output, "output")] + ([] if keep_f16 is None else [(keep_f16, "--keep-f16")])
     with ExitStack() as held:

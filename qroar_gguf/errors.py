@@ -1,10 +1,15 @@
-"""The exception users see (one line that says what to do), and the one a stopping signal raises."""
+"""The exceptions users see (one line that says what to do), and the one a stopping signal raises."""
 
 import signal
 
 
 class QroarError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
+
+
+class UsageProblem(QroarError):
+    """Options that contradict each other, found by a rule outside the command line's parser: the command
+    line reports it as a usage error (exit status 2), like the contradictions it finds itself."""
 
 
 class Stopped(KeyboardInterrupt):

@@ -17,7 +17,8 @@ LAYERS = [
     # 0. facts every layer may use
     ["qroar_gguf", "errors", "paths", "digests", "choices", "search_settings", "gguf_io.quantize_child", "modelfile"],
     # 1. reading what the user gives, writing files safely, the packaged assets
-    ["source.checkpoint", "source.safetensors_lazy", "source.text", "gguf_io.reader", "gguf_io.layout", "gguf_io.rewrite", "gguf_io.blockscale", "outputs",
+    ["source.checkpoint", "source.safetensors_lazy", "source.text", "gguf_io.reader", "gguf_io.layout", "gguf_io.rewrite", "gguf_io.blockscale",
+     "file_types", "outputs",
      "assets.austen", "assets.smollm2", "llama_tools"],
     # 2. model families: hyperparameters, tensor names and shapes, vocabularies
     ["arch.base", "arch.llama", "arch.qwen2", "arch.qwen3", "arch.families", "arch.gguf_arches", "arch.pretokenizer", "arch.vocab",

@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from runs import convert_ok, fail_cleanly, run_cli
+from servers import get_json, llama_server, post_json
 
 from qroar_gguf.evaluate.passkey import build_prompt
 from qroar_gguf.gguf_io.quantize import quantize_gguf
@@ -82,23 +80,6 @@ def test_llama_perplexity_agrees_with_eval(long_files, dev_text, tmp_path):
     assert abs(mine - theirs) / theirs < 1e-3, (mine, theirs)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 10) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def _post(url: str, body: dict, timeout: float) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
 def _last_logprobs(path: Path, text: str) -> tuple[int, np.ndarray]:
     """Through the bindings: the prompt's token count and the log-probabilities after its last token."""
     from qroar_gguf.evaluate.runtime import Runtime
@@ -120,38 +101,16 @@ def test_llama_server_answers_beyond_the_trained_context_with_the_files_factors(
     from qroar_gguf.gguf_io.reader import open_gguf
 
     prompt = build_prompt("68351", 0.1, 360).text  # the key early, then filler past the trained context
-    port = _free_port()
     log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([str(find_tool("llama-server")), "-m", str(long_files["yarn"]), "-c", str(TARGET),
-                                   "--host", "127.0.0.1", "--port", str(port), "-t", "2", "-np", "1", "-fa", "on",
-                                   "-lv", "4"],  # 4: the model loader's lines too
-                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if _get(f"http://127.0.0.1:{port}/health", timeout=2).get("status") == "ok":
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
-        models = _get(f"http://127.0.0.1:{port}/v1/models")
+    with llama_server(long_files["yarn"], ["-c", str(TARGET), "-t", "2", "-np", "1", "-fa", "on",
+                                           "-lv", "4"],  # 4: the model loader's lines too
+                      log_path) as base:
+        models = get_json(f"{base}/v1/models")
         assert models["data"][0]["meta"]["n_ctx_train"] == TARGET
-        assert _get(f"http://127.0.0.1:{port}/props")["default_generation_settings"]["n_ctx"] == TARGET
-        answer = _post(f"http://127.0.0.1:{port}/completion",
-                       {"prompt": prompt, "n_predict": 8, "temperature": 0, "top_k": 1, "n_probs": 1,
-                        "cache_prompt": False}, timeout=600)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    assert server.returncode is not None
+        assert get_json(f"{base}/props")["default_generation_settings"]["n_ctx"] == TARGET
+        answer = post_json(f"{base}/completion",
+                           {"prompt": prompt, "n_predict": 8, "temperature": 0, "top_k": 1, "n_probs": 1,
+                            "cache_prompt": False}, timeout=600)
 
     reader = open_gguf(long_files["yarn"])
     names = [t.name for t in reader.tensors]

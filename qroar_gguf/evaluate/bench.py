@@ -29,6 +29,7 @@ from qroar_gguf import __version__
 from qroar_gguf.arch.families import checkpoint_hparams
 from qroar_gguf.choices import (
     DEFAULT_IMATRIX_TOKENS,
+    FILE_TYPES,
     IMATRIX_AXIS,
     IMATRIX_SHORT_WINDOW,
     NEEDS_IMATRIX,
@@ -43,7 +44,7 @@ from qroar_gguf.evaluate.passkey import DEFAULT_DEPTHS, passkey
 from qroar_gguf.evaluate.perplexity import n_scored_per_chunk, ppl_standard_error
 from qroar_gguf.evaluate.runtime import Runtime
 from qroar_gguf.gguf_io.imatrix import TextTooShort, compute_imatrix, default_chunks, tools_identity
-from qroar_gguf.gguf_io.quantize import FTYPES, TypeOverrides, quantize_gguf
+from qroar_gguf.gguf_io.quantize import TypeOverrides, quantize_gguf
 from qroar_gguf.gguf_io.reader import field_value
 from qroar_gguf.llama_tools import find_tool
 from qroar_gguf.outputs import temporary_beside
@@ -247,9 +248,9 @@ def _imatrix_suffix(imatrix: str) -> str:
 
 def _check_qtypes(qtypes: list[str]) -> None:
     """Refused before building anything (plans and their options are checked as they are parsed)."""
-    unknown = [q for q in qtypes if q not in FTYPES]
+    unknown = [q for q in qtypes if q not in FILE_TYPES]
     if unknown:
-        raise QroarError(f"unknown --qtype {unknown[0]}; choose one of {', '.join(FTYPES)}")
+        raise QroarError(f"unknown --qtype {unknown[0]}; choose one of {', '.join(FILE_TYPES)}")
 
 
 def _check_imatrix(imatrixes: list[str], qtypes: list[str], text: Path | None, tokens: int | None) -> None:

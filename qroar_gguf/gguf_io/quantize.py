@@ -18,20 +18,18 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 from tqdm import tqdm
 
-from qroar_gguf.choices import NEEDS_IMATRIX, QTYPES, QUANTIZERS, UNQUANTIZED
+from qroar_gguf.choices import EXPERTS_ONLY, FILE_TYPES, NEEDS_IMATRIX, QUANTIZERS, TERNARY, UNQUANTIZED
 from qroar_gguf.errors import QroarError
 from qroar_gguf.llama_tools import find_tool
 
-#: --qtype name -> llama.cpp's llama_ftype, from gguf-py's table of the same enum.
-FTYPES: dict[str, int] = {
-    name: gguf.LlamaFileType["ALL_F32" if name == "F32" else f"MOSTLY_{name}"].value for name in QTYPES
-}
 #: ggml's tensor types by name (--tensor-type and friends), from gguf-py's table of the same enum.
 TENSOR_TYPES = tuple(t.name for t in gguf.GGMLQuantizationType)
 _TOOL_STEP = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
@@ -66,11 +64,12 @@ class TypeOverrides:
 def check_quantization(qtype: str, overrides: TypeOverrides, *, imatrix_coming: bool = False) -> None:
     """One line for a request llama.cpp would refuse late or quietly: an unknown type or tensor type, an
     i-quant without an importance matrix, overrides on an unquantized file."""
-    if qtype not in FTYPES:
-        raise QroarError(f"unknown --qtype {qtype}; choose one of {', '.join(FTYPES)}")
+    if qtype not in FILE_TYPES:
+        raise QroarError(f"unknown --qtype {qtype}; choose one of {', '.join(FILE_TYPES)}")
     has_imatrix = overrides.imatrix is not None or imatrix_coming
     if qtype in NEEDS_IMATRIX and not has_imatrix:
-        raise QroarError(f"--qtype {qtype} needs an importance matrix: give --imatrix FILE or --imatrix-text FILE")
+        raise QroarError(f"--qtype {qtype} needs an importance matrix: add --imatrix-text FILE (a text to compute "
+                         "one on) or --imatrix FILE (one llama-imatrix made)")
     if qtype in UNQUANTIZED and (overrides or imatrix_coming):
         raise QroarError(f"--qtype {qtype} is not quantized: importance matrices and tensor types apply to quantized "
                          "types only")
@@ -83,6 +82,27 @@ def check_quantization(qtype: str, overrides: TypeOverrides, *, imatrix_coming: 
                               ("--token-embedding-type", overrides.token_embedding_type)):
         if type_name is not None:
             _check_tensor_type(type_name, option)
+
+
+def check_type_fits_model(qtype: str, tensor_names: Iterable[str], first_matrix: Callable[[], np.ndarray]) -> None:
+    """MXFP4_MOE and the ternary types fit some models only; on others llama.cpp writes a file under their
+    name that is something else (Q8_0 throughout) or destroyed (every weight rounded to -1, 0 or 1 times a
+    scale). `first_matrix` gives the first layer matrix the type would quantize: a model trained ternary is
+    ternary in every one, and one that is not shows it in the first."""
+    if qtype in EXPERTS_ONLY and not any("_exps." in name for name in tensor_names):
+        raise QroarError(f"--qtype {qtype} is for a mixture-of-experts' expert tensors and this model has none "
+                         "(llama.cpp would write Q8_0 throughout under its name): choose Q8_0 or another type")
+    if qtype in TERNARY and not is_ternary(first_matrix()):
+        raise QroarError(f"--qtype {qtype} keeps only -1, 0 or 1 times a scale per weight, for models trained "
+                         "ternary (BitNet b1.58), and this model's weights are not: choose a k-quant or i-quant")
+
+
+def is_ternary(values: np.ndarray) -> bool:
+    """Every block of 256 values (the ternary types' blocks) holds only 0 and one magnitude."""
+    values = np.abs(np.asarray(values, dtype=np.float32))
+    blocks = values.reshape(-1, 256) if values.size % 256 == 0 else values.reshape(1, -1)
+    peak = blocks.max(axis=1, keepdims=True)
+    return bool(np.all((blocks == 0) | (np.abs(blocks - peak) <= 1e-3 * peak)))
 
 
 def check_types_fit(row_lengths: dict[str, int], overrides: TypeOverrides) -> None:
@@ -126,11 +146,16 @@ def quantize_gguf(source: Path, target: Path, qtype: str, threads: int, progress
     reaches what the bindings cannot (`overrides`: importance matrices, per-tensor types; giving any
     chooses it). Both run the same libllama, so they write the same bytes."""
     check_quantization(qtype, overrides)
+    if qtype in EXPERTS_ONLY or qtype in TERNARY:  # convert checked the checkpoint already; bench has not
+        tensors = gguf.GGUFReader(source).tensors
+        layer_matrix = next(t for t in tensors if t.name.startswith("blk.") and len(t.shape) >= 2)
+        check_type_fits_model(qtype, [t.name for t in tensors],
+                              lambda: gguf.quants.dequantize(layer_matrix.data, layer_matrix.tensor_type))
     if overrides:
         quantizer = "llama-quantize"
     if quantizer == "libllama":
         command = [sys.executable, "-m", "qroar_gguf.gguf_io.quantize_child", str(source), str(target),
-                   str(FTYPES[qtype]), str(threads)]
+                   str(FILE_TYPES[qtype]), str(threads)]
         read_line = _child_line
     elif quantizer == "llama-quantize":
         command = [str(find_tool("llama-quantize")), *overrides.tool_args(), str(source), str(target), qtype,
