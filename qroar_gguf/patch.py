@@ -29,7 +29,14 @@ from qroar_gguf.arch.llama import permute_for_gguf
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.layout import GgufLayout, RawTensor, pack_key, read_layout
-from qroar_gguf.gguf_io.reader import ARCHITECTURE, GgufHparams, field_value, read_hparams
+from qroar_gguf.gguf_io.reader import (
+    ARCHITECTURE,
+    GgufHparams,
+    check_attention_shapes,
+    field_value,
+    read_hparams,
+    scalar_value,
+)
 from qroar_gguf.gguf_io.rewrite import TensorOut, rewritten_header, write_rewritten
 from qroar_gguf.modelfile import modelfile_text
 from qroar_gguf.outputs import (
@@ -101,7 +108,7 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
     Reads the header (and rope_freqs) only; every problem is one QroarError line."""
     path = Path(path)
     layout = read_layout(path)
-    arch = field_value(layout, ARCHITECTURE)
+    arch = scalar_value(layout, ARCHITECTURE)
     if isinstance(arch, str) and arch not in PATCHABLE and arch not in REWRITTEN_AS:
         raise QroarError(f"{path}: {refusal(arch)}")
     _check_scaling(layout, path, arch)
@@ -111,39 +118,47 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
         raise QroarError(f"{path} was already made or patched by qroar-gguf (method {made.get('method')}, context "
                          f"{made.get('target_context')}): patching it again multiplies new factors into its own; "
                          "--force does that (better: patch the original file)")
+    check_attention_shapes(hp, layout.tensors, path)  # before any size the keys claim is used
     names = {t.name: t for t in layout.tensors}
-    for layer in range(hp.n_layer):
-        for kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
-            name = gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight"
-            if name not in names:
-                raise QroarError(f"{path} has no {name}: a {arch} file with {hp.n_layer} layers needs one per "
-                                 "layer (split attention projections), and llama.cpp would not load it")
-    head = field_value(layout, gguf.Keys.Attention.KEY_LENGTH.format(arch=arch)) or hp.n_embd // hp.n_head
-    if arch in REWRITTEN_AS and hp.n_rot != head:
-        raise QroarError(f"{path}: {hp.n_rot} of {head} dimensions per head rotate; rewriting {arch} as "
+    if arch in REWRITTEN_AS and hp.n_rot != hp.head_size:
+        raise QroarError(f"{path}: {hp.n_rot} of {hp.head_size} dimensions per head rotate; rewriting {arch} as "
                          f"{REWRITTEN_AS[arch]} reorders whole heads, which only fully rotary heads allow")
+    if arch in REWRITTEN_AS and len(set(hp.n_head_layers)) + len(set(hp.n_kv_head_layers)) > 2:
+        raise QroarError(f"{path}: its head counts differ between layers; rewriting {arch} as "
+                         f"{REWRITTEN_AS[arch]} reorders every layer's rows by one head count")
     existing = _existing_factors(names.get(ROPE_FREQS), hp, path)
-    attn_factor = field_value(layout, gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch))
+    attn_factor = scalar_value(layout, gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch))
     if attn_factor is not None and not (isinstance(attn_factor, float) and np.isfinite(attn_factor)
                                         and attn_factor > 0):
         raise QroarError(f"{path}: {arch}.rope.scaling.attn_factor is {attn_factor!r}, not a positive number")
     facts = rope_facts_for(hp.n_rot, hp.rope_theta, hp.context_length, options.plan.method, options.target_ctx,
                            options.scale)
+    _check_context_fits(layout, arch, facts.target_ctx, path)
     return GgufSource(path, layout, hp, facts, existing, attn_factor)
 
 
 def _check_scaling(layout: GgufLayout, path: Path, arch) -> None:
     """What a byte-for-byte copy with rope_freqs added cannot serve: refused with what to do instead."""
-    split = field_value(layout, gguf.Keys.Split.LLM_KV_SPLIT_COUNT)
+    split = scalar_value(layout, gguf.Keys.Split.LLM_KV_SPLIT_COUNT)
     if isinstance(split, int) and split > 1:
         raise QroarError(f"{path} is one of {split} parts of a split GGUF: merge them first "
                          "(llama-gguf-split --merge FIRST.gguf MERGED.gguf) and patch the merged file")
-    scaling = field_value(layout, gguf.Keys.Rope.SCALING_TYPE.format(arch=arch))
+    scaling = scalar_value(layout, gguf.Keys.Rope.SCALING_TYPE.format(arch=arch))
     factors = [t.name for t in layout.tensors if t.name.startswith("rope_factors_")]
     if scaling not in (None, "none", "linear") or factors:
         raise QroarError(f"{path} already scales RoPE its own way (rope.scaling.type {scaling!r}"
                          f"{', ' + factors[0] if factors else ''}), which llama.cpp applies instead of or on top "
                          "of rope_freqs: patch extends files with no scaling, linear scaling or rope_freqs only")
+
+
+def _check_context_fits(layout: GgufLayout, arch: str, target: int, path: Path) -> None:
+    """The new context length is written in the type the file stores it in: it must fit there."""
+    key = gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch)
+    kind = layout.fields[key].type
+    most = {VT.INT32: 2**31 - 1, VT.INT64: 2**63 - 1, VT.UINT64: 2**64 - 1}.get(kind, 2**32 - 1)
+    if target > most:
+        raise QroarError(f"{path} stores {key} as {kind.name}, which holds at most {most}: the target context "
+                         f"{target} does not fit")
 
 
 def _rescaled(made: dict | None) -> bool:
