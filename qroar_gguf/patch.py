@@ -33,7 +33,6 @@ from qroar_gguf.gguf_io.reader import (
     ARCHITECTURE,
     GgufHparams,
     check_attention_shapes,
-    field_value,
     read_hparams,
     scalar_value,
 )
@@ -232,7 +231,7 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
     modelfile = None
     if options.modelfile is not None:
         modelfile = Path(options.modelfile)
-        template = field_value(src.layout, gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+        template = scalar_value(src.layout, gguf.Keys.Tokenizer.CHAT_TEMPLATE)
         publish_text(modelfile, modelfile_text(_from_path(output, modelfile), facts.target_ctx,
                                                template if isinstance(template, str) else None))
     return PatchResult(output=output, plan=plan, factors=factors, trained_ctx=facts.trained_ctx,

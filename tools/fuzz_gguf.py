@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""One long run of the GGUF fuzzer (tests/test_fuzz_readers.py::test_gguf_readers_fail_only_cleanly_within_bounded_memory).
+"""One long run of the GGUF fuzzer, recorded in tools/results/fuzz_gguf.json.
 
+The test is tests/test_fuzz_readers.py::test_gguf_readers_fail_only_cleanly_within_bounded_memory.
 CI runs the test at a size it can afford; this runs the same test, the same strategies and checks,
 with more examples, and records what it did: examples tried, outcomes, wall time, the slowest case
 (seconds and what was changed in it). Every file is inspected and patched in a forked child under an
