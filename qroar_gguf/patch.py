@@ -122,6 +122,9 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
     if arch in REWRITTEN_AS and hp.n_rot != hp.head_size:
         raise QroarError(f"{path}: {hp.n_rot} of {hp.head_size} dimensions per head rotate; rewriting {arch} as "
                          f"{REWRITTEN_AS[arch]} reorders whole heads, which only fully rotary heads allow")
+    if arch == "llama" and hp.n_rot != hp.head_size:  # llama-model.cpp: "invalid n_rot"
+        raise QroarError(f"{path}: {hp.n_rot} of {hp.head_size} dimensions per head rotate, and llama.cpp's "
+                         "llama loader refuses anything but fully rotary heads (\"invalid n_rot\")")
     if arch in REWRITTEN_AS and len(set(hp.n_head_layers)) + len(set(hp.n_kv_head_layers)) > 2:
         raise QroarError(f"{path}: its head counts differ between layers; rewriting {arch} as "
                          f"{REWRITTEN_AS[arch]} reorders every layer's rows by one head count")

@@ -132,6 +132,12 @@ def test_keys_that_contradict_each_other_or_the_tensors(inputs: Path, tmp_path: 
     assert _inspect_json(path)["bands"] is None  # inspect shows the rest, without bands from such keys
 
 
+def test_a_llama_file_with_partly_rotary_heads_is_refused_as_llama_cpp_refuses_it(inputs: Path, tmp_path: Path):
+    path = _write(inputs, with_key(small_model(), "llama.rope.dimension_count", u32(16)))
+    fail_cleanly(["patch", path, "-o", tmp_path / "out.gguf"], tmp_path, "invalid n_rot", protect=inputs)
+    assert _inspect_json(path)["bands"] is not None  # consistent RoPE keys: inspect describes them
+
+
 def test_head_counts_per_layer_and_a_key_length_are_read_as_llama_cpp_reads_them(inputs: Path, tmp_path: Path):
     """Per-layer head counts (arrays) and a head size from key_length that is not embedding / heads
     (as Qwen3-0.6B's and Gemma 3's are)."""
