@@ -23,6 +23,7 @@ from qroar_gguf.choices import (
     QTYPES,
     QUANTIZERS,
 )
+from qroar_gguf.display import printable, printable_all
 from qroar_gguf.errors import QroarError, Stopped, UsageProblem, stop_on_signals
 from qroar_gguf.outputs import check_destination, describe_os_error, publish_text
 from qroar_gguf.search_settings import (
@@ -79,15 +80,21 @@ class DefaultToConvert(click.Group):
             sys.exit(0)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            click.echo(f"Error: {_one_line(exc.format_message())}{hint}", err=True)
+            click.echo(f"Error: {printable(_one_line(exc.format_message()))}{hint}", err=True)
             sys.exit(exc.exit_code)
-        except click.ClickException as exc:
-            click.echo(f"Error: {_one_line(exc.format_message())}", err=True)
+        except click.ClickException as exc:  # escaped: the message may quote a file's names
+            click.echo(f"Error: {printable(_one_line(exc.format_message()))}", err=True)
             sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            _reader_left()
         except click.Abort as exc:  # click turns a KeyboardInterrupt outside a command into Abort
             _exit_interrupted(exc.__cause__)
         except KeyboardInterrupt as exc:  # one that arrived outside click's own handling
             _exit_interrupted(exc)
+        try:
+            sys.stdout.flush()  # here, not at shutdown, where a closed pipe would print a warning
+        except BrokenPipeError:
+            _reader_left()
         sys.exit(status if isinstance(status, int) else 0)
 
     def invoke(self, ctx: click.Context):
@@ -97,6 +104,8 @@ class DefaultToConvert(click.Group):
             raise click.UsageError(str(exc)) from None
         except QroarError as exc:
             raise click.ClickException(str(exc)) from None
+        except BrokenPipeError:  # before OSError: not a problem with any file
+            _reader_left()
         except OSError as exc:  # the environment (disk, permissions, names), not a bug: one line
             raise click.ClickException(describe_os_error(exc, "use", exc.filename or "a file")) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as Stopped; every `finally` has run
@@ -111,6 +120,14 @@ def _exit_interrupted(exc: BaseException | None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(128 + signum)
+
+
+def _reader_left() -> None:
+    """Whoever read our output closed it (`qroar-gguf inspect F | head`): there is nothing wrong to report
+    and no one to report it to. Leave silently as a process that SIGPIPE stops does, 128 + SIGPIPE, with
+    stdout on /dev/null so that nothing at shutdown tries the closed pipe again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    os._exit(128 + signal.SIGPIPE)
 
 
 def _refuse_same_file(named: list[tuple[str, Path | None]]) -> None:
@@ -457,7 +474,7 @@ def _fix_shift(gguf_file: Path, output: Path, options, quiet: bool) -> None:
 
     result = fix_shift(gguf_file, output, options)
     if result.output is None:
-        click.echo(f"{gguf_file} is already exact under context shifts ({result.before.describe()}); "
+        click.echo(f"{printable(gguf_file)} is already exact under context shifts ({printable(result.before.describe())}); "
                    "nothing written")
         return
     if not quiet:
@@ -477,9 +494,10 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
     from qroar_gguf.summary import read_summary
 
     summary = read_summary(gguf_file)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
+    if as_json:  # json escapes control characters itself
+        click.echo(json.dumps(summary, indent=2, allow_nan=False))
         return
+    summary = printable_all(summary)  # the file's strings, shown and never obeyed by the terminal
     click.echo(f"{summary['file']}: {summary['architecture']} '{summary['name']}', {summary['file_type']}, "
                f"{summary['n_tensors']} tensors {summary['tensor_types']}")
     click.echo(f"context length {summary['context_length']}, rope base {summary['rope_freq_base']}, "
@@ -490,15 +508,18 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
         click.echo("no rope_freqs.weight: positions are not rescaled by the file")
     else:
         click.echo(f"rope_freqs.weight ({summary['rope_freqs_type']}, {len(factors)} pairs): "
-                   + " ".join(f"{v:.3g}" for v in factors))
+                   + " ".join(_g(v, 3) for v in factors))
     if summary["bands"]:
         click.echo("band                                            pairs   rotations      S/mean   "
                    "factors       pressure")
         for b in summary["bands"]:
-            z = "   -  " if b["sensitivity_z_mean"] is None else f"{b['sensitivity_z_mean']:6.3f}"
+            z = "   -  " if b["sensitivity_z_mean"] is None else _g(b["sensitivity_z_mean"], spec="6.3f")
             click.echo(f"{b['label']:<46} {b['pairs'][0]:>2}-{b['pairs'][1]:<2}  "
-                       f"{b['rotations'][0]:8.3g}-{b['rotations'][1]:<8.3g} {z}   "
-                       f"{b['factor_min']:5.3g}-{b['factor_max']:<5.3g}   {b['pressure']:.3f}")
+                       f"{_g(b['rotations'][0], spec='8.3g')}-{_g(b['rotations'][1], spec='<8.3g')} {z}   "
+                       f"{_g(b['factor_min'], spec='5.3g')}-{_g(b['factor_max'], spec='<5.3g')}   "
+                       f"{_g(b['pressure'], spec='.3f')}")
+    if summary["qroar_malformed"]:  # left out of what follows: a file's qroar.* keys are not trusted
+        click.echo(f"qroar.* keys not shown, malformed: {', '.join(summary['qroar_malformed'])}")
     prov = summary["qroar"]
     if prov is None:
         click.echo("not made by qroar-gguf (no qroar.* keys)")
@@ -506,23 +527,31 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
     params = {k: v for k, v in (prov.get("params") or {}).items() if k not in ("sensitivity", "base_params")}
     click.echo(f"made by qroar-gguf {prov.get('version')}: method {prov.get('method')} "
                f"{json.dumps(params)}, context {prov.get('trained_context')} -> "
-               f"{prov.get('target_context')}, attention scale folded {prov.get('attention_scale_folded'):.4g}, "
+               f"{prov.get('target_context')}, attention scale folded {_g(prov.get('attention_scale_folded'))}, "
                + ("" if prov.get("attention_factor") is None
-                  else f"attention scale as rope.scaling.attn_factor {prov['attention_factor']:.4g}, ")
+                  else f"attention scale as rope.scaling.attn_factor {_g(prov['attention_factor'])}, ")
                + f"source {prov.get('source')}")
     if prov.get("bands") is not None:
         starts = prov["bands"]
         click.echo(f"bands (pairs {', '.join(f'{a}-{b - 1}' for a, b in zip(starts, starts[1:]))}): factors x"
-                   + ",".join(f"{v:.4g}" for v in prov["band_factors"]) + ", W_Q/W_K scales "
-                   + ",".join(f"{v:.4g}" for v in prov["band_scales"])
+                   + ",".join(_g(v) for v in prov.get("band_factors") or []) + ", W_Q/W_K scales "
+                   + ",".join(_g(v) for v in prov.get("band_scales") or [])
                    + (" (symmetric: W_K divided)" if prov.get("band_symmetric") else " (non-symmetric)"))
     if prov.get("search") is not None:
         s = prov["search"]
-        moved = (f"ppl {s['start_ppl']:.6g} -> {s['ppl']:.6g}" if s["objective"] == "ppl"
-                 else f"KLD {s['start']:.6g} -> {s['reached']:.6g}")
-        click.echo(f"searched: {moved} in {s['evaluations']} of "
-                   f"{s['budget']} candidates on dev text {s['dev_text_sha256'][:12]} ({s['dev_text_tokens']} tokens, "
-                   f"ctx {s['dev_ctx']})")
+        moved = (f"ppl {_g(s.get('start_ppl'), 6)} -> {_g(s.get('ppl'), 6)}" if s.get("objective") == "ppl"
+                 else f"KLD {_g(s.get('start'), 6)} -> {_g(s.get('reached'), 6)}")
+        click.echo(f"searched: {moved} in {s.get('evaluations')} of "
+                   f"{s.get('budget')} candidates on dev text {str(s.get('dev_text_sha256'))[:12]} "
+                   f"({s.get('dev_text_tokens')} tokens, ctx {s.get('dev_ctx')})")
+
+
+def _g(value, digits: int = 4, spec: str | None = None) -> str:
+    """A number as inspect shows it (``spec``, else ``digits`` significant); whatever a file put there
+    instead, as it is."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec or f".{digits}g")
+    return str(value)
 
 
 @main.command()

@@ -61,6 +61,11 @@ def check_destination(path: Path, *, force: bool, what: str, inputs: Iterable[Pa
             if not force:
                 raise QroarError(f"{what} {path} already exists: pass --force to overwrite it")
         parent = resolved.parent
+        devices = {_device(Path(os.path.abspath(path)).parent), _device(parent)} if path.is_symlink() else set()
+        if len(devices) == 2 and None not in devices:
+            raise QroarError(f"{what} {path} is a symbolic link to {resolved}, on another file system: the file is "
+                             f"written in {parent} and renamed onto the link, which cannot cross file systems; "
+                             f"give {resolved} itself")
         if parent.exists() and not parent.is_dir():
             raise QroarError(f"{what} {path}: {parent} is a file, not a folder: choose another path")
         if not parent.is_dir():
@@ -111,7 +116,7 @@ def temporary_beside(path: Path, tag: str) -> Iterator[Path]:
     leftovers of a run that was killed outright (SIGKILL, a power cut), which are removed first."""
     path = Path(path)
     remove_stale_temporaries(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.qroar{os.getpid()}.", suffix=f".{tag}",
+    fd, name = tempfile.mkstemp(prefix=f".{_stem(path)}.qroar{os.getpid()}.", suffix=f".{tag}",
                                 dir=path.resolve().parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the published file gets the usual mode
@@ -128,14 +133,36 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     """Remove the temporaries that runs no longer alive left beside `path`. Only names of exactly our
     pattern whose process is gone are touched: a user's file, or a running run's temporary, never is."""
     path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.qroar(\d+)\.[A-Za-z0-9_]{{8}}\.[A-Za-z0-9_.]+$")
+    pattern = re.compile(rf"^\.{re.escape(_stem(path))}\.qroar(\d+)\.[A-Za-z0-9_]{{8}}\.[A-Za-z0-9_.]+$")
     removed = []
-    for candidate in path.resolve().parent.glob(f".{glob.escape(path.name)}.qroar*"):
+    for candidate in path.resolve().parent.glob(f".{glob.escape(_stem(path))}.qroar*"):
         match = pattern.match(candidate.name)
         if match and candidate.is_file() and not _alive(int(match.group(1))):
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
+
+
+def _stem(path: Path) -> str:
+    """The destination's name as its temporaries start: the name itself, or where that would not leave
+    room for the temporary's own part within a file name's 255 bytes, its start and a hash of the whole."""
+    name = path.name
+    if len(name.encode("utf-8", "surrogateescape")) <= _LONGEST_STEM:
+        return name
+    start = name.encode("utf-8", "surrogateescape")[:_LONGEST_STEM - 20].decode("utf-8", "ignore")
+    return f"{start}~{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+
+
+#: NAME_MAX (255) less the temporary's own part: ".", ".qroar" and a process id, "." and 8 random
+#: characters, "." and a tag.
+_LONGEST_STEM = 255 - 64
+
+
+def _device(folder: Path) -> int | None:
+    try:
+        return folder.stat().st_dev
+    except OSError:
+        return None
 
 
 def _alive(pid: int) -> bool:

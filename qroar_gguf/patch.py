@@ -36,7 +36,13 @@ from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.blockscale import scale_rows, why_not_scalable
 from qroar_gguf.gguf_io.layout import GgufLayout, RawTensor, pack_key, read_layout
-from qroar_gguf.gguf_io.reader import ARCHITECTURE, GgufHparams, field_value, read_hparams
+from qroar_gguf.gguf_io.reader import (
+    ARCHITECTURE,
+    GgufHparams,
+    check_attention_shapes,
+    read_hparams,
+    scalar_value,
+)
 from qroar_gguf.gguf_io.rewrite import TensorOut, rewritten_header, write_rewritten
 from qroar_gguf.modelfile import modelfile_text
 from qroar_gguf.outputs import (
@@ -90,7 +96,6 @@ class GgufSource:
     facts: RopeFacts
     existing: np.ndarray | None  # the file's own rope_freqs.weight (Llama 3.x files carry one)
     attn_factor: float | None  # the file's own <arch>.rope.scaling.attn_factor
-    head_dim: int  # a head's size: the key length where the file has one
 
     @property
     def target_arch(self) -> str:
@@ -112,7 +117,7 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
     Reads the header (and rope_freqs) only; every problem is one QroarError line."""
     path = Path(path)
     layout = read_layout(path)
-    arch = field_value(layout, ARCHITECTURE)
+    arch = scalar_value(layout, ARCHITECTURE)
     if isinstance(arch, str) and arch not in PATCHABLE and arch not in REWRITTEN_AS:
         raise QroarError(f"{path}: {refusal(arch)}")
     _check_scaling(layout, path, arch)
@@ -122,46 +127,50 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
         raise QroarError(f"{path} was already made or patched by qroar-gguf (method {made.get('method')}, context "
                          f"{made.get('target_context')}): patching it again multiplies new factors into its own; "
                          "--force does that (better: patch the original file)")
+    check_attention_shapes(hp, layout.tensors, path)  # before any size the keys claim is used
     names = {t.name: t for t in layout.tensors}
-    for layer in range(hp.n_layer):
-        for kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
-            name = gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight"
-            if name not in names:
-                raise QroarError(f"{path} has no {name}: a {arch} file with {hp.n_layer} layers needs one per "
-                                 "layer (split attention projections), and llama.cpp would not load it")
-    head = head_dim(layout, hp)
-    if arch in REWRITTEN_AS and hp.n_rot != head:
-        raise QroarError(f"{path}: {hp.n_rot} of {head} dimensions per head rotate; rewriting {arch} as "
+    if arch in REWRITTEN_AS and hp.n_rot != hp.head_size:
+        raise QroarError(f"{path}: {hp.n_rot} of {hp.head_size} dimensions per head rotate; rewriting {arch} as "
                          f"{REWRITTEN_AS[arch]} reorders whole heads, which only fully rotary heads allow")
+    if arch == "llama" and hp.n_rot != hp.head_size:  # llama-model.cpp: "invalid n_rot"
+        raise QroarError(f"{path}: {hp.n_rot} of {hp.head_size} dimensions per head rotate, and llama.cpp's "
+                         "llama loader refuses anything but fully rotary heads (\"invalid n_rot\")")
+    if arch in REWRITTEN_AS and len(set(hp.n_head_layers)) + len(set(hp.n_kv_head_layers)) > 2:
+        raise QroarError(f"{path}: its head counts differ between layers; rewriting {arch} as "
+                         f"{REWRITTEN_AS[arch]} reorders every layer's rows by one head count")
     existing = _existing_factors(names.get(ROPE_FREQS), hp, path)
-    attn_factor = field_value(layout, gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch))
+    attn_factor = scalar_value(layout, gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch))
     if attn_factor is not None and not (isinstance(attn_factor, float) and np.isfinite(attn_factor)
                                         and attn_factor > 0):
         raise QroarError(f"{path}: {arch}.rope.scaling.attn_factor is {attn_factor!r}, not a positive number")
     facts = rope_facts_for(hp.n_rot, hp.rope_theta, hp.context_length, options.plan.method, options.target_ctx,
                            options.scale)
-    return GgufSource(path, layout, hp, facts, existing, attn_factor, head)
-
-
-def head_dim(layout: GgufLayout, hp: GgufHparams) -> int:
-    """A head's size as llama.cpp reads it: the key length where the file has one (Qwen3-0.6B's is not
-    n_embd / n_head), else n_embd / n_head."""
-    key_length = field_value(layout, gguf.Keys.Attention.KEY_LENGTH.format(arch=hp.architecture))
-    return key_length if isinstance(key_length, int) and key_length > 0 else hp.n_embd // hp.n_head
+    _check_context_fits(layout, arch, facts.target_ctx, path)
+    return GgufSource(path, layout, hp, facts, existing, attn_factor)
 
 
 def _check_scaling(layout: GgufLayout, path: Path, arch) -> None:
     """What a byte-for-byte copy with rope_freqs added cannot serve: refused with what to do instead."""
-    split = field_value(layout, gguf.Keys.Split.LLM_KV_SPLIT_COUNT)
+    split = scalar_value(layout, gguf.Keys.Split.LLM_KV_SPLIT_COUNT)
     if isinstance(split, int) and split > 1:
         raise QroarError(f"{path} is one of {split} parts of a split GGUF: merge them first "
                          "(llama-gguf-split --merge FIRST.gguf MERGED.gguf) and patch the merged file")
-    scaling = field_value(layout, gguf.Keys.Rope.SCALING_TYPE.format(arch=arch))
+    scaling = scalar_value(layout, gguf.Keys.Rope.SCALING_TYPE.format(arch=arch))
     factors = [t.name for t in layout.tensors if t.name.startswith("rope_factors_")]
     if scaling not in (None, "none", "linear") or factors:
         raise QroarError(f"{path} already scales RoPE its own way (rope.scaling.type {scaling!r}"
                          f"{', ' + factors[0] if factors else ''}), which llama.cpp applies instead of or on top "
                          "of rope_freqs: patch extends files with no scaling, linear scaling or rope_freqs only")
+
+
+def _check_context_fits(layout: GgufLayout, arch: str, target: int, path: Path) -> None:
+    """The new context length is written in the type the file stores it in: it must fit there."""
+    key = gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch)
+    kind = layout.fields[key].type
+    most = {VT.INT32: 2**31 - 1, VT.INT64: 2**63 - 1, VT.UINT64: 2**64 - 1}.get(kind, 2**32 - 1)
+    if target > most:
+        raise QroarError(f"{path} stores {key} as {kind.name}, which holds at most {most}: the target context "
+                         f"{target} does not fit")
 
 
 def _rescaled(made: dict | None) -> bool:
@@ -208,7 +217,7 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
         check_destination(Path(options.modelfile), force=options.force, what="--modelfile", inputs=[src.path])
     plan = make_patch_plan(options, src)
     hp, facts = src.hp, src.facts
-    fold = options.plan.bands.fold(facts, n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=src.head_dim)
+    fold = options.plan.bands.fold(facts, n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_size)
     factors = plan.factors.astype(np.float32) if fold is None else fold.apply_factors(facts, plan.factors)
     if src.existing is not None:
         factors = combine_with_source(factors, src.existing)
@@ -218,7 +227,7 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
         if src.attn_factor is not None or plan.attn_scale != 1.0:
             attn_factor = float(np.float32(temperature))
     elif temperature != 1.0:
-        folded, scaled = temperature, _temperature_rows(src.layout, src.hp, src.head_dim, temperature)
+        folded, scaled = temperature, _temperature_rows(src.layout, src.hp, temperature)
 
     tensors = [_tensor_out(src, t, factors, scaled.get(t.name)) for t in src.layout.tensors]
     if src.existing is None:  # first, where llama.cpp's converter puts it
@@ -233,10 +242,10 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
                        scaled_tensors=list(scaled), modelfile=modelfile, seconds=time.monotonic() - start)
 
 
-def _temperature_rows(layout: GgufLayout, hp: GgufHparams, head_dim: int, scale: float) -> dict[str, np.ndarray]:
+def _temperature_rows(layout: GgufLayout, hp: GgufHparams, scale: float) -> dict[str, np.ndarray]:
     """Tensor name -> per-row factors that put the attention scale into the weights; one line where a
     tensor's type cannot take it exactly."""
-    targets = temperature_targets(layout, hp.n_layer, hp.n_head, hp.n_kv_head, head_dim, hp.n_rot, scale)
+    targets = temperature_targets(layout, hp, scale)
     for target in targets:
         reason = why_not_scalable(target.tensor.tensor_type)
         if reason is not None:
@@ -265,7 +274,7 @@ def _write_modelfile(options, layout: GgufLayout, output: Path, context: int) ->
     if options.modelfile is None:
         return None
     modelfile = Path(options.modelfile)
-    template = field_value(layout, gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+    template = scalar_value(layout, gguf.Keys.Tokenizer.CHAT_TEMPLATE)
     publish_text(modelfile, modelfile_text(_from_path(output, modelfile), context,
                                            template if isinstance(template, str) else None))
     return modelfile
@@ -395,7 +404,7 @@ def fix_shift(source: str | Path, output: str | Path, options: PatchOptions) -> 
         raise QroarError(f"{path}: {arch} runs sliding-window layers without YaRN's factor but with the attention "
                          "factor key, so no key can cancel YaRN's factor on every layer: --fix-shift cannot make this "
                          "file exact")
-    scaled = _temperature_rows(layout, hp, head_dim(layout, hp), state.shift_factor)
+    scaled = _temperature_rows(layout, hp, state.shift_factor)
     new_key = None if abs(runtime - 1.0) <= 1e-6 else float(np.float32(1.0 / runtime))
     key = gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch)
     changes: dict[str, bytes | None] = {key: None if new_key is None else pack_key(key, VT.FLOAT32, new_key)}

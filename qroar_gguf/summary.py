@@ -1,7 +1,14 @@
-"""What `inspect` reports about a GGUF file: shape, context, rope_freqs, provenance, per-band diagnostics."""
+"""What `inspect` reports about a GGUF file: shape, context, rope_freqs, provenance, per-band diagnostics.
+
+The file is read through the bounded reader (gguf_io/layout.py), so a damaged file fails as `patch`
+says it does; a valid file with odd keys is still shown, with what cannot be believed left out: bands
+only where the keys pass the checks `patch` makes and the attention tensors confirm them, provenance
+only where a qroar.* key holds what qroar-gguf writes there.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import gguf
@@ -9,55 +16,69 @@ import numpy as np
 
 from qroar_gguf.arch.temperature import shift_state
 from qroar_gguf.errors import QroarError
-from qroar_gguf.gguf_io.layout import read_layout
-from qroar_gguf.gguf_io.provenance import read_provenance
-from qroar_gguf.gguf_io.reader import ARCHITECTURE, field_value, open_gguf
+from qroar_gguf.gguf_io.layout import GgufLayout, RawTensor, read_layout
+from qroar_gguf.gguf_io.provenance import provenance_problems, read_provenance
+from qroar_gguf.gguf_io.reader import ARCHITECTURE, check_attention_shapes, read_hparams, scalar_value
 from qroar_gguf.rope.diagnostics import band_report
 from qroar_gguf.rope.measure import measure_gguf_sensitivity
 from qroar_gguf.rope.plans import RopeFacts
 
 ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+#: rope_freqs values listed at most (one per rotary pair: far more than any head has); a longer tensor
+#: is reported by its length, so a file cannot make the listing as large as itself.
+MAX_LISTED = 1 << 16
 
 
 def read_summary(path: str | Path) -> dict:
-    """Everything `inspect` reports, as plain JSON-ready values."""
-    reader = open_gguf(path)
-    arch = field_value(reader, ARCHITECTURE)
+    """Everything `inspect` reports, as plain JSON-ready values (no NaN or infinity: those are strings)."""
+    layout = read_layout(path)
+    arch = scalar_value(layout, ARCHITECTURE)
+    arch_key = arch if isinstance(arch, str) else ""
     summary: dict = {
         "file": str(path),
         "architecture": arch,
-        "name": field_value(reader, gguf.Keys.General.NAME),
-        "file_type": _file_type_name(field_value(reader, gguf.Keys.General.FILE_TYPE)),
-        "context_length": field_value(reader, gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch)),
-        "rope_freq_base": field_value(reader, gguf.Keys.Rope.FREQ_BASE.format(arch=arch)),
-        "rope_dimension_count": field_value(reader, gguf.Keys.Rope.DIMENSION_COUNT.format(arch=arch)),
-        "n_tensors": len(reader.tensors),
-        "tensor_types": _count_types(reader),
+        "name": scalar_value(layout, gguf.Keys.General.NAME),
+        "file_type": _file_type_name(scalar_value(layout, gguf.Keys.General.FILE_TYPE)),
+        "context_length": scalar_value(layout, gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch_key)),
+        "rope_freq_base": scalar_value(layout, gguf.Keys.Rope.FREQ_BASE.format(arch=arch_key)),
+        "rope_dimension_count": scalar_value(layout, gguf.Keys.Rope.DIMENSION_COUNT.format(arch=arch_key)),
+        "n_tensors": len(layout.tensors),
+        "tensor_types": _count_types(layout),
     }
-    rope = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
-    summary["rope_freqs"] = None if rope is None else [float(v) for v in np.asarray(rope.data, np.float32).ravel()]
+    rope = next((t for t in layout.tensors if t.name == ROPE_FREQS), None)
+    summary["rope_freqs"] = None if rope is None else _values(layout.path, rope)
     summary["rope_freqs_type"] = None if rope is None else rope.tensor_type.name
-    summary["context_shift"] = _context_shift(path, arch, summary["context_length"])
-    provenance = read_provenance(reader)
+    summary["context_shift"] = _context_shift(layout, arch_key, summary["context_length"])
+    provenance = read_provenance(layout)
     summary["qroar"] = provenance
-    summary["bands"] = _bands(path, summary, provenance or {})
-    return summary
+    summary["qroar_malformed"] = provenance_problems(layout)
+    summary["bands"] = _bands(layout, summary, provenance or {})
+    return _finite(summary)
 
 
-def _context_shift(path: str | Path, arch: str, context) -> dict:
+def _context_shift(layout: GgufLayout, arch: str, context) -> dict:
     """Whether a context shift (llama-server --context-shift, Ollama's default) keeps the file exact."""
-    state = shift_state(read_layout(path), arch, context if isinstance(context, int) else None)
+    state = shift_state(layout, arch, context if isinstance(context, int) and not isinstance(context, bool) else None)
     return {"exact": state.exact, "factor_per_shift": state.shift_factor, "summary": state.describe()}
 
 
-def _bands(path: str | Path, summary: dict, provenance: dict) -> list[dict] | None:
+def _values(path: Path, t: RawTensor) -> list[float] | None:
+    """rope_freqs' values where they are plain floats and not too many to list; None otherwise."""
+    dtype = {gguf.GGMLQuantizationType.F32: "<f4", gguf.GGMLQuantizationType.F16: "<f2"}.get(t.tensor_type)
+    if dtype is None or t.n_elements > MAX_LISTED:
+        return None
+    return [float(v) for v in np.fromfile(path, dtype=dtype, count=t.n_elements, offset=t.data_offset)]
+
+
+def _bands(layout: GgufLayout, summary: dict, provenance: dict) -> list[dict] | None:
     """Per-band diagnostics; sensitivity from the provenance (qroar files) or measured from attn_q/attn_k.
     None where the file's keys do not describe RoPE well enough: `inspect` still shows the rest."""
-    n_rot, theta = summary["rope_dimension_count"], summary["rope_freq_base"]
-    trained = provenance.get("trained_context") or summary["context_length"]
-    target = provenance.get("target_context") or summary["context_length"]
     try:
-        facts = RopeFacts(n_rot=n_rot, theta=theta, trained_ctx=trained, target_ctx=target)
+        hp = read_hparams(layout, layout.path)
+        check_attention_shapes(hp, layout.tensors, layout.path)  # the head size is the tensors', not a claim
+        facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta,
+                          trained_ctx=provenance.get("trained_context") or hp.context_length,
+                          target_ctx=provenance.get("target_context") or hp.context_length)
     except QroarError:
         return None
     factors = summary["rope_freqs"] or [1.0] * facts.n_pairs
@@ -65,8 +86,8 @@ def _bands(path: str | Path, summary: dict, provenance: dict) -> list[dict] | No
     sensitivity = params.get("sensitivity") if isinstance(params, dict) else None
     if sensitivity is None:
         try:
-            sensitivity = measure_gguf_sensitivity(path).sensitivity
-        except (QroarError, NotImplementedError, KeyError, ValueError):
+            sensitivity = measure_gguf_sensitivity(layout.path, layout=layout).sensitivity
+        except (QroarError, ValueError):
             sensitivity = None  # e.g. a quantization gguf-py cannot dequantize: report without it
     for candidate in (sensitivity, None):  # a recorded sensitivity that does not fit is left out
         try:
@@ -76,17 +97,31 @@ def _bands(path: str | Path, summary: dict, provenance: dict) -> list[dict] | No
     return None
 
 
-def _count_types(reader: gguf.GGUFReader) -> dict[str, int]:
+def _count_types(layout: GgufLayout) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for t in reader.tensors:
+    for t in layout.tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _file_type_name(value) -> str | None:
+    """general.file_type's name; anything but a known whole number is shown as it is."""
     if value is None:
         return None
-    try:
-        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
-    except ValueError:
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_")
+        except ValueError:
+            pass
+    return str(value)
+
+
+def _finite(value):
+    """``value`` with every NaN or infinity made a string (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

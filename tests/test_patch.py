@@ -21,6 +21,7 @@ from runs import convert_ok, digest, fail_cleanly, run_cli
 from test_convert import prompt_logits
 
 from qroar_gguf.errors import QroarError
+from qroar_gguf.gguf_io.layout import read_layout
 from qroar_gguf.gguf_io.provenance import read_provenance
 from qroar_gguf.gguf_io.reader import field_value
 from qroar_gguf.patch import PatchOptions, patch
@@ -276,7 +277,7 @@ def test_force_patches_a_patched_file_again(inputs: Path, tmp_path: Path):
     patch_ok(once, twice, "--method", "linear", "--ctx", "1024", "--force")
     rope = np.asarray(gguf_tensors(twice)["rope_freqs.weight"].data)
     np.testing.assert_array_equal(rope, np.full(16, 4.0, dtype=np.float32))  # 2 x 2: compounded, as said
-    made = read_provenance(gguf.GGUFReader(twice))
+    made = read_provenance(read_layout(twice))
     assert made["trained_context"] == 512 and made["target_context"] == 1024
     assert made["source_factors"] == [2.0] * 16
 

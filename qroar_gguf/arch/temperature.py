@@ -23,6 +23,7 @@ import numpy as np
 
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io.layout import GgufLayout, RawTensor
+from qroar_gguf.gguf_io.reader import GgufHparams
 
 #: Ollama starts llama-server without --context-shift for this arch, and its loader builds kq_scale from
 #: the attention factor: its temperature is not ours to move.
@@ -130,28 +131,28 @@ def _rotary_mask(n_rows: int, head_dim: int, n_rot: int) -> np.ndarray:
     return (np.arange(n_rows) % head_dim) < n_rot
 
 
-def temperature_targets(layout: GgufLayout, n_layer: int, n_head: int, n_kv_head: int, head_dim: int,
-                        n_rot: int, scale: float) -> list[RowScale]:
+def temperature_targets(layout: GgufLayout, hp: GgufHparams, scale: float) -> list[RowScale]:
     """The rows that carry an attention temperature ``scale`` on queries and keys, layer by layer: the q/k
     norm weights where the arch normalises after the projection (a scale on W_Q/W_K would be normalised
     away), else W_Q/W_K and their biases, else the Q and K rows of a fused QKV; only rotary rows, since
     llama.cpp's factor multiplies only what it rotates. One QroarError line where a layer has none."""
     names = {t.name: t for t in layout.tensors}
     targets: list[RowScale] = []
-    n_q, n_k = n_head * head_dim, n_kv_head * head_dim
+    head_dim = hp.head_size
 
     def add(name: str, factors: np.ndarray) -> None:
         t = names[name]
         if _rows(t) != factors.size:
             raise QroarError(f"{layout.path}: {name} has {_rows(t)} rows where {factors.size} were expected "
-                             f"({n_head} query and {n_kv_head} key heads of {head_dim})")
+                             f"(heads of {head_dim})")
         targets.append(RowScale(t, factors))
 
     def rotary(n_rows: int) -> np.ndarray:
-        return np.where(_rotary_mask(n_rows, head_dim, n_rot), scale, 1.0)
+        return np.where(_rotary_mask(n_rows, head_dim, hp.n_rot), scale, 1.0)
 
-    for layer in range(n_layer):
+    for layer in range(hp.n_layer):
         blk = f"blk.{layer}."
+        n_q, n_k = hp.heads(layer, "q") * head_dim, hp.heads(layer, "k") * head_dim
         if blk + "attn_q_norm.weight" in names and blk + "attn_k_norm.weight" in names:
             for part in ("attn_q_norm", "attn_k_norm"):
                 name = blk + part + ".weight"

@@ -27,8 +27,8 @@ import numpy as np
 
 from qroar_gguf.arch.families import family_for
 from qroar_gguf.errors import QroarError
-from qroar_gguf.gguf_io.provenance import TRAINED_CTX
-from qroar_gguf.gguf_io.reader import field_value, open_gguf
+from qroar_gguf.gguf_io.provenance import read_provenance
+from qroar_gguf.gguf_io.reader import open_gguf
 from qroar_gguf.gguf_io.reader import read_hparams as read_gguf_hparams
 from qroar_gguf.outputs import check_destination, temporary_beside
 from qroar_gguf.rope.bands import frequency_bands
@@ -128,14 +128,11 @@ def _read_checkpoint(path: Path, agg: str) -> ModelRope:
 
 
 def _read_gguf(path: Path, agg: str) -> ModelRope:
-    reader = open_gguf(path)
-    hp = read_gguf_hparams(reader, path)
-    trained = field_value(reader, TRAINED_CTX) or hp.context_length
-    del reader  # release the memory map before the measurement opens the file again
+    layout = open_gguf(path)  # the bounded reader: the file's keys are checked before they size anything
+    hp = read_gguf_hparams(layout, path)
+    trained = (read_provenance(layout) or {}).get("trained_context") or hp.context_length
     try:
-        result = measure_gguf_sensitivity(path, agg=agg)
-    except NotImplementedError as exc:
-        raise QroarError(f"{path}: gguf-py cannot dequantize its attention weights ({exc})") from None
+        result = measure_gguf_sensitivity(path, agg=agg, layout=layout)
     except (KeyError, TypeError, ValueError) as exc:
         raise QroarError(f"{path}: cannot read its attention weights ({exc})") from None
     return ModelRope(name=path.name.removesuffix(".gguf"), kind="gguf", n_rot=hp.n_rot, theta=hp.rope_theta,

@@ -9,6 +9,7 @@ from qroar_gguf.evaluate.kld import kl_divergence
 from qroar_gguf.evaluate.passkey import passkey
 from qroar_gguf.evaluate.perplexity import perplexity
 from qroar_gguf.evaluate.runtime import Runtime
+from qroar_gguf.gguf_io.layout import read_layout
 from qroar_gguf.source.text import read_text
 
 
@@ -45,6 +46,9 @@ def evaluate_file(model: Path, text_path: Path, ctx: int, *, chunks: int | None 
 
 
 def _require_gguf(path: Path) -> None:
+    """A GGUF whose every count, length and offset fits the file (the bounded reader's checks), before
+    llama.cpp is given it: a damaged file is then one line from here, whatever llama.cpp would do."""
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise QroarError(f"{path} is not a GGUF file")
+    read_layout(path)

@@ -4,8 +4,13 @@ gguf-py's GGUFReader decodes every key through numpy views, which takes seconds 
 100k tokens; a patch only needs to copy keys, so it reads them here as byte spans (decoding a value
 only when asked) and writes them back unchanged. The format (version 2 and 3, little-endian):
 header (magic, version, tensor count, key count), keys (name, type, value), tensor infos (name,
-dims, type, offset), padding to the alignment, data. Every length is checked against the file, so
-damaged input fails with one line, whatever it claims.
+dims, type, offset), padding to the alignment, data.
+
+A downloaded file is untrusted, so nothing it claims is believed before the file can hold it: every
+count, length and offset is checked against the bytes left before anything is allocated or looped
+over (an item takes at least its smallest encoding, so a claimed count can never exceed the bytes
+left), arrays nest at most ``MAX_NESTING`` deep, and memory stays a small multiple of the header's
+real size. Damaged input fails with one line, whatever it claims.
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ VT = gguf.GGUFValueType
 _SCALARS = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
             VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d"}
 _MAX_DIMS = 4  # GGML_MAX_DIMS
+#: How deep arrays may nest: a key's array (1) whose items are arrays (2). llama.cpp reads no array of
+#: arrays at all (gguf.cpp refuses the type), gguf-py writes them, so one level of nesting stays readable
+#: for `inspect`; deeper is damage, and the limit keeps the readers' recursion a few frames deep.
+MAX_NESTING = 2
+#: The fewest bytes an item of each type takes: a string its 8-byte length, an array its type and count.
+_SMALLEST = {**{kind: struct.calcsize(fmt) for kind, fmt in _SCALARS.items()}, VT.STRING: 8, VT.ARRAY: 12}
 
 
 class _Damaged(Exception):
@@ -76,6 +87,13 @@ class RawKey:
     def renamed(self, name: str) -> bytes:
         """The same entry under another name."""
         return pack_string(name) + self.entry[8 + len(self.name.encode("utf-8")):]
+
+    @property
+    def count(self) -> int | None:
+        """An array's number of items, read without decoding them (None for a scalar or string)."""
+        if self.type != VT.ARRAY:
+            return None
+        return struct.unpack_from("<Q", self.entry, self.value_at + 4)[0]
 
     def contents(self) -> Any:
         """The value (strings decoded as UTF-8, undecodable bytes replaced)."""
@@ -168,9 +186,11 @@ def _read(f: BinaryIO, path: Path) -> GgufLayout:
         infos.append((name, dims, kind, b.unpack("<Q")))
     alignment = 32
     if "general.alignment" in fields:
-        alignment = fields["general.alignment"].contents()
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise _Damaged(f"general.alignment is {alignment!r}")
+        key = fields["general.alignment"]
+        alignment = key.contents()
+        # llama.cpp and gguf-py both take a UINT32 only (u64 or bool is refused there, so here too)
+        if key.type != VT.UINT32 or alignment <= 0 or alignment & (alignment - 1):
+            raise _Damaged(f"general.alignment is {key.type.name} {alignment!r} (a power of two, UINT32, is read)")
     data_start = -(-b.pos // alignment) * alignment
     tensors = [_tensor(name, dims, kind, offset, data_start, alignment, size) for name, dims, kind, offset in infos]
     if len({t.name for t in tensors}) != len(tensors):
@@ -207,26 +227,29 @@ def _value_type(code: int) -> gguf.GGUFValueType:
         raise _Damaged(f"a key has unknown type {code}") from None
 
 
-def _skip_value(b: _Bytes, kind: gguf.GGUFValueType) -> gguf.GGUFValueType | None:
+def _skip_value(b: _Bytes, kind: gguf.GGUFValueType, depth: int = 0) -> gguf.GGUFValueType | None:
     """Move past one value; an array's item type is returned (None for scalars)."""
     if kind in _SCALARS:
-        b.take(struct.calcsize(_SCALARS[kind]))
+        b.take(_SMALLEST[kind])
         return None
     if kind == VT.STRING:
         b.string()
         return None
+    if depth >= MAX_NESTING:
+        raise _Damaged(f"its arrays nest more than {MAX_NESTING} deep")
     item = _value_type(b.unpack("<I"))
     count = b.unpack("<Q")
+    if count > (b.size - b.pos) // _SMALLEST[item]:  # before any loop: each item takes at least that much
+        raise _Damaged(f"an array claims {count} items of {item.name}, more than the {b.size - b.pos} bytes "
+                       "left can hold")
     if item in _SCALARS:
-        b.ensure(count * struct.calcsize(_SCALARS[item]))
-        b.pos += count * struct.calcsize(_SCALARS[item])
-    elif count * 8 > b.size - b.pos:
-        raise _Damaged(f"an array claims {count} items")
+        b.ensure(count * _SMALLEST[item])
+        b.pos += count * _SMALLEST[item]
     elif item == VT.STRING:
         b.skip_strings(count)
     else:
         for _ in range(count):
-            _skip_value(b, item)
+            _skip_value(b, item, depth + 1)
     return item
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import gguf
 import numpy as np
 
-from qroar_gguf.gguf_io.reader import field_value
+from qroar_gguf.gguf_io.layout import GgufLayout
 
 PREFIX = "qroar."
 VERSION = "qroar.version"
@@ -60,16 +61,92 @@ def add_band_provenance(writer: gguf.GGUFWriter, bands: dict | None, search: dic
         writer.add_string(SEARCH, json.dumps(search, sort_keys=True))
 
 
-def read_provenance(reader: gguf.GGUFReader) -> dict | None:
-    """The file's `qroar.*` keys without the prefix (JSON values decoded), None when it has none."""
-    provenance = {}
-    for key in reader.fields:
-        if key.startswith(PREFIX):
-            value = field_value(reader, key)
-            if key in (PARAMS, SEARCH):
-                try:
-                    value = json.loads(value)
-                except (TypeError, ValueError):  # written by something else: shown as it is
-                    pass
+# What each key must hold to be believed: a file's qroar.* keys are as untrusted as the rest of it.
+_TEXT = (VERSION, METHOD, SOURCE, SOURCE_ARCH, NEEDS_PATCH)
+_JSON = (PARAMS, SEARCH)
+_CONTEXTS = (TRAINED_CTX, TARGET_CTX)
+_NUMBERS = (ATTN_SCALE, ATTN_FACTOR)
+_NUMBER_ARRAYS = (FACTORS, SOURCE_FACTORS, BAND_FACTORS, BAND_SCALES, BANDS)
+_MAX_ITEMS = 1 << 16  # far more rotary pairs than any head has: a longer array was not written here
+_MAX_JSON = 1 << 20  # characters of a JSON key; ours hold a few hundred numbers
+_MAX_JSON_DEPTH = 8  # ours nest three deep
+
+
+def read_provenance(reader: GgufLayout) -> dict | None:
+    """The file's well-formed `qroar.*` keys without the prefix (JSON values decoded), None when it has
+    none; a key that does not hold what qroar-gguf writes there is left out (`provenance_problems`)."""
+    return _read(reader)[0]
+
+
+def provenance_problems(reader: GgufLayout) -> list[str]:
+    """The `qroar.*` keys left out of `read_provenance` because they are malformed."""
+    return _read(reader)[1]
+
+
+def _read(reader: GgufLayout) -> tuple[dict | None, list[str]]:
+    provenance, problems = {}, []
+    for key, field in reader.fields.items():
+        if not key.startswith(PREFIX):
+            continue
+        value = _checked(field)
+        if value is _MALFORMED:
+            problems.append(key)
+        else:
             provenance[key[len(PREFIX):]] = value
-    return provenance or None
+    return provenance or None, problems
+
+
+_MALFORMED = object()
+
+
+def _checked(field):
+    """The key's value if it holds what qroar-gguf writes there, else _MALFORMED (never decoding an
+    array longer than _MAX_ITEMS)."""
+    key, length = field.name, field.count
+    if length is not None and (length > _MAX_ITEMS or key not in _NUMBER_ARRAYS):
+        return _MALFORMED
+    value = field.contents()
+    if key in _TEXT:
+        return value if isinstance(value, str) else _MALFORMED
+    if key in _JSON:
+        return _json(value)
+    if key in _CONTEXTS:
+        return value if _whole(value) and value > 0 else _MALFORMED
+    if key in _NUMBERS:
+        return float(value) if _number(value) else _MALFORMED
+    if key in _NUMBER_ARRAYS:
+        ok = isinstance(value, list) and all((_whole if key == BANDS else _number)(v) for v in value)
+        return value if ok else _MALFORMED
+    if key == BAND_SYMMETRIC:
+        return value if isinstance(value, bool) else _MALFORMED
+    return value  # a key of a later version: a scalar or string (arrays were refused above)
+
+
+def _json(value):
+    if not isinstance(value, str) or len(value) > _MAX_JSON:
+        return _MALFORMED
+    try:
+        decoded = json.loads(value)
+    except (ValueError, RecursionError):
+        return _MALFORMED
+    return decoded if isinstance(decoded, dict) and _depth(decoded) <= _MAX_JSON_DEPTH else _MALFORMED
+
+
+def _depth(value) -> int:
+    """How deep lists and objects nest (walked without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= _MAX_JSON_DEPTH:
+            children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

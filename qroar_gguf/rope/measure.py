@@ -13,6 +13,7 @@ from qroar_gguf.arch.base import ModelFamily
 from qroar_gguf.arch.families import family_for
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io.layout import GgufLayout, read_layout
+from qroar_gguf.gguf_io.reader import check_attention_shapes
 from qroar_gguf.gguf_io.reader import read_hparams as read_gguf_hparams
 from qroar_gguf.rope.sensitivity import SensitivityAccumulator, SensitivityResult
 from qroar_gguf.source.checkpoint import Checkpoint
@@ -42,21 +43,33 @@ def measure_gguf_sensitivity(path: str | Path, agg: str = "max", pairs: str = "g
     ``layout``: the file's, when the caller has read it already."""
     layout = layout or read_layout(path)
     hp = read_gguf_hparams(layout, path)
+    check_attention_shapes(hp, layout.tensors, path)  # the sizes below are then the tensors', not claims
     acc = SensitivityAccumulator(hp.n_layer, hp.n_rot // 2, agg=agg)
     with open(path, "rb") as f:  # plain reads, one tensor at a time: a map's pages would stay resident
         for t in layout.tensors:
             parts = t.name.split(".")
-            if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in ("attn_q", "attn_k")
-                    and parts[3] == "weight"):
+            if (len(parts) == 4 and parts[0] == "blk" and parts[1].isascii() and parts[1].isdigit()
+                    and parts[2] in ("attn_q", "attn_k") and parts[3] == "weight"):
+                if int(parts[1]) >= hp.n_layer:
+                    raise QroarError(f"{path} has {t.name} but only {hp.n_layer} layers (block_count)")
                 f.seek(t.data_offset)
                 raw = np.frombuffer(f.read(t.n_bytes), dtype=np.uint8)
                 if raw.size != t.n_bytes:
                     raise QroarError(f"{path} ends inside {t.name}: it is truncated")
-                with np.errstate(all="ignore"):  # damaged blocks decode to Inf/NaN: refused just below
-                    w = gguf.quants.dequantize(raw.reshape(t.byte_shape), t.tensor_type)
+                w = _dequantized(raw, t, path)
                 if not np.isfinite(w).all():
                     raise QroarError(f"{t.name} in {path} holds NaN or Inf values: the file is damaged")
                 query = parts[2] == "attn_q"
-                acc.add_weight(int(parts[1]), "q" if query else "k", w, hp.n_head if query else hp.n_kv_head,
-                               hp.n_rot, pairs)
+                kind = "q" if query else "k"
+                acc.add_weight(int(parts[1]), kind, w, hp.heads(int(parts[1]), kind), hp.n_rot, pairs)
     return acc.result()
+
+
+def _dequantized(raw: np.ndarray, t, path) -> np.ndarray:
+    """One tensor's values; a type gguf-py cannot dequantize is one line naming it."""
+    try:
+        with np.errstate(all="ignore"):  # damaged blocks decode to Inf/NaN: the caller refuses them
+            return gguf.quants.dequantize(raw.reshape(t.byte_shape), t.tensor_type)
+    except NotImplementedError:
+        raise QroarError(f"{path}: {t.name} is {t.tensor_type.name}, which gguf-py cannot dequantize to measure "
+                         "the weights; a plan that needs no weights (--method yarn, linear, ntk) works") from None

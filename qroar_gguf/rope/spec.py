@@ -183,11 +183,17 @@ def rope_facts_for(n_rot: int, theta: float, trained_ctx: int, method: str, targ
     elif scale is not None:
         if not math.isfinite(float(scale)) or float(scale) <= 0:
             raise QroarError(f"--scale must be a finite positive number, got {scale}")
-        target = int(round(trained_ctx * float(scale)))
+        product = trained_ctx * float(scale)
+        if not product <= MAX_CONTEXT:  # before rounding: 1e308 x a context is infinite
+            raise QroarError(f"--scale {scale} makes a context of {product:.4g} tokens: GGUF stores at most "
+                             f"{MAX_CONTEXT}")
+        target = int(round(product))
     else:
         target = trained_ctx if method == "none" else trained_ctx * DEFAULT_SCALE
     if not 0 < target <= MAX_CONTEXT:
-        raise QroarError(f"target context {target:.4g} is out of range: GGUF stores at most {MAX_CONTEXT} tokens")
+        # a whole number of any size (--ctx with hundreds of digits) is shown by its size, never as a float
+        shown = target if target.bit_length() <= 64 else f"of {target.bit_length()} bits"
+        raise QroarError(f"target context {shown} is out of range: GGUF stores at most {MAX_CONTEXT} tokens")
     facts = RopeFacts(n_rot=n_rot, theta=theta, trained_ctx=trained_ctx, target_ctx=target)
     require_extension(facts, method)
     return facts
