@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from checkpoints import gguf_tensors, write_gguf
 from runs import convert_ok, fail_cleanly, run_cli
+from servers import get_json, llama_server, post_json
 from test_convert import prompt_logits
 from test_patch import fields, patch_ok, small_gguf, tensor_bytes
 
@@ -213,3 +215,68 @@ def test_a_converter_made_qwen3_yarn_file_is_fixed(qwen3_yarn: Path, tmp_path: P
     before = prompt_logits(qwen3_yarn, tokens, n_ctx=1024)
     after = prompt_logits(fixed, tokens, n_ctx=1024)
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-4 * np.abs(before).max())
+
+
+# Through llama-server, started as Ollama starts it ---------------------------------------------------
+
+NUM_CTX, NUM_PARALLEL, DISCARD = 64, 2, 16  # Ollama: -c num_ctx*num_parallel -np num_parallel --context-shift
+
+
+def chat_with_shifts(model: Path, prompt: str, log_path: Path, n_predict: int = 150) -> tuple[list[int], list[dict], int]:
+    """A greedy answer from llama-server with Ollama's launch arguments, long enough for several context
+    shifts (`n_discard` per shift is a request option): the prompt's tokens, each answered token with its
+    log-probability, and the slot's context."""
+    args = ["-c", str(NUM_CTX * NUM_PARALLEL), "-np", str(NUM_PARALLEL), "--context-shift", "-t", "2"]
+    with llama_server(model, args, log_path, env={"QROAR_STOCK_KSHIFT": "1"}) as base:  # stock: what Ollama runs
+        n_ctx = get_json(f"{base}/props")["default_generation_settings"]["n_ctx"]
+        prompt_ids = post_json(f"{base}/tokenize", {"content": prompt}, timeout=60)["tokens"]
+        answer = post_json(f"{base}/completion", {"prompt": prompt_ids, "n_predict": n_predict, "temperature": 0,
+                                                   "top_k": 1, "n_probs": 1, "cache_prompt": False,
+                                                   "ignore_eos": True, "n_discard": DISCARD}, timeout=600)
+    return prompt_ids, answer["completion_probabilities"], n_ctx
+
+
+def replay_cache(prompt_ids: list[int], answered: list[dict], n_ctx: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """llama-server's bookkeeping replayed: for each answered token that came right after a shift, the
+    tokens the server's cache held when it was predicted (the kept ones, moved to positions 0...); and the
+    cache's length at each shift (the log's n_left, n_keep being 0)."""
+    cache, after_shift, lengths = list(prompt_ids), [], []
+    shifted = False
+    for i, token in enumerate(answered):
+        if shifted:
+            after_shift.append((i, list(cache)))
+            shifted = False
+        if len(cache) + 1 >= n_ctx:  # server-context.cpp's pre_decode, before the sampled token goes in
+            lengths.append(len(cache))
+            del cache[:DISCARD]  # n_keep 0: SmolLM2 adds no BOS
+            shifted = True
+        cache.append(token["id"])
+    return after_shift, lengths
+
+
+@pytest.mark.parametrize("name,exact", [("folded", True), ("keyed", False)])
+def test_llama_server_stays_exact_through_context_shifts(quantized: dict[str, Path], tmp_path: Path, name: str,
+                                                         exact: bool):
+    """After every shift, the server's next log-probability equals the bindings' on a fresh decode of the
+    tokens its cache then holds: a shift that only rotates leaves the cache as if those tokens had been
+    written at their new positions. patch's file passes (f16 cache rounding apart); the key form, what
+    patch wrote before, does not: each shift multiplies every cached key by its attn_factor again."""
+    from qroar_gguf.assets.austen import austen_text
+
+    prompt = austen_text("Emma").read_text(encoding="utf-8")[5000:5160]
+    log_path = tmp_path / "server.log"
+    prompt_ids, answered, n_ctx = chat_with_shifts(quantized[name], prompt, log_path)
+    shifts = re.findall(r"slot context shift, n_keep = (\d+), n_left = (\d+), n_discard = (\d+)", log_path.read_text())
+    checks, lengths = replay_cache(prompt_ids, answered, n_ctx)
+    assert len(checks) >= 3 and [(0, n, DISCARD) for n in lengths] == [tuple(map(int, s)) for s in shifts]
+    errors = []
+    for i, cache in checks:
+        fresh = prompt_logits(quantized[name], cache, n_ctx=n_ctx)[-1].astype(np.float64)
+        fresh -= fresh.max() + np.log(np.exp(fresh - fresh.max()).sum())
+        token = answered[i]
+        assert token["id"] == int(np.argmax(fresh)) or not exact, (i, token)
+        errors.append(abs(token["logprob"] - fresh[token["id"]]))
+    if exact:
+        assert max(errors) < 0.05, errors
+    else:
+        assert errors[-1] > 0.1, errors  # after three shifts the keys carry the factor four times
