@@ -226,8 +226,8 @@ class SeqState:
         cells[:, 0], cells[:, 1], cells[:, 2] = self.positions, 1, self.seq_id
         parts = head + [cells.view(np.uint8).ravel(), np.array([0, len(self.k)], dtype="<u4").view(np.uint8)]
         for kind, rows in self.k + self.v:
-            parts += [np.array([kind], dtype="<i4").view(np.uint8), np.array([rows.shape[1]], dtype="<u8").view(np.uint8),
-                      rows.ravel()]
+            parts += [np.array([kind], dtype="<i4").view(np.uint8),
+                      np.array([rows.shape[1]], dtype="<u8").view(np.uint8), rows.ravel()]
         return np.concatenate(parts)
 
     def joined(self, other: SeqState) -> SeqState:

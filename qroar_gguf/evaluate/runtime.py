@@ -487,7 +487,7 @@ class Runtime(_Closing):
 
     def describe(self) -> dict:
         """Settings worth recording next to a measurement."""
-        return {
+        settings = {
             "model": str(self.model.path),
             "n_ctx": self.n_ctx,
             "n_batch": self.n_batch,
@@ -497,6 +497,9 @@ class Runtime(_Closing):
             "type_k": self.type_k,
             "type_v": self.type_v,
             "rope_freq_scale": self.rope_freq_scale,
-            "rope_scaling_type": self.rope_scaling_type,
-            "yarn_orig_ctx": self.yarn_orig_ctx,
         }
+        # only when set: records made without them keep their exact form
+        for name in ("rope_scaling_type", "yarn_orig_ctx"):
+            if getattr(self, name) is not None:
+                settings[name] = getattr(self, name)
+        return settings
