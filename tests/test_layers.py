@@ -31,7 +31,7 @@ LAYERS = [
     ["gguf_io.provenance", "gguf_io.writer", "gguf_io.quantize", "gguf_io.imatrix", "evaluate.runtime",
      "evaluate.paired"],
     # 5. evaluators on the runtime
-    ["evaluate.perplexity", "evaluate.kld", "evaluate.passkey"],
+    ["evaluate.perplexity", "evaluate.kld", "evaluate.passkey", "evaluate.kshift"],
     # 6. conversion's stages, and a GGUF's patch
     ["convert", "patch"],
     # 7. what is built on conversion and evaluation

@@ -7,7 +7,9 @@ view, clear the KV cache. ``Runtime`` is a context manager that frees the contex
 (if it loaded it) the model.
 
 Context parameters we set: n_ctx, n_batch, n_ubatch, threads, flash attention, K/V cache types,
-and, only when asked, ``rope_freq_scale``. Every other RoPE/YaRN field keeps
+and, only when asked, ``rope_freq_scale``, ``rope_scaling_type`` and ``yarn_orig_ctx`` (llama.cpp's
+runtime scaling, as ``--rope-scale``, ``--rope-scaling`` and ``--yarn-orig-ctx`` set it). Every other
+RoPE/YaRN field keeps
 ``llama_context_default_params()``'s "from model" value (rope_freq_base 0, rope_freq_scale 0,
 yarn_ext_factor -1, yarn_attn_factor -1, yarn_beta_fast/slow -1, yarn_orig_ctx 0,
 rope_scaling_type -1).
@@ -59,6 +61,8 @@ KV_CACHE_TYPES: dict[str, int] = {
     for name in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 }
 _FLOAT_CACHE_TYPES = {"f32", "f16", "bf16"}
+#: ``Runtime(rope_scaling_type=...)``: llama.cpp's enum llama_rope_scaling_type.
+ROPE_SCALING_TYPES: dict[str, int] = {"none": 0, "linear": 1, "yarn": 2}
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -224,6 +228,8 @@ class Runtime(_Closing):
     ``model`` is a path (the runtime loads and owns the model) or an open ``GgufModel`` (shared; the
     caller closes it). ``rope_freq_scale`` is llama.cpp's runtime linear factor on the frequencies
     (0.5 = positions compressed 2x, what ``--rope-scale 2`` does); leave it None to use the file's.
+    ``rope_scaling_type`` ("none", "linear", "yarn") and ``yarn_orig_ctx`` likewise override the file's
+    (``rope_scaling_type="yarn"`` with ``rope_freq_scale=0.5`` is llama.cpp's own YaRN at 2x).
     """
 
     def __init__(
@@ -238,6 +244,8 @@ class Runtime(_Closing):
         type_k: str = "f16",
         type_v: str = "f16",
         rope_freq_scale: float | None = None,
+        rope_scaling_type: str | None = None,
+        yarn_orig_ctx: int | None = None,
         n_gpu_layers: int = -1,
         verbose: bool = False,
     ):
@@ -251,6 +259,11 @@ class Runtime(_Closing):
             raise QroarError(f"a quantized V cache ({type_v}) needs flash attention: turn it on or use f16")
         if rope_freq_scale is not None and not rope_freq_scale > 0:
             raise QroarError(f"rope_freq_scale must be > 0 (got {rope_freq_scale})")
+        if rope_scaling_type is not None and rope_scaling_type not in ROPE_SCALING_TYPES:
+            raise QroarError(f"rope_scaling_type {rope_scaling_type!r} unknown: use one of "
+                             f"{', '.join(ROPE_SCALING_TYPES)}")
+        if yarn_orig_ctx is not None and not yarn_orig_ctx > 0:
+            raise QroarError(f"yarn_orig_ctx must be > 0 (got {yarn_orig_ctx})")
 
         self._cached = np.empty(0, dtype=np.int32)  # tokens the KV cache holds, as far as prefill knows
         self._own_model = not isinstance(model, GgufModel)
@@ -277,6 +290,10 @@ class Runtime(_Closing):
             p.no_perf = True
             if rope_freq_scale is not None:
                 p.rope_freq_scale = float(rope_freq_scale)
+            if rope_scaling_type is not None:
+                p.rope_scaling_type = ROPE_SCALING_TYPES[rope_scaling_type]
+            if yarn_orig_ctx is not None:
+                p.yarn_orig_ctx = int(yarn_orig_ctx)
             self.params = p
             self._ctx = lib.llama_init_from_model(self.model.handle, p)
             if not self._ctx:
@@ -307,6 +324,8 @@ class Runtime(_Closing):
         self.type_k = type_k
         self.type_v = type_v
         self.rope_freq_scale = rope_freq_scale
+        self.rope_scaling_type = rope_scaling_type
+        self.yarn_orig_ctx = yarn_orig_ctx
         self.n_vocab = self.model.n_vocab
         self._n_outputs = 0
 
@@ -381,6 +400,40 @@ class Runtime(_Closing):
         self.decode(np.array([token], dtype=np.int32), pos, None)
         self._cached = np.append(self._cached, np.int32(token))
 
+    def remove(self, p0: int, p1: int) -> None:
+        """Drop the cached tokens at positions [p0, p1) (``llama_memory_seq_rm``; p1 < 0: to the end)."""
+        if not _llama.llama_memory_seq_rm(self._mem, 0, int(p0), int(p1)):
+            raise QroarError(f"llama.cpp could not remove positions {p0}..{p1 - 1} from the cache")
+        self._cached = np.empty(0, dtype=np.int32)  # prefill may no longer assume position = index
+
+    def shift(self, p0: int, p1: int, delta: int) -> None:
+        """Move the cached tokens at positions [p0, p1) (p1 < 0: to the end) by ``delta``
+        (``llama_memory_seq_add``, what a context shift does). llama.cpp re-ropes their keys (the
+        K-shift) at the next decode."""
+        _llama.llama_memory_seq_add(self._mem, 0, int(p0), int(p1), int(delta))
+        self._cached = np.empty(0, dtype=np.int32)
+
+    def sequence_state(self) -> np.ndarray:
+        """The cache's state of sequence 0 as ``llama_state_seq_get_data`` writes it (the cells'
+        positions, then each layer's K rows, then V), as bytes in a uint8 array."""
+        size = int(_llama.llama_state_seq_get_size(self._ctx, 0))
+        buf = np.empty(size, dtype=np.uint8)
+        written = int(_llama.llama_state_seq_get_data(self._ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                                      size, 0))
+        if written == 0:
+            raise QroarError("llama.cpp could not write the sequence's state")
+        return buf[:written]
+
+    def set_sequence_state(self, state: np.ndarray) -> None:
+        """Replace sequence 0's cache by ``state`` (``llama_state_seq_set_data``; the format
+        ``sequence_state`` returns)."""
+        state = np.ascontiguousarray(state, dtype=np.uint8)
+        read = _llama.llama_state_seq_set_data(self._ctx, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                               len(state), 0)
+        if int(read) == 0:
+            raise QroarError("llama.cpp could not load the sequence's state")
+        self._cached = np.empty(0, dtype=np.int32)
+
     def decode(self, tokens: Sequence[int] | np.ndarray, pos0: int, outputs: slice | Sequence[bool] | np.ndarray | None = None) -> int:
         """Decode ``tokens`` at positions ``pos0 ..`` of sequence 0; logits only where ``outputs`` says.
 
@@ -434,7 +487,7 @@ class Runtime(_Closing):
 
     def describe(self) -> dict:
         """Settings worth recording next to a measurement."""
-        return {
+        settings = {
             "model": str(self.model.path),
             "n_ctx": self.n_ctx,
             "n_batch": self.n_batch,
@@ -445,3 +498,8 @@ class Runtime(_Closing):
             "type_v": self.type_v,
             "rope_freq_scale": self.rope_freq_scale,
         }
+        # only when set: records made without them keep their exact form
+        for name in ("rope_scaling_type", "yarn_orig_ctx"):
+            if getattr(self, name) is not None:
+                settings[name] = getattr(self, name)
+        return settings
