@@ -89,6 +89,47 @@ def test_the_folded_file_is_as_close_as_folding_before_quantization(smollm2_dir:
                                                                                             n_ctx=512))
 
 
+@pytest.fixture(scope="module")
+def f32(smollm2_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """SmolLM2 as an unscaled F32 file, patched for 2x with yarn (the scale folded), and in the key form:
+    with F32 weights only float rounding separates two runs that compute the same thing."""
+    folder = tmp_path_factory.mktemp("f32")
+    files = {name: folder / f"{name}.F32.gguf" for name in ("none", "folded", "keyed")}
+    convert_ok(smollm2_dir, "-o", files["none"], "--method", "none", "--qtype", "F32")
+    patch_ok(files["none"], files["folded"], "--method", "yarn", "--ctx", "16384")
+    patch_ok(files["none"], files["keyed"], "--method", "yarn", "--ctx", "16384", "--attn-factor-key")
+    return files
+
+
+def test_an_f32_patched_file_is_exact_under_stock_shifts(f32: dict[str, Path], dev_text: Path):
+    """Three shifts of llama-server's kind in stock llama.cpp (patches/0002's switch set to the stock shift),
+    the K cache read back: every cached key keeps its norm, and a shifted run's logits equal a run that
+    drops the same tokens without re-roping anything (F32 weights: nothing but float rounding differs)."""
+    from qroar_gguf.evaluate.kshift import shift_drift
+
+    drift = shift_drift(f32["folded"], dev_text.read_text(encoding="utf-8"), n_shifts=3, stock_shift=True)
+    assert max(abs(r - 1.0) for r in drift.norm_ratios) < 1e-3, drift
+    assert max(drift.kl_vs_gap) < 1e-4, drift
+
+
+def test_quantized_files_keep_their_cached_keys_through_stock_shifts(quantized: dict[str, Path], dev_text: Path):
+    """The same on Q4_K_M files. Quantized weights amplify the float rounding of the comparison run (it
+    decodes at other positions): the unscaled file, exact by construction, sets that floor. patch's file
+    keeps every cached key's norm and stays at the floor; the key form, what patch wrote before, multiplies
+    every cached key by its attn_factor at every shift and leaves the floor far behind."""
+    from qroar_gguf.evaluate.kshift import shift_drift
+
+    text = dev_text.read_text(encoding="utf-8")
+    drift = {name: shift_drift(quantized[name], text, n_shifts=3, stock_shift=True)
+             for name in ("none", "folded", "keyed")}
+    floor = max(drift["none"].kl_vs_gap)
+    for name in ("none", "folded"):
+        assert max(abs(r - 1.0) for r in drift[name].norm_ratios) < 1e-3, drift[name]
+    assert max(drift["folded"].kl_vs_gap) < 2 * floor, (drift["folded"], floor)
+    np.testing.assert_allclose(drift["keyed"].norm_ratios, T_2X ** np.arange(1, 4), rtol=1e-3)
+    assert drift["keyed"].kl_vs_gap[-1] > 4 * floor, (drift["keyed"], floor)
+
+
 def test_inspect_says_which_file_a_shift_keeps_exact(quantized: dict[str, Path]):
     for name, word in (("folded", "exact"), ("keyed", "drifts"), ("none", "exact")):
         result = run_cli("inspect", quantized[name])
@@ -219,14 +260,15 @@ def test_a_converter_made_qwen3_yarn_file_is_fixed(qwen3_yarn: Path, tmp_path: P
 
 # Through llama-server, started as Ollama starts it ---------------------------------------------------
 
-NUM_CTX, NUM_PARALLEL, DISCARD = 64, 2, 16  # Ollama: -c num_ctx*num_parallel -np num_parallel --context-shift
+NUM_CTX, NUM_PARALLEL, DISCARD = 256, 2, 16  # Ollama: -c num_ctx*num_parallel -np num_parallel --context-shift
 
 
-def chat_with_shifts(model: Path, prompt: str, log_path: Path, n_predict: int = 150) -> tuple[list[int], list[dict], int]:
+def chat_with_shifts(model: Path, prompt: str, log_path: Path, n_predict: int = 280) -> tuple[list[int], list[dict], int]:
     """A greedy answer from llama-server with Ollama's launch arguments, long enough for several context
     shifts (`n_discard` per shift is a request option): the prompt's tokens, each answered token with its
     log-probability, and the slot's context."""
-    args = ["-c", str(NUM_CTX * NUM_PARALLEL), "-np", str(NUM_PARALLEL), "--context-shift", "-t", "2"]
+    args = ["-c", str(NUM_CTX * NUM_PARALLEL), "-np", str(NUM_PARALLEL), "--context-shift", "-t", "2",
+            "-ctk", "f32", "-ctv", "f32"]  # an F32 cache: a shift's re-rope is not rounded to f16 again
     with llama_server(model, args, log_path, env={"QROAR_STOCK_KSHIFT": "1"}) as base:  # stock: what Ollama runs
         n_ctx = get_json(f"{base}/props")["default_generation_settings"]["n_ctx"]
         prompt_ids = post_json(f"{base}/tokenize", {"content": prompt}, timeout=60)["tokens"]
@@ -246,7 +288,7 @@ def replay_cache(prompt_ids: list[int], answered: list[dict], n_ctx: int) -> tup
         if shifted:
             after_shift.append((i, list(cache)))
             shifted = False
-        if len(cache) + 1 >= n_ctx:  # server-context.cpp's pre_decode, before the sampled token goes in
+        if i + 1 < len(answered) and len(cache) + 1 >= n_ctx:  # pre_decode, before a sampled token is decoded
             lengths.append(len(cache))
             del cache[:DISCARD]  # n_keep 0: SmolLM2 adds no BOS
             shifted = True
@@ -254,24 +296,25 @@ def replay_cache(prompt_ids: list[int], answered: list[dict], n_ctx: int) -> tup
     return after_shift, lengths
 
 
-@pytest.mark.parametrize("name,exact", [("folded", True), ("keyed", False)])
-def test_llama_server_stays_exact_through_context_shifts(quantized: dict[str, Path], tmp_path: Path, name: str,
+@pytest.mark.parametrize("name,exact", [("folded", True), ("none", True), ("keyed", False)])
+def test_llama_server_stays_exact_through_context_shifts(f32: dict[str, Path], tmp_path: Path, name: str,
                                                          exact: bool):
     """After every shift, the server's next log-probability equals the bindings' on a fresh decode of the
     tokens its cache then holds: a shift that only rotates leaves the cache as if those tokens had been
-    written at their new positions. patch's file passes (f16 cache rounding apart); the key form, what
-    patch wrote before, does not: each shift multiplies every cached key by its attn_factor again."""
+    written at their new positions. patch's file passes (F32 weights, f16 cache: rounding apart); the key
+    form, what patch wrote before, does not: each shift multiplies every cached key by its attn_factor
+    again."""
     from qroar_gguf.assets.austen import austen_text
 
     prompt = austen_text("Emma").read_text(encoding="utf-8")[5000:5160]
     log_path = tmp_path / "server.log"
-    prompt_ids, answered, n_ctx = chat_with_shifts(quantized[name], prompt, log_path)
+    prompt_ids, answered, n_ctx = chat_with_shifts(f32[name], prompt, log_path)
     shifts = re.findall(r"slot context shift, n_keep = (\d+), n_left = (\d+), n_discard = (\d+)", log_path.read_text())
     checks, lengths = replay_cache(prompt_ids, answered, n_ctx)
     assert len(checks) >= 3 and [(0, n, DISCARD) for n in lengths] == [tuple(map(int, s)) for s in shifts]
     errors = []
     for i, cache in checks:
-        fresh = prompt_logits(quantized[name], cache, n_ctx=n_ctx)[-1].astype(np.float64)
+        fresh = prompt_logits(f32[name], cache, n_ctx=n_ctx, type_k=0, type_v=0)[-1].astype(np.float64)  # F32
         fresh -= fresh.max() + np.log(np.exp(fresh - fresh.max()).sum())
         token = answered[i]
         assert token["id"] == int(np.argmax(fresh)) or not exact, (i, token)

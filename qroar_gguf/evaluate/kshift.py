@@ -14,6 +14,8 @@ Python bindings and measures how far it is from a rotation:
   positions) and writes the kept first tokens again, fresh, just below the rest: its cache holds the
   same keys and values at the same distances from each other, none re-roped.
 - ``max_abs_dlogit``: the largest ``|logit difference|`` between the two runs, over all shifts.
+- ``nll_shifted``/``nll_gap``: after each shift, the mean negative log-likelihood of the text's next
+  token over the tokens decoded after it, in each run (what a user feels: perplexity is its exp).
 
 ``stock_shift=True`` sets ``QROAR_STOCK_KSHIFT=1`` for the run: the llama.cpp qroar-gguf builds
 (``patches/0002``) then shifts as stock llama.cpp (and Ollama) does, re-applying the attention factor.
@@ -47,6 +49,8 @@ class ShiftDrift:
     norm_ratios: list[float]
     kl_vs_gap: list[float]
     max_abs_dlogit: float
+    nll_shifted: list[float]
+    nll_gap: list[float]
 
 
 def shift_drift(
@@ -100,7 +104,7 @@ def _run(shifted: Runtime, gap: Runtime, tokens: np.ndarray, n_shifts: int, n_pr
     for rt in (shifted, gap):
         rt.decode(tokens[:n_prompt], 0, slice(0, 0))
     first_norms = _key_norms(shifted)  # (layers, n_prompt): as written, before any shift
-    norm_ratios, kl_vs_gap, max_dlogit = [], [], 0.0
+    norm_ratios, kl_vs_gap, max_dlogit, nll_shifted, nll_gap = [], [], 0.0, [], []
     for j in range(n_shifts):
         new0 = n_prompt + j * n_discard
         ids = ids[:n_keep] + ids[n_keep + n_discard:] + list(range(new0, new0 + n_discard))
@@ -131,7 +135,18 @@ def _run(shifted: Runtime, gap: Runtime, tokens: np.ndarray, n_shifts: int, n_pr
         norm_ratios.append(float(ratios.flat[np.argmax(np.abs(ratios - 1.0))]))
         kl_vs_gap.append(float(_kl_rows(ref, got).mean()))
         max_dlogit = max(max_dlogit, float(np.abs(got - ref).max()))
-    return ShiftDrift(norm_ratios, kl_vs_gap, max_dlogit)
+        following = tokens[new0 + 1:new0 + n_discard]  # each new token's successor (the last one's is not decoded)
+        nll_shifted.append(_mean_nll(got[:len(following)], following))
+        nll_gap.append(_mean_nll(ref[:len(following)], following))
+    return ShiftDrift(norm_ratios, kl_vs_gap, max_dlogit, nll_shifted, nll_gap)
+
+
+def _mean_nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Mean ``-log p(target)`` of rows of next-token logits (NaN for no rows)."""
+    if len(targets) == 0:
+        return float("nan")
+    lp, _ = log_softmax_rows(logits)
+    return float(-lp[np.arange(len(targets)), np.asarray(targets)].mean())
 
 
 def _kl_rows(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
