@@ -296,7 +296,12 @@ def replay_cache(prompt_ids: list[int], answered: list[dict], n_ctx: int) -> tup
     return after_shift, lengths
 
 
-@pytest.mark.parametrize("name,exact", [("folded", True), ("none", True), ("keyed", False)])
+@pytest.mark.parametrize("name,exact", [
+    pytest.param("folded", True, marks=pytest.mark.xfail(strict=True, reason=(
+        "open: after 4 shifts in llama-server this F32 file's log-probabilities move 0.1-0.2 from a fresh decode "
+        "of the cache's tokens, with the stock and the fixed shift alike, while the bindings' shifts of the same "
+        "file keep every key's norm and KL 1e-6; the unscaled control moves 0.01-0.03"))),
+    ("none", True), ("keyed", False)])
 def test_llama_server_stays_exact_through_context_shifts(f32: dict[str, Path], tmp_path: Path, name: str,
                                                          exact: bool):
     """After every shift, the server's next log-probability equals the bindings' on a fresh decode of the
