@@ -461,10 +461,11 @@ def patch(ctx: click.Context, gguf_file: Path, output: Path, target_ctx: int | N
                   f"carry the attention scale {result.attn_folded:.4g}")
         click.echo(f"wrote {result.output} ({result.output.stat().st_size / 2**20:.1f} MiB) in {result.seconds:.1f} s, "
                    + copied)
-        click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, "
-                   f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs"
-                   + ("" if result.attn_factor is None else f", rope.scaling.attn_factor {result.attn_factor:.4g} "
-                      "(re-applied at every context shift)"))
+        rope = (f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs" if result.scaling_keys is None
+                else f"llama.cpp's rope keys: {result.scaling_keys}")
+        click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, {rope}"
+                   + ("" if result.attn_factor is None or result.scaling_keys is not None else
+                      f", rope.scaling.attn_factor {result.attn_factor:.4g} (re-applied at every context shift)"))
         if result.modelfile is not None:
             click.echo(f"wrote {result.modelfile}: ollama create NAME -f {result.modelfile}")
 
@@ -505,7 +506,13 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
     click.echo(f"context shift: {summary['context_shift']['summary']}")
     factors = summary["rope_freqs"]
     if factors is None:
-        click.echo("no rope_freqs.weight: positions are not rescaled by the file")
+        scaling = summary["rope_scaling"]
+        if scaling["type"] in (None, "none"):
+            click.echo("no rope_freqs.weight: positions are not rescaled by the file")
+        else:
+            click.echo(f"no rope_freqs.weight: llama.cpp's rope keys rescale positions ({scaling['type']} x"
+                       f"{_g(scaling['factor'])}" + (f" over {scaling['original_context_length']} tokens"
+                                                    if scaling["original_context_length"] else "") + ")")
     else:
         click.echo(f"rope_freqs.weight ({summary['rope_freqs_type']}, {len(factors)} pairs): "
                    + " ".join(_g(v, 3) for v in factors))
