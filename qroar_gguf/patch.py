@@ -71,6 +71,7 @@ class PatchOptions:
     progress: bool = True
     modelfile: Path | None = None  # also write an Ollama Modelfile here
     attn_factor_key: bool = False  # the attention scale as <arch>.rope.scaling.attn_factor, not in W_Q/W_K
+    allow_patched_runtime: bool = False  # rope_freqs on an arch only a patches/ build loads it for (qwen3)
 
 
 @dataclass
@@ -210,7 +211,8 @@ def make_patch_plan(options: PatchOptions, src: GgufSource) -> RopePlan:
         raise QroarError("--band-scales rescales W_Q/W_K rows, which a patch copies untouched: use convert "
                          "on the checkpoint for band scales (band factors work here)")
     if spec.needs_sensitivity:
-        pairs = "hf" if src.rewritten else "gguf"  # qwen2 keeps Hugging Face's row order (NEOX pairs)
+        # qwen2 (rewritten) and qwen3 (our build reads its rope_freqs) keep Hugging Face's row order: NEOX pairs
+        pairs = "hf" if src.rewritten or src.keys_only else "gguf"
         sensitivity = measure_gguf_sensitivity(src.path, agg=spec.aggregation, pairs=pairs,
                                                layout=src.layout).sensitivity
     return spec.plan(src.facts, sensitivity)
@@ -223,7 +225,8 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
     check_destination(output, force=options.force, what="output", inputs=[src.path])
     if options.modelfile is not None:
         check_destination(Path(options.modelfile), force=options.force, what="--modelfile", inputs=[src.path])
-    if src.keys_only:
+    needs_patch = KEYS_ONLY[src.hp.architecture].patched_runtime if src.keys_only else None
+    if src.keys_only and not (options.allow_patched_runtime and needs_patch):
         return _patch_keys(src, output, options, start)
     plan = make_patch_plan(options, src)
     hp, facts = src.hp, src.facts
@@ -242,8 +245,9 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
     tensors = [_tensor_out(src, t, factors, scaled.get(t.name)) for t in src.layout.tensors]
     if src.existing is None:  # first, where llama.cpp's converter puts it
         tensors.insert(0, TensorOut(ROPE_FREQS, values=factors))
-    changes = {**_key_changes(src, facts, attn_factor), **_provenance_entries(src, plan, factors, fold, folded,
-                                                                          plan.attn_scale if options.attn_factor_key else 1.0)}
+    changes = {**_key_changes(src, facts, attn_factor),
+               **_provenance_entries(src, plan, factors, fold, folded, plan.attn_scale if options.attn_factor_key
+                                     else 1.0, needs_patch)}
     _publish(src.layout, rewritten_header(src.layout, changes, tensors), tensors, output, options.force,
              options.progress)
     modelfile = _write_modelfile(options, src.layout, output, facts.target_ctx)
@@ -370,14 +374,14 @@ def _key_changes(src: GgufSource, facts: RopeFacts, attn_factor: float | None) -
 
 
 def _provenance_entries(src: GgufSource, plan: RopePlan, factors: np.ndarray, fold, folded: float,
-                        key_scale: float) -> dict[str, bytes]:
+                        key_scale: float, needs_patch: str | None = None) -> dict[str, bytes]:
     """The qroar.* keys, written by provenance's own functions and stored as entries: ``folded`` went into
     the weights, ``key_scale`` (the plan's share) into rope.scaling.attn_factor."""
     writer = gguf.GGUFWriter(path=None, arch=src.hp.architecture)
     provenance.add_provenance(
         writer, version=__version__, method=plan.method, params=plan.params, trained_ctx=src.facts.trained_ctx,
         target_ctx=src.facts.target_ctx, factors=factors, source_factors=src.existing, attn_scale=folded,
-        source=src.path.name,
+        source=src.path.name, needs_patch=needs_patch,
     )
     writer.add_float32(provenance.ATTN_FACTOR, float(key_scale))
     if src.rewritten:

@@ -215,3 +215,25 @@ def test_yarn_on_sliding_window_layers_is_refused(family, tmp_path: Path):
     line = fail_cleanly(["patch", source, "-o", tmp_path / "out" / "x.gguf", "--method", "yarn", "--ctx", TARGET],
                         tmp_path / "out", "sliding-window layers")
     assert "--method linear" in line
+
+
+def test_qwen3_takes_rope_freqs_where_a_patched_runtime_is_allowed(family, tokens: list[int], tmp_path: Path):
+    """With --allow-patched-runtime a qwen3 file gets rope_freqs (per-pair plans too), for the llama.cpp we
+    build (patches/0001): x4 everywhere is runtime linear x4; the file says which patch it needs."""
+    arch, source = family
+    if arch != "qwen3":
+        pytest.skip("qwen3 only")
+    out = tmp_path / "linear.gguf"
+    result = run_cli("patch", source, "-o", out, "--method", "linear", "--ctx", TARGET, "--allow-patched-runtime", "-q")
+    assert result.returncode == 0, result.stderr
+    keys = fields(out)
+    assert keys["qroar.needs_patch"] == "0001-qwen3-optional-rope-freqs.patch"
+    assert f"{arch}.rope.scaling.type" not in keys
+    np.testing.assert_array_equal(np.asarray(gguf_tensors(out)["rope_freqs.weight"].data), 4.0)
+    runtime = prompt_logits(source, tokens, n_ctx=N_CTX, **runtime_options("linear", source, arch))
+    np.testing.assert_allclose(prompt_logits(out, tokens, n_ctx=N_CTX), runtime, rtol=0,
+                               atol=1e-5 * np.abs(runtime).max())
+    qroar = tmp_path / "qroar.gguf"
+    result = run_cli("patch", source, "-o", qroar, "--method", "qroar", "--ctx", TARGET, "--allow-patched-runtime", "-q")
+    assert result.returncode == 0, result.stderr
+    prompt_logits(qroar, tokens[:8], n_ctx=N_CTX)  # loads in our build

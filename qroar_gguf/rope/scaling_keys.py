@@ -60,8 +60,8 @@ def refuse_per_pair(arch: str, rule: KeysArch, spec: PlanSpec) -> None:
     if spec.method in KEYS_METHODS and not spec.bands.given:
         return
     what = "band factors" if spec.bands.given else f"--method {spec.method}"
-    also = (f", or convert the checkpoint with --allow-patched-runtime for llama.cpp builds carrying "
-            f"patches/{rule.patched_runtime}" if rule.patched_runtime else "")
+    also = (f", or --allow-patched-runtime writes rope_freqs for llama.cpp builds carrying "
+            f"patches/{rule.patched_runtime} (stock runtimes refuse that file)" if rule.patched_runtime else "")
     raise QroarError(f"{what} sets a factor per rotary pair, which needs rope_freqs.weight, and llama.cpp's {arch} "
                      f"loader does not read it (it refuses a file that carries one): --method yarn, linear or ntk "
                      f"extend a {arch} file through llama.cpp's own rope keys{also}")
