@@ -237,3 +237,21 @@ def test_qwen3_takes_rope_freqs_where_a_patched_runtime_is_allowed(family, token
     result = run_cli("patch", source, "-o", qroar, "--method", "qroar", "--ctx", TARGET, "--allow-patched-runtime", "-q")
     assert result.returncode == 0, result.stderr
     prompt_logits(qroar, tokens[:8], n_ctx=N_CTX)  # loads in our build
+
+
+def test_a_file_that_already_scales_linearly_composes(family, extended: dict[str, Path], tokens: list[int],
+                                                      tmp_path: Path):
+    """Gemma 3 4B and larger carry linear x8 on their global layers: a linear plan multiplies into that
+    factor (here x4 on x2 over the file's context: x8 in all), and YaRN over it is refused with the reason."""
+    arch, source = family
+    if arch != "gemma3":
+        pytest.skip("gemma3 only")
+    out = tmp_path / "again.gguf"
+    result = run_cli("patch", extended["linear"], "-o", out, "--method", "linear", "--ctx", 2 * TARGET, "--force", "-q")
+    assert result.returncode == 0, result.stderr
+    assert fields(out)[f"{arch}.rope.scaling.factor"] == 8.0
+    runtime = prompt_logits(source, tokens, n_ctx=N_CTX, rope_scaling_type=RUNTIME["linear"], rope_freq_scale=1 / 8)
+    np.testing.assert_array_equal(prompt_logits(out, tokens, n_ctx=N_CTX), runtime)
+    (tmp_path / "out").mkdir()
+    fail_cleanly(["patch", extended["linear"], "-o", tmp_path / "out" / "x.gguf", "--method", "yarn", "--force",
+                  "--ctx", 2 * TARGET], tmp_path / "out", "already interpolates positions linearly")
