@@ -265,12 +265,11 @@ def _patch_keys(src: GgufSource, output: Path, options: PatchOptions, start: flo
         raise QroarError(f"--attn-factor-key: a {arch} file carries YaRN's temperature in its q/k rows, and its attn_factor "
                          "key only cancels the kernel's own factor (the form a context shift keeps exact)")
     plan = options.plan.plan(src.facts, None)
-    scaling = gguf.Keys.Rope
-    file = FileRope(arch, scalar_value(src.layout, scaling.SCALING_TYPE.format(arch=arch)) or "none",
-                    float(scalar_value(src.layout, scaling.SCALING_FACTOR.format(arch=arch)) or 1.0),
-                    float(src.attn_factor or 1.0),
-                    scalar_value(src.layout, gguf.Keys.Attention.SLIDING_WINDOW.format(arch=arch)) is not None,
-                    scalar_value(src.layout, scaling.DIMENSION_SECTIONS.format(arch=arch)) is not None)
+    state = shift_state(src.layout, arch, src.hp.context_length)  # the file's own scaling keys, checked
+    declared = src.layout.fields
+    file = FileRope(arch, state.scaling_type, state.scaling_factor, state.attn_factor,
+                    gguf.Keys.Attention.SLIDING_WINDOW.format(arch=arch) in declared,
+                    gguf.Keys.Rope.DIMENSION_SECTIONS.format(arch=arch) in declared)
     keys = keys_plan(rule, file, options.plan, plan, src.facts)
     scaled = {} if keys.fold == 1.0 else _temperature_rows(src.layout, src.hp, keys.fold)
     tensors = [TensorOut(t.name, source=t, rewrite_rows=None if t.name not in scaled else

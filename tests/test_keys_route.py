@@ -255,3 +255,32 @@ def test_a_file_that_already_scales_linearly_composes(family, extended: dict[str
     (tmp_path / "out").mkdir()
     fail_cleanly(["patch", extended["linear"], "-o", tmp_path / "out" / "x.gguf", "--method", "yarn", "--force",
                   "--ctx", 2 * TARGET], tmp_path / "out", "already interpolates positions linearly")
+
+
+# The per-arch exceptions, on the pure function (no file needed) ---------------------------------------
+
+def _keys(arch: str, method: str = "yarn", sliding: bool = False, sections: bool = False, **options):
+    from qroar_gguf.arch.gguf_arches import KEYS_ONLY
+    from qroar_gguf.rope.scaling_keys import FileRope, keys_plan
+    from qroar_gguf.rope.spec import PlanSpec, rope_facts_for
+
+    spec = PlanSpec(method, options)
+    facts = rope_facts_for(64, 10000.0, TRAINED, method, TARGET, None)
+    return keys_plan(KEYS_ONLY[arch], FileRope(arch, "none", 1.0, 1.0, sliding, sections), spec,
+                     spec.plan(facts, None), facts)
+
+
+def test_sliding_window_layers_decide_whether_yarn_is_exact():
+    """Gemma 2 scales its sliding layers like the others (exact); OLMo 3's (olmo2 with a window) take no YaRN
+    factor in the forward pass but the attention factor in a shift: refused."""
+    keys = _keys("gemma2", sliding=True)
+    assert keys.fold == pytest.approx(1.0 + 0.1 * math.log(4.0)) and keys.attn_factor == pytest.approx(1 / keys.fold)
+    from qroar_gguf.errors import QroarError
+
+    with pytest.raises(QroarError, match="olmo2's sliding-window layers"):
+        _keys("olmo2", sliding=True)
+    assert _keys("olmo2", method="linear", sliding=True).fold == 1.0
+    with pytest.raises(QroarError, match="multimodal RoPE"):
+        _keys("glm4", sections=True)
+    with pytest.raises(QroarError, match="beta"):
+        _keys("qwen3", beta_fast=16.0)
