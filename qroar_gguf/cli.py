@@ -403,6 +403,9 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
               help="Write the attention scale as <arch>.rope.scaling.attn_factor instead of folding it into W_Q/W_K's "
                    "block scales: needed for BF16, IQ1_M, MXFP4 or NVFP4 attention weights, but llama.cpp applies "
                    "the key again to every cached key at each context shift (Ollama's default), so long chats drift.")
+@click.option("--allow-patched-runtime", is_flag=True,
+              help="On qwen3 files, write rope_freqs.weight (any plan) instead of llama.cpp's rope keys (yarn, linear, "
+                   "ntk only): only a llama.cpp with patches/0001 (the tools the set-up builds) loads such a file.")
 @click.option("--fix-shift", is_flag=True,
               help="Instead of extending: rewrite a file whose attention scale a context shift re-applies (a YaRN "
                    "scaling type, an attn_factor key; `inspect` says) so that shifts only rotate, with the same "
@@ -415,7 +418,7 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
 def patch(ctx: click.Context, gguf_file: Path, output: Path, target_ctx: int | None, scale: float | None, method: str,
           beta: float | None, agg: str | None, base: str | None, attn_scale: bool | None, bands: int,
           band_factors: str | None, band_scales: str | None, modelfile: Path | None, attn_factor_key: bool,
-          fix_shift: bool, force: bool, quiet: bool) -> None:
+          allow_patched_runtime: bool, fix_shift: bool, force: bool, quiet: bool) -> None:
     """Extend GGUF_FILE (quantized or not, e.g. a downloaded Q4_K_M) to a longer context without
     re-quantizing it: rope_freqs.weight is added (or multiplied into the file's own), the context length
     is raised, and an attention scale goes into the block scales of W_Q/W_K's rotary rows, where a context
@@ -437,7 +440,7 @@ def patch(ctx: click.Context, gguf_file: Path, output: Path, target_ctx: int | N
     if fix_shift:
         plan_given = [f"--{name.replace('_', '-')}" for name in ("target_ctx", "scale", "method", "beta", "agg", "base",
                                                                   "attn_scale", "bands", "band_factors", "band_scales",
-                                                                  "attn_factor_key")
+                                                                  "attn_factor_key", "allow_patched_runtime")
                       if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
         if plan_given:
             raise click.UsageError(f"--fix-shift keeps the file's RoPE as it is: {', '.join(plan_given)} do not "
@@ -452,7 +455,8 @@ def patch(ctx: click.Context, gguf_file: Path, output: Path, target_ctx: int | N
     if warning is not None:
         click.echo(warning, err=True)
     options = PatchOptions(plan=plan, target_ctx=target_ctx, scale=scale, force=force,
-                           progress=_show_progress(quiet), modelfile=modelfile, attn_factor_key=attn_factor_key)
+                           progress=_show_progress(quiet), modelfile=modelfile, attn_factor_key=attn_factor_key,
+                           allow_patched_runtime=allow_patched_runtime)
     result = run_patch(gguf_file, output, options)
     if not quiet:
         f = result.factors
@@ -461,10 +465,11 @@ def patch(ctx: click.Context, gguf_file: Path, output: Path, target_ctx: int | N
                   f"carry the attention scale {result.attn_folded:.4g}")
         click.echo(f"wrote {result.output} ({result.output.stat().st_size / 2**20:.1f} MiB) in {result.seconds:.1f} s, "
                    + copied)
-        click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, "
-                   f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs"
-                   + ("" if result.attn_factor is None else f", rope.scaling.attn_factor {result.attn_factor:.4g} "
-                      "(re-applied at every context shift)"))
+        rope = (f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs" if result.scaling_keys is None
+                else f"llama.cpp's rope keys: {result.scaling_keys}")
+        click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, {rope}"
+                   + ("" if result.attn_factor is None or result.scaling_keys is not None else
+                      f", rope.scaling.attn_factor {result.attn_factor:.4g} (re-applied at every context shift)"))
         if result.modelfile is not None:
             click.echo(f"wrote {result.modelfile}: ollama create NAME -f {result.modelfile}")
 
@@ -505,7 +510,13 @@ def inspect(gguf_file: Path, as_json: bool) -> None:
     click.echo(f"context shift: {summary['context_shift']['summary']}")
     factors = summary["rope_freqs"]
     if factors is None:
-        click.echo("no rope_freqs.weight: positions are not rescaled by the file")
+        scaling = summary["rope_scaling"]
+        if scaling["type"] in (None, "none"):
+            click.echo("no rope_freqs.weight: positions are not rescaled by the file")
+        else:
+            click.echo(f"no rope_freqs.weight: llama.cpp's rope keys rescale positions ({scaling['type']} x"
+                       f"{_g(scaling['factor'])}" + (f" over {scaling['original_context_length']} tokens"
+                                                    if scaling["original_context_length"] else "") + ")")
     else:
         click.echo(f"rope_freqs.weight ({summary['rope_freqs_type']}, {len(factors)} pairs): "
                    + " ".join(_g(v, 3) for v in factors))

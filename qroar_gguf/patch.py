@@ -29,7 +29,7 @@ import gguf
 import numpy as np
 
 from qroar_gguf import __version__
-from qroar_gguf.arch.gguf_arches import PATCHABLE, REWRITTEN_AS, refusal
+from qroar_gguf.arch.gguf_arches import KEYS_ONLY, PATCHABLE, REWRITTEN_AS, refusal
 from qroar_gguf.arch.llama import permute_for_gguf
 from qroar_gguf.arch.temperature import ShiftState, shift_state, temperature_targets
 from qroar_gguf.errors import QroarError
@@ -55,6 +55,7 @@ from qroar_gguf.outputs import (
 )
 from qroar_gguf.rope.measure import measure_gguf_sensitivity
 from qroar_gguf.rope.plans import RopeFacts, RopePlan, combine_with_source
+from qroar_gguf.rope.scaling_keys import FileRope, keys_plan, refuse_per_pair
 from qroar_gguf.rope.spec import PlanSpec, rope_facts_for
 
 ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
@@ -70,6 +71,7 @@ class PatchOptions:
     progress: bool = True
     modelfile: Path | None = None  # also write an Ollama Modelfile here
     attn_factor_key: bool = False  # the attention scale as <arch>.rope.scaling.attn_factor, not in W_Q/W_K
+    allow_patched_runtime: bool = False  # rope_freqs on an arch only a patches/ build loads it for (qwen3)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class PatchResult:
     scaled_tensors: list[str]  # the tensors whose rows carry it (every other one is copied byte for byte)
     modelfile: Path | None
     seconds: float
+    scaling_keys: str | None = None  # keys-only arches: the rope keys written instead of rope_freqs
 
 
 @dataclass
@@ -103,6 +106,11 @@ class GgufSource:
         return REWRITTEN_AS.get(self.hp.architecture, self.hp.architecture)
 
     @property
+    def keys_only(self) -> bool:
+        """Extended through llama.cpp's rope keys: its loader reads no rope_freqs."""
+        return self.hp.architecture in KEYS_ONLY
+
+    @property
     def rewritten(self) -> bool:
         return self.target_arch != self.hp.architecture
 
@@ -118,7 +126,7 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
     path = Path(path)
     layout = read_layout(path)
     arch = scalar_value(layout, ARCHITECTURE)
-    if isinstance(arch, str) and arch not in PATCHABLE and arch not in REWRITTEN_AS:
+    if isinstance(arch, str) and arch not in PATCHABLE and arch not in REWRITTEN_AS and arch not in KEYS_ONLY:
         raise QroarError(f"{path}: {refusal(arch)}")
     _check_scaling(layout, path, arch)
     hp = read_hparams(layout, path)
@@ -127,7 +135,8 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
         raise QroarError(f"{path} was already made or patched by qroar-gguf (method {made.get('method')}, context "
                          f"{made.get('target_context')}): patching it again multiplies new factors into its own; "
                          "--force does that (better: patch the original file)")
-    check_attention_shapes(hp, layout.tensors, path)  # before any size the keys claim is used
+    if arch not in KEYS_ONLY:  # keys-only files may fuse Q/K/V (phi3): temperature_targets checks the rows it scales
+        check_attention_shapes(hp, layout.tensors, path)  # before any size the keys claim is used
     names = {t.name: t for t in layout.tensors}
     if arch in REWRITTEN_AS and hp.n_rot != hp.head_size:
         raise QroarError(f"{path}: {hp.n_rot} of {hp.head_size} dimensions per head rotate; rewriting {arch} as "
@@ -202,7 +211,8 @@ def make_patch_plan(options: PatchOptions, src: GgufSource) -> RopePlan:
         raise QroarError("--band-scales rescales W_Q/W_K rows, which a patch copies untouched: use convert "
                          "on the checkpoint for band scales (band factors work here)")
     if spec.needs_sensitivity:
-        pairs = "hf" if src.rewritten else "gguf"  # qwen2 keeps Hugging Face's row order (NEOX pairs)
+        # qwen2 (rewritten) and qwen3 (our build reads its rope_freqs) keep Hugging Face's row order: NEOX pairs
+        pairs = "hf" if src.rewritten or src.keys_only else "gguf"
         sensitivity = measure_gguf_sensitivity(src.path, agg=spec.aggregation, pairs=pairs,
                                                layout=src.layout).sensitivity
     return spec.plan(src.facts, sensitivity)
@@ -215,6 +225,9 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
     check_destination(output, force=options.force, what="output", inputs=[src.path])
     if options.modelfile is not None:
         check_destination(Path(options.modelfile), force=options.force, what="--modelfile", inputs=[src.path])
+    needs_patch = KEYS_ONLY[src.hp.architecture].patched_runtime if src.keys_only else None
+    if src.keys_only and not (options.allow_patched_runtime and needs_patch):
+        return _patch_keys(src, output, options, start)
     plan = make_patch_plan(options, src)
     hp, facts = src.hp, src.facts
     fold = options.plan.bands.fold(facts, n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_size)
@@ -232,14 +245,46 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
     tensors = [_tensor_out(src, t, factors, scaled.get(t.name)) for t in src.layout.tensors]
     if src.existing is None:  # first, where llama.cpp's converter puts it
         tensors.insert(0, TensorOut(ROPE_FREQS, values=factors))
-    changes = {**_key_changes(src, facts, attn_factor), **_provenance_entries(src, plan, factors, fold, folded,
-                                                                          plan.attn_scale if options.attn_factor_key else 1.0)}
+    changes = {**_key_changes(src, facts, attn_factor),
+               **_provenance_entries(src, plan, factors, fold, folded, plan.attn_scale if options.attn_factor_key
+                                     else 1.0, needs_patch)}
     _publish(src.layout, rewritten_header(src.layout, changes, tensors), tensors, output, options.force,
              options.progress)
     modelfile = _write_modelfile(options, src.layout, output, facts.target_ctx)
     return PatchResult(output=output, plan=plan, factors=factors, trained_ctx=facts.trained_ctx,
                        target_ctx=facts.target_ctx, attn_factor=attn_factor, attn_folded=folded,
                        scaled_tensors=list(scaled), modelfile=modelfile, seconds=time.monotonic() - start)
+
+
+def _patch_keys(src: GgufSource, output: Path, options: PatchOptions, start: float) -> PatchResult:
+    """``patch`` for an arch whose loader reads no rope_freqs: llama.cpp's rope keys, YaRN's temperature in
+    the q/k rows (``rope.scaling_keys``), every other tensor copied byte for byte."""
+    arch, rule = src.hp.architecture, KEYS_ONLY[src.hp.architecture]
+    refuse_per_pair(arch, rule, options.plan)
+    if options.attn_factor_key:
+        raise QroarError(f"--attn-factor-key: a {arch} file carries YaRN's temperature in its q/k rows, and its attn_factor "
+                         "key only cancels the kernel's own factor (the form a context shift keeps exact)")
+    plan = options.plan.plan(src.facts, None)
+    state = shift_state(src.layout, arch, src.hp.context_length)  # the file's own scaling keys, checked
+    declared = src.layout.fields
+    file = FileRope(arch, state.scaling_type, state.scaling_factor, state.attn_factor,
+                    gguf.Keys.Attention.SLIDING_WINDOW.format(arch=arch) in declared,
+                    gguf.Keys.Rope.DIMENSION_SECTIONS.format(arch=arch) in declared)
+    keys = keys_plan(rule, file, options.plan, plan, src.facts)
+    scaled = {} if keys.fold == 1.0 else _temperature_rows(src.layout, src.hp, keys.fold)
+    tensors = [TensorOut(t.name, source=t, rewrite_rows=None if t.name not in scaled else
+                         (lambda rows, t=t: scale_rows(rows, t.tensor_type, scaled[t.name])))
+               for t in src.layout.tensors]
+    changes = {**_key_changes(src, src.facts, keys.attn_factor),
+               **{name: pack_key(name, kind, value) for name, (kind, value) in keys.keys.items()},
+               **_provenance_entries(src, plan, plan.factors, None, keys.fold, 1.0)}
+    _publish(src.layout, rewritten_header(src.layout, changes, tensors), tensors, output, options.force,
+             options.progress)
+    modelfile = _write_modelfile(options, src.layout, output, src.facts.target_ctx)
+    return PatchResult(output=output, plan=plan, factors=plan.factors, trained_ctx=src.facts.trained_ctx,
+                       target_ctx=src.facts.target_ctx, attn_factor=keys.attn_factor, attn_folded=keys.fold,
+                       scaled_tensors=list(scaled), modelfile=modelfile, seconds=time.monotonic() - start,
+                       scaling_keys=keys.describe())
 
 
 def _temperature_rows(layout: GgufLayout, hp: GgufHparams, scale: float) -> dict[str, np.ndarray]:
@@ -328,14 +373,14 @@ def _key_changes(src: GgufSource, facts: RopeFacts, attn_factor: float | None) -
 
 
 def _provenance_entries(src: GgufSource, plan: RopePlan, factors: np.ndarray, fold, folded: float,
-                        key_scale: float) -> dict[str, bytes]:
+                        key_scale: float, needs_patch: str | None = None) -> dict[str, bytes]:
     """The qroar.* keys, written by provenance's own functions and stored as entries: ``folded`` went into
     the weights, ``key_scale`` (the plan's share) into rope.scaling.attn_factor."""
     writer = gguf.GGUFWriter(path=None, arch=src.hp.architecture)
     provenance.add_provenance(
         writer, version=__version__, method=plan.method, params=plan.params, trained_ctx=src.facts.trained_ctx,
         target_ctx=src.facts.target_ctx, factors=factors, source_factors=src.existing, attn_scale=folded,
-        source=src.path.name,
+        source=src.path.name, needs_patch=needs_patch,
     )
     writer.add_float32(provenance.ATTN_FACTOR, float(key_scale))
     if src.rewritten:

@@ -42,6 +42,9 @@ def read_summary(path: str | Path) -> dict:
         "context_length": scalar_value(layout, gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch_key)),
         "rope_freq_base": scalar_value(layout, gguf.Keys.Rope.FREQ_BASE.format(arch=arch_key)),
         "rope_dimension_count": scalar_value(layout, gguf.Keys.Rope.DIMENSION_COUNT.format(arch=arch_key)),
+        "rope_scaling": {name: scalar_value(layout, key.format(arch=arch_key)) for name, key in (
+            ("type", gguf.Keys.Rope.SCALING_TYPE), ("factor", gguf.Keys.Rope.SCALING_FACTOR),
+            ("original_context_length", gguf.Keys.Rope.SCALING_ORIG_CTX_LEN))},
         "n_tensors": len(layout.tensors),
         "tensor_types": _count_types(layout),
     }

@@ -41,7 +41,7 @@ def build(directory: Path, tokenizer_dir: Path, config_class: str, model_class: 
     drawn wider than transformers' init and biases are non-zero, so a wrong row or bias shows."""
     torch.manual_seed(0)
     vocab = transformers.AutoConfig.from_pretrained(tokenizer_dir).vocab_size
-    config = getattr(transformers, config_class)(vocab_size=vocab, **SHAPES, **overrides)
+    config = getattr(transformers, config_class)(vocab_size=vocab, **{**SHAPES, **overrides})
     model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -26,7 +26,7 @@ LAYERS = [
      "arch.temperature"],
     # 3. RoPE math: plans, sensitivity, bands, diagnostics, measuring weights
     ["rope.plans", "rope.layout", "rope.sensitivity", "rope.bands", "rope.diagnostics", "rope.measure",
-     "rope.spec"],
+     "rope.spec", "rope.scaling_keys"],
     # 4. GGUF writing and quantizing; llama.cpp's runtime; statistics
     ["gguf_io.provenance", "gguf_io.writer", "gguf_io.quantize", "gguf_io.imatrix", "evaluate.runtime",
      "evaluate.paired"],

@@ -234,9 +234,16 @@ def test_a_truncated_file_is_refused(inputs: Path, tmp_path: Path, section: str)
     fail_cleanly(["patch", cut, "-o", tmp_path / "out.gguf"], tmp_path, "truncated", protect=inputs)
 
 
+ARCH_CASES = ("mamba", "deepseek2", "qwen2vl", "starcoder2", "no-such-arch")  # refused by their arch
+
+
 @pytest.mark.parametrize("case, needle", [
     ("not_gguf", "not a readable GGUF file"),
-    ("gemma3", "does not read rope_freqs.weight"),
+    ("mamba", "has no RoPE"),
+    ("deepseek2", "kq_scale"),
+    ("qwen2vl", "multimodal RoPE"),
+    ("starcoder2", "does not patch it yet"),
+    ("no-such-arch", "unknown to the pinned llama.cpp"),
     ("missing_attn_q", "has no blk.0.attn_q.weight"),
     ("same_file", "same file"),
     ("patched_twice", "already made or patched by qroar-gguf"),
@@ -252,7 +259,7 @@ def test_bad_input_is_refused(inputs: Path, tmp_path: Path, case: str, needle: s
         "yarn_scaled": lambda w: w.add_string("llama.rope.scaling.type", "yarn"),
         "longrope": lambda w: w.add_tensor("rope_factors_long.weight", np.ones(16, dtype=np.float32)),
     }.get(case)
-    source = small_gguf(inputs / "model.gguf", "gemma3" if case == "gemma3" else "llama",
+    source = small_gguf(inputs / "model.gguf", case if case in ARCH_CASES else "llama",
                         attn_q=case != "missing_attn_q", extra=extra,
                         endianess=gguf.GGUFEndian.BIG if case == "big_endian" else gguf.GGUFEndian.LITTLE)
     out, extra = tmp_path / "out.gguf", []
