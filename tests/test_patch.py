@@ -329,9 +329,12 @@ def test_mutated_files_fail_only_cleanly(tmp_path_factory):
             except QroarError as exc:
                 assert str(exc) and "\n" not in str(exc)
                 assert not out.exists()
-            else:  # a mutation patch accepts (a changed value, say) still gives an exact copy
-                copied = tensor_bytes(out)
-                assert copied.pop("rope_freqs.weight") and copied == tensor_bytes(source)
+            else:  # a mutation patch accepts (a changed value, say) still gives an exact copy, but for the
+                copied, before = tensor_bytes(out), tensor_bytes(source)  # rows carrying yarn's attention scale
+                carriers = {"blk.0.attn_q.weight", "blk.0.attn_k.weight"}
+                assert copied.pop("rope_freqs.weight")
+                assert {k: v for k, v in copied.items() if k not in carriers} == \
+                    {k: v for k, v in before.items() if k not in carriers}
             assert source.read_bytes() == bytes(blob)
             assert sorted(p.name for p in Path(tmp).iterdir()) in (["in.gguf"], ["in.gguf", "out.gguf"])
 
