@@ -133,3 +133,20 @@ def write_gguf(writer: gguf.GGUFWriter) -> None:
 
 def gguf_tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def convert_with_llama_cpp(checkpoint: Path, out: Path, outtype: str = "f32") -> Path:
+    """``checkpoint`` converted by llama.cpp's own convert_hf_to_gguf.py from the pinned sdist, run with its
+    own gguf-py: the files people download are written this way."""
+    import os
+    import subprocess
+    import sys
+
+    from qroar_gguf.llama_tools import reference_converter
+
+    script = reference_converter()
+    env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
+    done = subprocess.run([sys.executable, str(script), str(checkpoint), "--outtype", outtype, "--outfile", str(out)],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

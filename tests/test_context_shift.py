@@ -6,10 +6,7 @@ among them); `inspect` says which is which. Real files and the real libllama thr
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -218,20 +215,13 @@ def qwen3_yarn(smollm2_dir: Path, tmp_path_factory) -> Path:
     by transformers and converted to F32 by the pinned sdist's convert_hf_to_gguf.py with its own gguf-py:
     the keys-only form (qwen3.rope.scaling.type yarn, factor, original context) downloaded files carry."""
     pytest.importorskip("transformers")
+    from checkpoints import convert_with_llama_cpp
     from test_families import QWEN3, build
-
-    from qroar_gguf.llama_tools import reference_converter
 
     folder = tmp_path_factory.mktemp("qwen3")
     ckpt = build(folder / "ckpt", smollm2_dir, *QWEN3[:2], **QWEN3[2],
                  rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256})
-    script = reference_converter()
-    out = folder / "qwen3-yarn.F32.gguf"
-    env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
-    done = subprocess.run([sys.executable, str(script), str(ckpt), "--outtype", "f32", "--outfile", str(out)],
-                          capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return convert_with_llama_cpp(ckpt, folder / "qwen3-yarn.F32.gguf")
 
 
 def test_a_converter_made_qwen3_yarn_file_is_fixed(qwen3_yarn: Path, tmp_path: Path):

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +57,8 @@ def _glm4_tokens(directory: Path) -> None:
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, smollm2_dir: Path, tmp_path_factory) -> tuple[str, Path]:
     """(arch, the F32 file llama.cpp's converter writes for a tiny random checkpoint of it)."""
+    from checkpoints import convert_with_llama_cpp
     from test_families import build
-
-    from qroar_gguf.llama_tools import reference_converter
 
     arch = request.param
     config_class, model_class, overrides = FAMILIES[arch]
@@ -72,12 +68,7 @@ def family(request, smollm2_dir: Path, tmp_path_factory) -> tuple[str, Path]:
                  **overrides)
     if arch == "glm4":
         _glm4_tokens(ckpt)
-    script = reference_converter()
-    out = folder / "model.F32.gguf"
-    env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
-    done = subprocess.run([sys.executable, str(script), str(ckpt), "--outtype", "f32", "--outfile", str(out)],
-                          capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    out = convert_with_llama_cpp(ckpt, folder / "model.F32.gguf")
     assert fields(out)["general.architecture"] == arch
     return arch, out
 

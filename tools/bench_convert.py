@@ -19,7 +19,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -27,31 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qroar_gguf.paths import cache_dir  # noqa: E402
-
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-
-
-def reference_converter() -> Path:
-    """vendor/llama.cpp of the llama-cpp-python sdist, extracted into the cache."""
-    root = cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
-    script = root / "convert_hf_to_gguf.py"
-    if script.is_file():
-        return script
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp], check=True)
-        sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
-        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers()
-                       if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(root, members=members, filter="data")
-    return script
-
+from qroar_gguf.llama_tools import reference_converter  # noqa: E402
 
 def measure(cmd: list[str]) -> dict:
     """Wall seconds and peak resident memory (MiB) of one child process."""

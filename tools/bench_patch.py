@@ -6,9 +6,9 @@
    peak RSS against the largest attention tensor.
 2. Quality: an unscaled file of `--qtype` is patched with `--method` to twice the trained context and
    compared with the file `convert` makes from the checkpoint (same method, context and qtype; convert
-   folds the attention scale into W_Q/W_K before quantizing, patch writes it as
-   `<arch>.rope.scaling.attn_factor`): perplexity of each at the target context on the same window of
-   Emma, and the paired per-token difference in standard errors.
+   folds the attention scale into W_Q/W_K before quantizing, patch into the quantized blocks' f16 scales):
+   perplexity of each at the target context on the same window of Emma, and the paired per-token
+   difference in standard errors.
 
 Writes JSON (default tools/results/patch_bench.json); README's `patch` section is rendered from it.
 """
@@ -95,6 +95,7 @@ def quality(model: Path, work: Path, method: str, qtype: str, text: str, threads
             results[name] = perplexity(rt, text, max_chunks=1, quiet=True)
     diff = paired_compare(results["patched"].nll, results["converted"].nll)
     return {"method": method, "qtype": qtype, "ctx": target, "trained_ctx": trained, "text": "Emma",
+            "attention_scale": "in W_Q/W_K's block scales",
             "ppl_patched": results["patched"].ppl, "ppl_converted": results["converted"].ppl,
             "n_scored": int(results["patched"].nll.size), "paired": diff.to_dict()}
 

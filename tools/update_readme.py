@@ -127,10 +127,30 @@ def patch_section() -> str:
             f"{s['median']['patch']['peak_rss_mib'] - 2 * s['largest_attention_tensor_mib']:.0f} MiB for the "
             "interpreter and its libraries: tensor data never passes through the process.\n\n"
             f"Quality, {q['method']} at {q['ctx']} tokens ({q['ctx'] // q['trained_ctx']}x), {q['qtype']}, one "
-            f"window of {q['text']} ({q['n_scored']} scored tokens): the patched file (its attention scale as "
-            f"`attn_factor`) has PPL {q['ppl_patched']:.3f}, the file convert makes (scale folded into W_Q/W_K "
+            f"window of {q['text']} ({q['n_scored']} scored tokens): the patched file (its attention scale "
+            f"{q.get('attention_scale', 'as `attn_factor`, the form patch wrote when this was measured')}) has PPL "
+            f"{q['ppl_patched']:.3f}, the file convert makes (scale folded into W_Q/W_K "
             f"before quantizing) {q['ppl_converted']:.3f}; per-token NLL difference {p['mean_diff']:+.4f} "
             f"nats ({p['z']:+.2f} standard errors).\n")
+
+
+def context_shift_section() -> str:
+    r = _tool_result("context_shift_bench.json")
+    if r is None:
+        return _not_measured("python tools/bench_context_shift.py")
+    names = {"folded": "patch (scale in W_Q/W_K's block scales)", "key": "patch --attn-factor-key (scale as attn_factor)",
+             "unscaled": "the unscaled model"}
+    lines = [f"`{r['command'].strip()}` → `tools/results/context_shift_bench.json` ({r['machine']['cpus']} cores): "
+             f"{r['model']} {r['qtype']}, {r['plan']}, {r['text']} streamed through a {r['window']}-token window with "
+             f"{r['shifts']} stock llama.cpp context shifts of {r['discard']} tokens ({r['kv_cache']} KV cache), "
+             "against the same tokens without shifts:", "",
+             "| file | " + " | ".join(f"PPL ratio after shift {s['shift']}" for s in r["files"]["folded"]["per_shift"])
+             + " | cached key norms after the last | PPL cost per shift |",
+             "|---|" + "---|" * (len(r["files"]["folded"]["per_shift"]) + 2)]
+    for name, f in r["files"].items():
+        lines.append(f"| {names.get(name, name)} | " + " | ".join(f"{s['ratio']:.4f}" for s in f["per_shift"])
+                     + f" | x{f['per_shift'][-1]['key_norm_ratio']:.4f} | {100 * f['ppl_cost_per_shift']:+.2f}% |")
+    return "\n".join(lines) + "\n"
 
 
 def tail_section() -> str:
@@ -372,6 +392,7 @@ def main() -> None:
     text = readme.read_text()
     sections = (("summary", summary_section()), ("quality", quality_section()), ("convert", convert_section()), ("tail", tail_section()),
                 ("weights", weights_section()), ("search", search_section()), ("patch", patch_section()),
+                ("context_shift", context_shift_section()),
                 ("tools", tools_section()), ("imatrix", imatrix_section()),
                 ("imatrix-gpu", imatrix_grid_section()))
     for name, body in sections:
