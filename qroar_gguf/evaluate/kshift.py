@@ -7,8 +7,8 @@ shift should only rotate them: a key moved by ``d`` positions should be the key 
 positions earlier, with the same norm. :func:`shift_drift` runs that scenario on a file through the
 Python bindings and measures how far it is from a rotation:
 
-- ``norm_ratios``: after each shift, every cached key's norm over its norm when it was written (each
-  layer's K row of each cached token of the first prompt); the ratio farthest from 1.
+- ``norm_ratios``: after each shift, every re-roped key's norm over its norm when it was written (each
+  layer's K row of each cached token written before the shift); the ratio farthest from 1.
 - ``kl_vs_gap``: after each shift, the mean ``KL(gap || shifted)`` over the tokens decoded after it,
   where *gap* is a second run that drops the same tokens without moving the rest (a gap in its
   positions) and writes the kept first tokens again, fresh, just below the rest: its cache holds the
@@ -103,7 +103,9 @@ def _run(shifted: Runtime, gap: Runtime, tokens: np.ndarray, n_shifts: int, n_pr
     ids = list(range(n_prompt))
     for rt in (shifted, gap):
         rt.decode(tokens[:n_prompt], 0, slice(0, 0))
-    first_norms = _key_norms(shifted)  # (layers, n_prompt): as written, before any shift
+    # every cached key's norms (one per layer) as written, by the text's token index: a key written after
+    # a shift is measured against itself as written, so windows that drop the whole prompt are measured too
+    written = dict(enumerate(_key_norms(shifted).T))
     norm_ratios, kl_vs_gap, max_dlogit, nll_shifted, nll_gap = [], [], 0.0, [], []
     for j in range(n_shifts):
         new0 = n_prompt + j * n_discard
@@ -130,9 +132,10 @@ def _run(shifted: Runtime, gap: Runtime, tokens: np.ndarray, n_shifts: int, n_pr
         ref = gap.logits()
 
         norms = _key_norms(shifted)  # (layers, cells in position order)
-        from_prompt = [k for k, i in enumerate(ids) if i < n_prompt]
-        ratios = norms[:, from_prompt] / first_norms[:, [ids[k] for k in from_prompt]]
+        moved = [k for k, i in enumerate(ids) if i < new0]  # the keys this shift re-roped
+        ratios = norms[:, moved] / np.stack([written[ids[k]] for k in moved], axis=1)
         norm_ratios.append(float(ratios.flat[np.argmax(np.abs(ratios - 1.0))]))
+        written.update((ids[k], norms[:, k]) for k in range(len(ids)) if ids[k] >= new0)
         kl_vs_gap.append(float(_kl_rows(ref, got).mean()))
         max_dlogit = max(max_dlogit, float(np.abs(got - ref).max()))
         following = tokens[new0 + 1:new0 + n_discard]  # each new token's successor (the last one's is not decoded)
