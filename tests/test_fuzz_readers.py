@@ -388,13 +388,15 @@ def test_gguf_readers_fail_only_cleanly_within_bounded_memory():
             # one reader: what inspect calls damaged, patch refuses too (patch refuses more: the model's keys)
             assert report["inspect"] == "ok" or report["patch"] == "refused", (changes, report)
             left = sorted(p.name for p in Path(tmp).iterdir())
-            if report["patch"] == "ok":  # an accepted file is still copied exactly
+            if report["patch"] == "ok":  # an accepted file is still copied exactly, but for the rows carrying
+                # yarn's attention scale (qroar's base) and rope_freqs
                 assert left == ["in.gguf", "out.gguf"], left
                 before = {t.name: blob[t.data_offset:t.data_offset + t.n_bytes] for t in read_layout(source).tensors}
                 written = read_layout(out)
                 after = {t.name: out.read_bytes()[t.data_offset:t.data_offset + t.n_bytes] for t in written.tensors}
-                assert after.pop("rope_freqs.weight") and after == {k: v for k, v in before.items()
-                                                                    if k != "rope_freqs.weight"}
+                changed = {"rope_freqs.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight"}
+                assert after.pop("rope_freqs.weight") and {k: v for k, v in after.items() if k not in changed} == \
+                    {k: v for k, v in before.items() if k not in changed}
             else:
                 assert left == ["in.gguf"], (changes, left)
             assert source.read_bytes() == blob
