@@ -248,7 +248,7 @@ def test_names_from_the_file_are_escaped(inputs: Path, tmp_path: Path):
     assert "\x1b" not in shown.stdout and "\nforged" not in shown.stdout
     # an arch name and a tensor name reach error lines
     bad_arch = _write(inputs, with_key(small_model(), "general.architecture", text(HOSTILE)), "arch.gguf")
-    line = fail_cleanly(["patch", bad_arch, "-o", tmp_path / "out.gguf"], tmp_path, "this file's arch is",
+    line = fail_cleanly(["patch", bad_arch, "-o", tmp_path / "out.gguf"], tmp_path, "is unknown to the pinned llama.cpp",
                         protect=inputs)
     assert "\x1b" not in line and "evil\\x1b]0;owned\\x07\\x1b[2J" in line
     bad_tensor = _write(inputs, with_tensor(small_model(), "token_embd.weight", name=HOSTILE, claimed_dims=9),
