@@ -31,7 +31,7 @@ import numpy as np
 from qroar_gguf import __version__
 from qroar_gguf.arch.gguf_arches import KEYS_ONLY, PATCHABLE, REWRITTEN_AS, refusal
 from qroar_gguf.arch.llama import permute_for_gguf
-from qroar_gguf.arch.temperature import ShiftState, shift_state, temperature_targets
+from qroar_gguf.arch.temperature import NO_SHIFT_ARCHES, ShiftState, shift_state, temperature_targets
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.blockscale import scale_rows, why_not_scalable
@@ -436,8 +436,8 @@ def fix_shift(source: str | Path, output: str | Path, options: PatchOptions) -> 
     hp = read_hparams(layout, path)
     arch = hp.architecture
     state = shift_state(layout, arch, hp.context_length)
-    if arch == "deepseek2":
-        raise QroarError(f"{path}: deepseek2 builds its attention scale from the attn factor itself, and Ollama runs "
+    if arch in NO_SHIFT_ARCHES:
+        raise QroarError(f"{path}: {arch} builds its attention scale from the attn factor itself, and Ollama runs "
                          "it without --context-shift: --fix-shift leaves such files as they are")
     if state.exact:
         return FixShiftResult(None, state, 1.0, None, [], None, time.monotonic() - start)

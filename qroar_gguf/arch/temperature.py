@@ -27,7 +27,7 @@ from qroar_gguf.gguf_io.reader import GgufHparams
 
 #: Ollama starts llama-server without --context-shift for this arch, and its loader builds kq_scale from
 #: the attention factor: its temperature is not ours to move.
-_NO_SHIFT_ARCHES = ("deepseek2",)
+NO_SHIFT_ARCHES = ("deepseek2",)
 
 
 def _key(layout: GgufLayout, name: str):
@@ -57,7 +57,7 @@ class ShiftState:
 
     def describe(self) -> str:
         """One line for inspect: shift-safe or not, and why."""
-        if self.arch in _NO_SHIFT_ARCHES:
+        if self.arch in NO_SHIFT_ARCHES:
             return f"not shifted: Ollama runs {self.arch} without --context-shift"
         if self.exact:
             where = "" if self.scaling_type != "yarn" else " (yarn's own factor cancelled by attn_factor)"
