@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Regenerate README.md's measured sections from committed benchmark JSON (never typed by hand).
+"""Regenerate the measured sections of README.md and docs/results.md from committed benchmark JSON
+(numbers are never typed by hand).
 
-Sections between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` are replaced:
+Sections between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` are replaced; `PAGES` says
+which file holds which section (every one must have its markers):
+  headline  README's small table: the searched plan, qroar and linear against yarn on the held-out novels
   summary   every contender's paired PPL ratio to yarn, per bench run beyond the trained context
   quality   from bench/*/results.json (tools/bench_smollm2.sh)
   convert   from tools/results/convert_bench.json (tools/bench_convert.py)
@@ -12,6 +15,12 @@ Sections between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` are re
   tools     from tools/results/llama_tools_bench.json (tools/bench_llama_tools.py)
   imatrix   from tools/results/imatrix_bench.json (tools/bench_imatrix.py)
   imatrix-gpu  from tools/results/imatrix_gpu.json (tools/gpu_session.sh on a GPU machine)
+  context_shift  from tools/results/context_shift_bench.json (tools/bench_context_shift.py)
+
+A benchmark not yet run and committed leaves its section saying so, with the command that fills it.
+
+    python tools/update_readme.py            # rewrite the sections
+    python tools/update_readme.py --check    # exit 1, naming the pages, when they are out of date
 """
 
 from __future__ import annotations
@@ -70,6 +79,58 @@ def summary_section() -> str:
             lines.append(f"| {path.parent.name} | {Path(results['text']).stem} | {ctx} | {qtype} | {type_k} | "
                          f"{rows['yarn']['ppl']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def headline_section() -> str:
+    """README's table: each committed band search's result at its own context, on every bench run of a text
+    other than the search's dev text (held out), against yarn; qroar and linear beside it where measured.
+
+    A search is matched to bench rows by what it found (base method and band factors, at its dev context and
+    qtype), so the table says only what the committed JSON says."""
+    searches = [json.loads(p.read_text()) for p in sorted((REPO / "tools" / "results").glob("search_*.json"))]
+    merged: dict = {}  # (ctx, text, qtype) -> {column: row}; a plan's file is the same in every run (cached)
+    for _, results in _bench_results():
+        for r in results["rows"]:
+            if r["ctx"] > SMOLLM2_TRAINED_CTX and r["type_k"] == "f16":
+                cells = merged.setdefault((r["ctx"], Path(results["text"]).stem, r["qtype"], results["text_sha"]), {})
+                cells.setdefault(r["plan"], r)
+    lines = []
+    for s in sorted(searches, key=lambda s: s["dev_ctx"]):
+        for (ctx, text, qtype, sha), rows in sorted(merged.items()):
+            found = next((r for r in rows.values() if _found_by(r, s)), None)
+            if (ctx, qtype) != (s["dev_ctx"], s["base"]["qtype"]) or sha == s["dev_text_sha256"] or found is None \
+                    or "yarn" not in rows:
+                continue
+            cells = [_ratio(r) for r in (found, rows.get("qroar"), rows.get("linear"))]
+            lines.append(f"| {ctx} ({ctx // SMOLLM2_TRAINED_CTX}x) | {text.replace('_', ' ')} | {qtype} | "
+                         f"{rows['yarn']['ppl']:.2f} | " + " | ".join(cells) + " |")
+    if not lines:
+        return "_No band search with held-out bench runs committed yet: run `bash tools/bench_smollm2.sh`._\n"
+    return ("| context (trained 8192) | held-out novel | qtype | yarn PPL | searched / yarn | qroar / yarn | "
+            "linear / yarn |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
+            "SmolLM2-135M-Instruct; paired per-token PPL ratio to yarn with its 95% "
+            "interval, below 1 is better; `searched`: what `convert --search` found at that context on Emma "
+            "(`tools/results/search_*.json`), a text these novels are not; `-`: not measured. From "
+            "`bench/*/results.json` (`bash tools/bench_smollm2.sh`).\n")
+
+
+def _found_by(row: dict, search: dict) -> bool:
+    """Whether a bench row's plan is what `search` found: its base method with the best band values."""
+    options = row.get("options") or {}
+
+    def values(key: str) -> list[float]:
+        return [float(v) for v in options[key].split("/")] if key in options else []
+
+    scales = values("band_scales") or [1.0] * len(search["best_scales"])
+    return (row["method"] == search["base"]["method"] and values("band_factors") == search["best_factors"]
+            and scales == search["best_scales"])
+
+
+def _ratio(row: dict | None) -> str:
+    if row is None or "ratio_to_yarn" not in row:
+        return "-"
+    lo, hi = row["ratio_to_yarn_ci95"]
+    return f"{row['ratio_to_yarn']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def _kind(plan: str) -> str:
@@ -387,21 +448,46 @@ def imatrix_grid_section() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    sections = (("summary", summary_section()), ("quality", quality_section()), ("convert", convert_section()), ("tail", tail_section()),
-                ("weights", weights_section()), ("search", search_section()), ("patch", patch_section()),
-                ("context_shift", context_shift_section()),
-                ("tools", tools_section()), ("imatrix", imatrix_section()),
-                ("imatrix-gpu", imatrix_grid_section()))
-    for name, body in sections:
+#: Which page holds which generated section; each page must carry the markers of all of its sections.
+PAGES = {
+    "README.md": {"headline": headline_section},
+    "docs/results.md": {"summary": summary_section, "quality": quality_section, "search": search_section,
+                        "tail": tail_section, "weights": weights_section, "patch": patch_section,
+                        "context_shift": context_shift_section, "convert": convert_section, "tools": tools_section,
+                        "imatrix": imatrix_section, "imatrix-gpu": imatrix_grid_section},
+}
+
+
+def render(page: str, text: str) -> str:
+    """`text` (the page's current content) with each of its generated sections rewritten."""
+    for name, section in PAGES[page].items():
         pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
         if not pattern.search(text):
-            sys.exit(f"README.md has no generated:{name} markers")
+            raise SystemExit(f"{page} has no generated:{name} markers")
+        body = section()
         text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
-    readme.write_text(text)
+    return text
+
+
+def main(argv: list[str]) -> int:
+    check = argv == ["--check"]
+    if argv and not check:
+        print("usage: python tools/update_readme.py [--check]", file=sys.stderr)
+        return 2
+    stale = []
+    for page in PAGES:
+        path = REPO / page
+        text = path.read_text(encoding="utf-8")
+        new = render(page, text)
+        if new != text:
+            stale.append(page)
+            if not check:
+                path.write_text(new, encoding="utf-8")
+    if check and stale:
+        print(f"out of date: {', '.join(stale)}; run python tools/update_readme.py", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
