@@ -22,12 +22,26 @@ PYTHON=${PYTHON:-python3}
 EXTRAS=${1:+[$1]}
 read -r -a CMAKE_EXTRA <<< "${QROAR_CMAKE_ARGS:-}"
 
+# A step's own output (pip's, setuptools' editable-install banner) is kept in a log and shown only when
+# the step fails; the set-up prints one line per step instead.
+LOG=$(mktemp)
+TMP_WHEELS=
+trap 'rm -f "$LOG"; [ -z "$TMP_WHEELS" ] || rm -rf "$TMP_WHEELS"' EXIT
+quietly() {
+    if ! "$@" >"$LOG" 2>&1; then
+        cat "$LOG" >&2
+        echo "setup: failed: $*" >&2
+        return 1
+    fi
+}
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $($PYTHON --version)"
-    "$PYTHON" -m venv .venv
+    quietly "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "cmake>=3.21" ninja  # to build llama.cpp
+echo "setup: installing pip, CMake and Ninja into .venv"
+quietly .venv/bin/python -m pip install --upgrade pip
+quietly .venv/bin/python -m pip install "cmake>=3.21" ninja  # to build llama.cpp
 
 # llama.cpp's tools and shared libraries (once: several minutes; cached afterwards)
 PYTHONPATH=. .venv/bin/python -m qroar_gguf.llama_tools build "${CMAKE_EXTRA[@]}"
@@ -35,16 +49,21 @@ PYTHONPATH=. .venv/bin/python -m qroar_gguf.llama_tools build "${CMAKE_EXTRA[@]}
 # the bindings without a llama.cpp of their own (seconds), then the build's libllama put beside them
 wheel=$(ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
-    echo "setup: building llama-cpp-python $VERSION's Python bindings (without their own llama.cpp)"
+    echo "setup: building llama-cpp-python $VERSION's Python bindings (without their own llama.cpp; once)"
     mkdir -p "$WHEELS"
-    tmp=$(mktemp -d)
-    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" .venv/bin/python -m pip wheel -q --no-deps \
-        "$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz" -w "$tmp"
-    mv "$tmp"/llama_cpp_python-*.whl "$WHEELS"/
-    rm -rf "$tmp"
+    TMP_WHEELS=$(mktemp -d)
+    quietly env CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" .venv/bin/python -m pip wheel --no-deps \
+        "$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz" -w "$TMP_WHEELS"
+    mv "$TMP_WHEELS"/llama_cpp_python-*.whl "$WHEELS"/
     wheel=$(ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl | head -n 1)
 fi
-.venv/bin/python -m pip install -q --no-deps --force-reinstall "$wheel"
-PYTHONPATH=. .venv/bin/python -m qroar_gguf.llama_tools link-bindings "${CMAKE_EXTRA[@]}"
-.venv/bin/python -m pip install -q -e ".$EXTRAS"
+echo "setup: installing the Python bindings"
+quietly .venv/bin/python -m pip install --no-deps --force-reinstall "$wheel"
+quietly env PYTHONPATH=. .venv/bin/python -m qroar_gguf.llama_tools link-bindings "${CMAKE_EXTRA[@]}"
+if [ -n "$EXTRAS" ]; then
+    echo "setup: installing qroar-gguf and its dependencies, with the $1 extra (minutes the first time)"
+else
+    echo "setup: installing qroar-gguf and its dependencies"
+fi
+quietly .venv/bin/python -m pip install -e ".$EXTRAS"
 echo "setup: ready ($(.venv/bin/qroar-gguf --version)); llama.cpp's tools: .venv/bin/qroar-gguf tools"
