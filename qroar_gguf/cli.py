@@ -721,7 +721,9 @@ def tools(ctx: click.Context, as_json: bool) -> None:
         click.echo("llama.cpp's tools are not built on this machine: run `qroar-gguf tools build`")
     else:
         options = " ".join(build["cmake_args"]) or "default (CPU, portable)"
-        click.echo(f"llama.cpp {build['llama_cpp_version']} from llama-cpp-python {build['llama_cpp_python']}, "
+        commit = build.get("llama_cpp_commit")
+        click.echo(f"llama.cpp {build['llama_cpp_version']}{f' = commit {commit[:12]}' if commit else ''} from "
+                   f"llama-cpp-python {build['llama_cpp_python']}, "
                    f"patches: {', '.join(build['patches']) or 'none'}; options: {options}")
     for name, tool in described["tools"].items():
         click.echo(f"  {name:<17} {tool['path'] or 'missing'}")

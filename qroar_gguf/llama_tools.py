@@ -194,6 +194,25 @@ def fetch_sdist(say: Callable[[str], None]) -> Path:
     return path
 
 
+def sdist_llama_cpp_commit(sdist: Path) -> str | None:
+    """The llama.cpp commit vendored in the sdist: its git submodule's HEAD, which the sdist carries under
+    ``.git/modules/vendor/llama.cpp``. llama.cpp's build looks for it with git in the extracted source,
+    finds no repository there and prints "commit unknown" in every ``--version``; the build records it in
+    build.json as ``llama_cpp_commit``. None where the sdist has none."""
+    import tarfile
+
+    wanted = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/.git/modules/vendor/llama.cpp/HEAD"
+    try:
+        with tarfile.open(sdist) as tar:
+            for member in tar:  # the .git folder comes first: stop there rather than read the whole archive
+                if member.name == wanted and member.isfile():
+                    head = tar.extractfile(member).read(100).decode("ascii", "replace").strip()
+                    return head if re.fullmatch(r"[0-9a-f]{40}", head) else None
+    except (OSError, tarfile.TarError):
+        return None
+    return None
+
+
 def pip_download(requirement: str, folder: Path, *, sdist: bool, hint: str) -> list[Path]:
     """Download `requirement` alone (no dependencies) into `folder` with pip, which honours the user's
     index and proxy settings: its source distribution (`sdist`) or a wheel. Returns the files there; one
@@ -372,6 +391,7 @@ def _build_into(final: Path, root: Path, key: str, cmake_args: list[str], jobs: 
             "cmake_args": cmake_args,
             "key": key,
             "llama_cpp_version": tool_version(stage / "bin" / "llama-cli"),
+            "llama_cpp_commit": sdist_llama_cpp_commit(sdist),
             "build_seconds": round(time.monotonic() - started, 1),
         }
         (stage / "build.json").write_text(json.dumps(info, indent=2) + "\n")  # published with the folder
@@ -422,6 +442,9 @@ def describe_tools() -> dict:
         bindings["lib"] = str(lib)
         if build is not None and (build.bin / "libllama.so").is_file():
             bindings["same_as_build"] = sha256_file(lib) == sha256_file(build.bin / "libllama.so")
+    if build is not None and "llama_cpp_commit" not in build.info:  # a build made before it was recorded
+        sdist = cache_dir() / "sdist" / SDIST_NAME
+        build = ToolsBuild(build.root, {**build.info, "llama_cpp_commit": sdist_llama_cpp_commit(sdist)})
     return {"override": override, "build": None if build is None else {"root": str(build.root), **build.info},
             "tools": tools, "bindings": bindings}
 
