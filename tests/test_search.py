@@ -161,3 +161,20 @@ def test_search_defaults_to_one_window_of_emma(band_model: Path, tmp_path: Path,
     assert search["dev_chunks"] == 1 and search["dev_scored_tokens"] == TARGET // 2 - 1
     # searched band scales are non-symmetric unless asked (explicit --band-scales default to symmetric)
     assert search["symmetric"] is False and provenance(out)["band_symmetric"] is False
+
+
+def test_a_library_caller_gets_the_command_lines_defaults(monkeypatch, tmp_path: Path):
+    """search_and_convert/run_search choose what the command line leaves out: Emma as the dev text (said
+    through `log`), one window per candidate, non-symmetric band scales unless asked."""
+    import qroar_gguf.search as search
+    from qroar_gguf.rope.spec import BandSpec, PlanSpec
+    from qroar_gguf.search_settings import DEFAULT_DEV_CHUNKS, SearchSettings
+
+    monkeypatch.setattr(search, "austen_text", lambda title: tmp_path / f"{title}.txt")
+    said: list[str] = []
+    options, settings = search._with_defaults(_options(), SearchSettings(), said.append)
+    assert settings.dev_text == tmp_path / "Emma.txt" and settings.dev_chunks == DEFAULT_DEV_CHUNKS == 1
+    assert options.plan.bands.symmetric is False and len(said) == 1 and "Emma.txt" in said[0]
+    asked = _options(plan=PlanSpec("yarn", bands=BandSpec(symmetric=True)))
+    options, again = search._with_defaults(asked, settings, said.append)
+    assert options.plan.bands.symmetric is True and again == settings and len(said) == 1
