@@ -33,7 +33,7 @@ from pathlib import Path
 
 from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError, stop_on_signals
-from qroar_gguf.outputs import exclusive, publish_folder, publish_text, temporary_folder_beside
+from qroar_gguf.outputs import exclusive, publish_folder, publish_text, temporary_beside, temporary_folder_beside
 from qroar_gguf.paths import cache_dir
 
 #: The llama-cpp-python release whose vendored llama.cpp is built (tools/setup.sh installs its bindings).
@@ -413,12 +413,17 @@ def link_bindings(build: ToolsBuild) -> Path:
     bindings and the tools run the same libllama. Returns that folder."""
     lib_dir = bindings_lib_dir()
     lib_dir.mkdir(exist_ok=True)
-    for old in lib_dir.iterdir():
-        if _SHARED_LIBRARY.match(old.name):
-            old.unlink()
+    kept = set()
     for path in sorted(build.bin.iterdir()):
         if _SHARED_LIBRARY.match(path.name):
-            shutil.copy2(path, lib_dir / path.name, follow_symlinks=False)
+            with temporary_beside(lib_dir / path.name, "tmp") as tmp:  # each library replaced whole
+                tmp.unlink()  # copy2 makes a symlink as a symlink, at a name that must not exist
+                shutil.copy2(path, tmp, follow_symlinks=False)
+                os.replace(tmp, lib_dir / path.name)
+            kept.add(path.name)
+    for old in lib_dir.iterdir():
+        if _SHARED_LIBRARY.match(old.name) and old.name not in kept:
+            old.unlink()
     return lib_dir
 
 
