@@ -23,7 +23,9 @@ def _options(**kw):
 def _settings(dev_text: Path, cache: Path, **kw):
     from qroar_gguf.search import SearchSettings
 
-    return SearchSettings(**{**dict(dev_text=dev_text, dev_ctx=TARGET, budget=6, seed=1, cache=cache), **kw})
+    # every whole window of the dev text (dev_chunks None), not the one window a search takes by default
+    return SearchSettings(**{**dict(dev_text=dev_text, dev_ctx=TARGET, dev_chunks=None, budget=6, seed=1, cache=cache),
+                             **kw})
 
 
 def _trace(result) -> list:
@@ -108,7 +110,8 @@ def test_search_start_is_the_formula_plan_and_the_output_is_the_best(band_model:
     assert search["dev_text_sha256"] == hashlib.sha256(dev_text.read_bytes()).hexdigest()
     assert search["objective"] == "ppl" and search["space"] == "scales"
     assert prov["band_factors"] == [1.0] * 4  # space "scales": factors stay the formula's
-    assert prov["bands"] == [0, 1, 7, 13, 32] and prov["band_symmetric"] is True
+    # searched scales are non-symmetric unless asked, for a library caller as on the command line
+    assert prov["bands"] == [0, 1, 7, 13, 32] and prov["band_symmetric"] is False
     assert any("best" in line for line in lines) and lines[0].startswith("search:")
 
 
