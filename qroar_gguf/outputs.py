@@ -163,7 +163,11 @@ def publish_folder(folder: Path, path: Path) -> None:
     if path.exists():
         with temporary_folder_beside(path, "old") as old:
             os.replace(path, old / "previous")
-            os.replace(folder, path)
+            try:
+                os.replace(folder, path)
+            except BaseException:
+                os.replace(old / "previous", path)  # the previous folder stays where it was
+                raise
     else:
         os.replace(folder, path)
 
