@@ -109,8 +109,10 @@ def exclusive(key: Path | str, *, wait: str | None = None) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if wait is None:
-                held = f"writing {key}" if what is None else f"holding {what}"
-                raise QroarError(f"another qroar-gguf run is {held} right now: wait for it to finish or "
+                if what is not None:
+                    raise QroarError(f"another qroar-gguf run is holding {what} right now: wait for it to "
+                                     "finish") from None
+                raise QroarError(f"another qroar-gguf run is writing {key} right now: wait for it to finish or "
                                  "choose another output") from None
             print(wait, file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
