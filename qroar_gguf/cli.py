@@ -714,7 +714,7 @@ def tools(ctx: click.Context, as_json: bool) -> None:
     else:
         options = " ".join(build["cmake_args"]) or "default (CPU, portable)"
         commit = build.get("llama_cpp_commit")
-        click.echo(f"llama.cpp {build['llama_cpp_version']}{f' = commit {commit[:12]}' if commit else ''} from "
+        click.echo(f"llama.cpp {build['llama_cpp_version']}{f', the sdist commit {commit[:12]},' if commit else ''} from "
                    f"llama-cpp-python {build['llama_cpp_python']}, "
                    f"patches: {', '.join(build['patches']) or 'none'}; options: {options}")
     for name, tool in described["tools"].items():
