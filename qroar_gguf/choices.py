@@ -51,9 +51,12 @@ QUANTIZERS = ("libllama", "llama-quantize")
 METHODS = ("none", "linear", "ntk", "yarn", "llama3", "qroar")
 #: yarn beats ntk, llama3 and linear in every measurement so far (README's tables say by how much).
 DEFAULT_METHOD = "yarn"
-#: --agg names: how qroar aggregates a pair's sensitivity over layers (rope/sensitivity.py); the first
-#: is the default.
+#: --agg names: how qroar aggregates a pair's sensitivity over layers (rope/sensitivity.py).
 AGGREGATIONS = ("max", "mean")
+#: qroar's defaults, wherever a default is taken (plans, sensitivity, measure, plot, the command line):
+#: protection strength beta, and the aggregation over layers.
+DEFAULT_BETA = 8.0
+DEFAULT_AGG = "max"
 #: --type-k names (llama.cpp's KV cache types a key cache may take).
 KEY_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 #: bench's --imatrix axis: no importance matrix, one from short windows, one from windows of the file's

@@ -13,6 +13,8 @@ import click
 from qroar_gguf import __version__
 from qroar_gguf.choices import (
     AGGREGATIONS,
+    DEFAULT_AGG,
+    DEFAULT_BETA,
     DEFAULT_IMATRIX_TOKENS,
     DEFAULT_METHOD,
     IMATRIX_AXIS,
@@ -29,6 +31,7 @@ from qroar_gguf.outputs import check_destination, describe_os_error, publish_tex
 from qroar_gguf.search_settings import (
     DEFAULT_BUDGET,
     DEFAULT_DEV_CHUNKS,
+    DEFAULT_DEV_TEXT,
     DEFAULT_SPACE,
     OBJECTIVES,
     SPACES,
@@ -205,9 +208,10 @@ _target_options = _options(
 )
 _plan_detail_options = _options(
     click.option("--beta", type=click.FloatRange(min=0.0), default=None,
-                 help="qroar: protection strength for outlier pairs (0 = the base plan exactly). Default 8."),
+                 help="qroar: protection strength for outlier pairs (0 = the base plan exactly). "
+                      f"Default {DEFAULT_BETA:g}."),
     click.option("--agg", type=click.Choice(AGGREGATIONS), default=None,
-                 help="qroar: how pair sensitivity is aggregated over layers. Default max."),
+                 help=f"qroar: how pair sensitivity is aggregated over layers. Default {DEFAULT_AGG}."),
     click.option("--base", type=click.Choice(["linear", "yarn", "llama3"]), default=None,
                  help="qroar: the plan whose interpolation is softened on protected pairs. Default yarn."),
     click.option("--attn-scale/--no-attn-scale", default=None,
@@ -222,13 +226,11 @@ _plan_detail_options = _options(
 
 
 def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | None, attn_scale: bool | None,
-               bands: int, band_factors: str | None, band_scales: str | None, symmetric: bool):
-    """The PlanSpec the plan options ask for; options of another method are usage errors."""
+               bands: int, band_factors: str | None, band_scales: str | None, symmetric: bool | None):
+    """The PlanSpec the plan options ask for (PlanSpec refuses options of another method as usage errors)."""
     from qroar_gguf.rope.spec import BandSpec, PlanSpec
 
     plan_options = {k: v for k, v in {"beta": beta, "base": base, "attn_scale": attn_scale}.items() if v is not None}
-    if method != "qroar" and (agg is not None or set(plan_options) - {"attn_scale"}):
-        raise click.UsageError(f"--beta, --agg and --base apply to --method qroar only (got --method {method})")
     band_spec = BandSpec(
         count=bands, symmetric=symmetric,
         factors=None if band_factors is None else BandSpec.parse_values(band_factors, bands, "--band-factors"),
@@ -281,13 +283,13 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
                    "for the quantized file (cached). `--search` alone is the configuration README measures at 4x; "
                    "each candidate is a full-context evaluation (README gives the time it takes).")
 @click.option("--dev-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="--search: UTF-8 text to measure candidates on. Default: Jane Austen's Emma "
+              help=f"--search: UTF-8 text to measure candidates on. Default: Jane Austen's {DEFAULT_DEV_TEXT} "
                    "(public domain, from Debian's r-cran-janeaustenr).")
 @click.option("--dev-ctx", type=click.IntRange(min=8), default=None,
               help="--search: window length in tokens. Default: the target context.")
 @click.option("--dev-chunks", type=click.IntRange(min=1), default=None,
-              help="--search: at most this many windows of the dev text. Default: 1 (each window of each "
-                   "candidate is a full-context evaluation).")
+              help=f"--search: at most this many windows of the dev text. Default: {DEFAULT_DEV_CHUNKS} (each window "
+                   "of each candidate is a full-context evaluation).")
 @click.option("--search-budget", type=click.IntRange(min=1), default=DEFAULT_BUDGET, show_default=True,
               help="--search: candidate evaluations at most (the starting plan included).")
 @click.option("--search-seed", type=int, default=0, show_default=True, help="--search: seed (order of moves).")
@@ -325,8 +327,6 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
     from qroar_gguf.convert import ConvertOptions
     from qroar_gguf.convert import convert as run_convert
 
-    if target_ctx is not None and scale is not None:
-        raise click.UsageError("give either --ctx or --scale, not both")
     if not search and any(v is not None for v in (dev_text, dev_ctx, dev_chunks, search_report)):
         raise click.UsageError("--dev-text, --dev-ctx, --dev-chunks and --search-report apply to --search only")
     if symmetric is not None and band_scales is None and not search:
@@ -340,15 +340,16 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
 
     if imatrix_text is None and (imatrix_ctx is not None or imatrix_chunks is not None):
         raise click.UsageError("--imatrix-ctx and --imatrix-chunks apply to --imatrix-text only")
-    plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales,
-                      (not search) if symmetric is None else symmetric)
-    from qroar_gguf.gguf_io.imatrix import DEFAULT_WINDOW, ImatrixRequest
+    plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales, symmetric)
+    from qroar_gguf.gguf_io.imatrix import ImatrixRequest
     from qroar_gguf.gguf_io.quantize import TypeOverrides
 
     overrides = TypeOverrides(imatrix=imatrix, tensor_types=tensor_types, output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type)
-    imatrix_from = None if imatrix_text is None else ImatrixRequest(
-        imatrix_text, imatrix_ctx or DEFAULT_WINDOW, imatrix_chunks)
+    imatrix_from = None
+    if imatrix_text is not None:  # the window, unless given, is the request's default
+        window = {} if imatrix_ctx is None else {"ctx": imatrix_ctx}
+        imatrix_from = ImatrixRequest(imatrix_text, chunks=imatrix_chunks, **window)
     options = ConvertOptions(plan=plan, target_ctx=target_ctx, scale=scale,
                              qtype=qtype, threads=threads, quantizer=quantizer, overrides=overrides,
                              imatrix_from=imatrix_from, keep_f16=keep_f16,
@@ -364,17 +365,10 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
     if search:
         from qroar_gguf.search import search_and_convert
 
-        if dev_text is None:
-            from qroar_gguf.assets.austen import austen_text
-
-            dev_text = austen_text("Emma")
-            if not quiet:
-                click.echo(f"search: dev text {dev_text} (pass --dev-text to choose another)")
-        dev_chunks = DEFAULT_DEV_CHUNKS if dev_chunks is None else dev_chunks
-
-        settings = SearchSettings(dev_text=dev_text, dev_ctx=dev_ctx, dev_chunks=dev_chunks, budget=search_budget,
-                                  seed=search_seed, objective=search_objective, space=search_space,
-                                  type_k=search_type_k, report=search_report)
+        given = {k: v for k, v in dict(dev_text=dev_text, dev_ctx=dev_ctx, dev_chunks=dev_chunks).items()
+                 if v is not None}  # the rest is the search's own default
+        settings = SearchSettings(**given, budget=search_budget, seed=search_seed, objective=search_objective,
+                                  space=search_space, type_k=search_type_k, report=search_report)
         result = search_and_convert(model, output, options, settings, log=None if quiet else click.echo)
     else:
         result = run_convert(model, output, options)
@@ -432,8 +426,6 @@ def patch(ctx: click.Context, gguf_file: Path, output: Path, target_ctx: int | N
     from qroar_gguf.patch import PatchOptions
     from qroar_gguf.patch import patch as run_patch
 
-    if target_ctx is not None and scale is not None:
-        raise click.UsageError("give either --ctx or --scale, not both")
     if not output.name:
         raise click.UsageError("-o needs a file name")
     _refuse_same_file([("GGUF_FILE", gguf_file), ("-o", output), ("--modelfile", modelfile)])
@@ -448,7 +440,7 @@ def patch(ctx: click.Context, gguf_file: Path, output: Path, target_ctx: int | N
         _fix_shift(gguf_file, output, PatchOptions(force=force, progress=_show_progress(quiet), modelfile=modelfile),
                    quiet)
         return
-    plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales, True)
+    plan = _plan_spec(method, beta, agg, base, attn_scale, bands, band_factors, band_scales, None)
     from qroar_gguf.file_types import kept_type_warning
 
     warning = kept_type_warning(gguf_file, output)
@@ -571,8 +563,8 @@ def _g(value, digits: int = 4, spec: str | None = None) -> str:
               help="PNG file to write.")
 @click.option("--ctx", "target_ctx", type=click.IntRange(min=1), default=None,
               help="Target context for the factor curves. Default: 4x the trained context.")
-@click.option("--agg", type=click.Choice(AGGREGATIONS), default="max", show_default=True)
-@click.option("--beta", type=click.FloatRange(min=0.0), default=8.0, show_default=True)
+@click.option("--agg", type=click.Choice(AGGREGATIONS), default=DEFAULT_AGG, show_default=True)
+@click.option("--beta", type=click.FloatRange(min=0.0), default=DEFAULT_BETA, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the plotted data as JSON.")
 def plot(model: Path, output: Path, target_ctx: int | None, agg: str, beta: float, json_out: Path | None) -> None:
@@ -721,7 +713,9 @@ def tools(ctx: click.Context, as_json: bool) -> None:
         click.echo("llama.cpp's tools are not built on this machine: run `qroar-gguf tools build`")
     else:
         options = " ".join(build["cmake_args"]) or "default (CPU, portable)"
-        click.echo(f"llama.cpp {build['llama_cpp_version']} from llama-cpp-python {build['llama_cpp_python']}, "
+        commit = build.get("llama_cpp_commit")
+        click.echo(f"llama.cpp {build['llama_cpp_version']}{f', the sdist commit {commit[:12]},' if commit else ''} from "
+                   f"llama-cpp-python {build['llama_cpp_python']}, "
                    f"patches: {', '.join(build['patches']) or 'none'}; options: {options}")
     for name, tool in described["tools"].items():
         click.echo(f"  {name:<17} {tool['path'] or 'missing'}")

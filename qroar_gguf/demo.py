@@ -22,6 +22,7 @@ from qroar_gguf.evaluate.perplexity import perplexity
 from qroar_gguf.evaluate.runtime import Runtime
 from qroar_gguf.llama_tools import find_tool
 from qroar_gguf.paths import cache_dir
+from qroar_gguf.rope.plans import extends
 from qroar_gguf.rope.spec import PlanSpec
 
 
@@ -39,7 +40,7 @@ def run_demo(method: str, ctx: int | None, qtype: str, text_title: str, threads:
     work.mkdir(exist_ok=True)
     trained = checkpoint_hparams(model_dir).context_length
     target = ctx or 2 * trained
-    if target <= trained:
+    if not extends(trained, target):  # the plans' one rule: a longer context, never the trained one
         raise QroarError(f"--ctx {target} must be larger than the model's trained context {trained}: the demo "
                          "shows a longer context")
 

@@ -8,13 +8,14 @@ CMakeLists and every patch, the CMake options) and keeps only the programs and s
 bindings load (:func:`link_bindings` puts it in place), so ``import llama_cpp`` and the tools run one
 llama.cpp.
 
-This module needs only the standard library: the set-up runs it (``python -m
-qroar_gguf.llama_tools build``) before anything else is installed.
+This module needs only the standard library (and the package's own modules that need no more:
+``outputs``, ``errors``, ``paths``, ``digests``): the set-up runs it (``python -m
+qroar_gguf.llama_tools build``) before anything else is installed. Its :func:`run_program` is the
+package's one way to run a child process.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -23,16 +24,16 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError, stop_on_signals
+from qroar_gguf.outputs import exclusive, publish_folder, publish_text, temporary_beside, temporary_folder_beside
 from qroar_gguf.paths import cache_dir
 
 #: The llama-cpp-python release whose vendored llama.cpp is built (tools/setup.sh installs its bindings).
@@ -159,33 +160,18 @@ def find_tool(name: str) -> Path:
 
 def tool_version(path: Path) -> str:
     """What `path --version` says (llama.cpp prints `version: N (commit)` and the compiler)."""
+    log: deque = deque(maxlen=200)
     try:
-        done = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        status = run_program([str(path), "--version"], log, timeout=60)
+    except OSError as exc:
         return f"does not run: {exc}"
-    lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.startswith("version:")]
-    return lines[0].removeprefix("version:").strip() if lines else f"no --version (exit status {done.returncode})"
+    if status is None:
+        return "does not run: no answer to --version within 60 s"
+    lines = [line.strip() for line in log if line.startswith("version:")]
+    return lines[0].removeprefix("version:").strip() if lines else f"no --version (exit status {status})"
 
 
 # -- building -------------------------------------------------------------------------------------
-@contextmanager
-def _build_lock() -> Iterator[None]:
-    """One build at a time per cache; a second waits for the first (and then finds its result)."""
-    locks = cache_dir() / "locks"
-    locks.mkdir(exist_ok=True)
-    fd = os.open(locks / "llama-tools-build.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print("tools: another run is building llama.cpp; waiting for it", file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def fetch_sdist(say: Callable[[str], None]) -> Path:
     """The pinned llama-cpp-python sdist, downloaded once with pip (which honours the user's index and
     proxy settings) and checked against SDIST_SHA256."""
@@ -195,20 +181,50 @@ def fetch_sdist(say: Callable[[str], None]) -> Path:
         return path
     folder.mkdir(parents=True, exist_ok=True)
     say(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s source (llama.cpp is vendored in it)")
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                               f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp],
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        got = Path(tmp) / SDIST_NAME
-        if done.returncode != 0 or not got.is_file():
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise QroarError(f"could not download llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s sdist with pip "
-                             f"({tail[0]}): check the connection to the package index, or put {SDIST_NAME} in {folder}")
+    with temporary_folder_beside(path, "download") as tmp:
+        pip_download(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", tmp, sdist=True,
+                     hint=f"check the connection to the package index, or put {SDIST_NAME} in {folder}")
+        got = tmp / SDIST_NAME
+        if not got.is_file():
+            raise QroarError(f"pip downloaded no {SDIST_NAME}: put it in {folder}")
         if sha256_file(got) != SDIST_SHA256:
             raise QroarError(f"the downloaded {SDIST_NAME} does not have PyPI's digest {SDIST_SHA256[:12]}...: "
                              "refusing to build it")
         os.replace(got, path)
     return path
+
+
+def sdist_llama_cpp_commit(sdist: Path) -> str | None:
+    """The llama.cpp commit vendored in the sdist: its git submodule's HEAD, which the sdist carries under
+    ``.git/modules/vendor/llama.cpp``. llama.cpp's build looks for it with git in the extracted source,
+    finds no repository there and prints "commit unknown" in every ``--version``; the build records it in
+    build.json as ``llama_cpp_commit``. None where the sdist has none."""
+    import tarfile
+
+    wanted = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/.git/modules/vendor/llama.cpp/HEAD"
+    try:
+        with tarfile.open(sdist) as tar:
+            for member in tar:  # the .git folder comes first: stop there rather than read the whole archive
+                if member.name == wanted and member.isfile():
+                    head = tar.extractfile(member).read(100).decode("ascii", "replace").strip()
+                    return head if re.fullmatch(r"[0-9a-f]{40}", head) else None
+    except (OSError, tarfile.TarError):
+        return None
+    return None
+
+
+def pip_download(requirement: str, folder: Path, *, sdist: bool, hint: str) -> list[Path]:
+    """Download `requirement` alone (no dependencies) into `folder` with pip, which honours the user's
+    index and proxy settings: its source distribution (`sdist`) or a wheel. Returns the files there; one
+    line with pip's last words and `hint` when it fails."""
+    log: deque = deque(maxlen=200)
+    status = run_program([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                          "--no-binary" if sdist else "--only-binary", ":all:", requirement, "-d", str(folder)], log)
+    files = sorted(Path(folder).iterdir())
+    if status != 0 or not files:
+        tail = [line.strip() for line in log if line.strip()][-1:] or ["it downloaded nothing"]
+        raise QroarError(f"could not download {requirement} with pip ({tail[0]}): {hint}")
+    return files
 
 
 def reference_converter(say: Callable[[str], None] = lambda _: None) -> Path:
@@ -225,7 +241,7 @@ def reference_converter(say: Callable[[str], None] = lambda _: None) -> Path:
     sdist = fetch_sdist(say)
     prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
     wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/")
-    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".converter-") as tmp:
+    with temporary_folder_beside(root, "converter") as tmp:
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers()
                        if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
@@ -237,8 +253,6 @@ def reference_converter(say: Callable[[str], None] = lambda _: None) -> Path:
         except OSError:
             if not script.is_file():
                 raise
-        else:
-            os.mkdir(tmp)  # for TemporaryDirectory's clean-up
     return script
 
 
@@ -251,8 +265,9 @@ def _program(name: str) -> str | None:
 def _cmake() -> str:
     cmake = _program("cmake")
     if cmake is not None:
-        done = subprocess.run([cmake, "--version"], capture_output=True, text=True)
-        found = re.search(r"(\d+)\.(\d+)", done.stdout)
+        log: deque = deque(maxlen=50)
+        run_program([cmake, "--version"], log)
+        found = re.search(r"(\d+)\.(\d+)", "\n".join(log))
         if found and tuple(map(int, found.groups())) >= _MIN_CMAKE:
             return cmake
     wanted = ".".join(map(str, _MIN_CMAKE))
@@ -260,18 +275,32 @@ def _cmake() -> str:
                      "environment (tools/setup.sh does) or install it from your system's packages")
 
 
-def run_program(command: list[str], log: deque, on_line: Callable[[str], None] | None = None) -> int:
-    """Run one of llama.cpp's programs (or the build), its output line by line into `log` (and
-    `on_line`); a stop (Ctrl-C, SIGTERM as Stopped, an error) kills it first. Returns its status."""
+def run_program(command: list[str], log: deque | list, on_line: Callable[[str], None] | None = None, *,
+                cwd: Path | None = None, timeout: float | None = None) -> int | None:
+    """Run a child process (one of llama.cpp's programs, the build, pip, the quantizer's child), its
+    output and errors line by line into `log` (and `on_line`); a stop (Ctrl-C, SIGTERM as Stopped, an
+    error) kills it first. Returns its status, or None when it ran past `timeout` seconds (killed)."""
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, errors="replace")
+                             text=True, errors="replace", cwd=cwd)
+    late = threading.Event()
+
+    def time_out() -> None:
+        late.set()
+        child.kill()
+
+    timer = None if timeout is None else threading.Timer(timeout, time_out)
     try:
+        if timer is not None:
+            timer.start()
         for line in child.stdout:
             log.append(line.rstrip("\n"))
             if on_line is not None:
                 on_line(line)
-        return child.wait()
+        status = child.wait()
+        return None if late.is_set() else status
     finally:
+        if timer is not None:
+            timer.cancel()
         if child.poll() is None:  # stopped: do not leave it running, nor let it finish a file
             child.kill()
             child.wait()
@@ -317,14 +346,16 @@ def build_tools(cmake_args: Sequence[str] = (), *, jobs: int | None = None, rebu
     cmake_args = list(cmake_args)
     key = build_key(cmake_args, root)
     final = build_dir(key)
-    with _build_lock():
+    builds_dir().mkdir(parents=True, exist_ok=True)
+    # one build at a time per cache; a second waits for the first (and then finds its result)
+    with exclusive("llama-tools-build", wait="tools: another run is building llama.cpp; waiting for it"):
         if rebuild and final.exists():
             shutil.rmtree(final)
-        for stale in builds_dir().glob(".build-*"):  # a killed run's (we hold the lock: none is running)
+        for stale in builds_dir().glob(".build-*"):  # older versions' work folders (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         if not (final / "build.json").is_file():
             _build_into(final, root, key, cmake_args, jobs or os.cpu_count() or 1, say)
-        builds_dir().joinpath("selected.json").write_text(json.dumps({"key": key, "cmake_args": cmake_args}) + "\n")
+        publish_text(_selected_path(), json.dumps({"key": key, "cmake_args": cmake_args}) + "\n")
     return ToolsBuild(final, json.loads((final / "build.json").read_text()))
 
 
@@ -345,13 +376,13 @@ def _build_into(final: Path, root: Path, key: str, cmake_args: list[str], jobs: 
     started = time.monotonic()
     say(f"building llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} with {len(patch_files(root))} "
         f"patch(es), {jobs} jobs (once; several minutes on a laptop-class CPU)")
-    with tempfile.TemporaryDirectory(dir=builds_dir(), prefix=".build-") as work:
-        build = Path(work) / "build"
+    with temporary_folder_beside(final, "build") as work:
+        build = work / "build"
         log: deque = deque(maxlen=400)
         _run_logged([cmake, "-S", str(root), "-B", str(build), *generator, f"-DQROAR_LLAMA_SDIST={sdist}",
                      f"-DQROAR_PATCHES_DIR={root / 'patches'}", *cmake_args], step, log)
         _run_logged([cmake, "--build", str(build), "--target", "qroar-llama-tools", "--parallel", str(jobs)], step, log)
-        stage = Path(work) / "out"
+        stage = work / "out"
         _keep_outputs(build / "bin", stage / "bin")
         info = {
             "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
@@ -360,12 +391,11 @@ def _build_into(final: Path, root: Path, key: str, cmake_args: list[str], jobs: 
             "cmake_args": cmake_args,
             "key": key,
             "llama_cpp_version": tool_version(stage / "bin" / "llama-cli"),
+            "llama_cpp_commit": sdist_llama_cpp_commit(sdist),
             "build_seconds": round(time.monotonic() - started, 1),
         }
-        (stage / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-        if final.exists():  # a half-removed earlier build
-            shutil.rmtree(final)
-        os.replace(stage, final)
+        (stage / "build.json").write_text(json.dumps(info, indent=2) + "\n")  # published with the folder
+        publish_folder(stage, final)  # replacing a half-removed earlier build
     say(f"built in {info['build_seconds']:.0f} s: {final / 'bin'}")
 
 
@@ -383,12 +413,17 @@ def link_bindings(build: ToolsBuild) -> Path:
     bindings and the tools run the same libllama. Returns that folder."""
     lib_dir = bindings_lib_dir()
     lib_dir.mkdir(exist_ok=True)
-    for old in lib_dir.iterdir():
-        if _SHARED_LIBRARY.match(old.name):
-            old.unlink()
+    kept = set()
     for path in sorted(build.bin.iterdir()):
         if _SHARED_LIBRARY.match(path.name):
-            shutil.copy2(path, lib_dir / path.name, follow_symlinks=False)
+            with temporary_beside(lib_dir / path.name, "tmp") as tmp:  # each library replaced whole
+                tmp.unlink()  # copy2 makes a symlink as a symlink, at a name that must not exist
+                shutil.copy2(path, tmp, follow_symlinks=False)
+                os.replace(tmp, lib_dir / path.name)
+            kept.add(path.name)
+    for old in lib_dir.iterdir():
+        if _SHARED_LIBRARY.match(old.name) and old.name not in kept:
+            old.unlink()
     return lib_dir
 
 
@@ -412,6 +447,9 @@ def describe_tools() -> dict:
         bindings["lib"] = str(lib)
         if build is not None and (build.bin / "libllama.so").is_file():
             bindings["same_as_build"] = sha256_file(lib) == sha256_file(build.bin / "libllama.so")
+    if build is not None and "llama_cpp_commit" not in build.info:  # a build made before it was recorded
+        sdist = cache_dir() / "sdist" / SDIST_NAME
+        build = ToolsBuild(build.root, {**build.info, "llama_cpp_commit": sdist_llama_cpp_commit(sdist)})
     return {"override": override, "build": None if build is None else {"root": str(build.root), **build.info},
             "tools": tools, "bindings": bindings}
 

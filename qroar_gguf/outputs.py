@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -91,19 +92,30 @@ def check_free_space(path: Path, needed: int, what: str) -> None:
 
 
 @contextmanager
-def exclusive(path: Path) -> Iterator[None]:
-    """Hold the right to write `path` (a lock under the cache, keyed by the absolute path, never in the
-    user's folder); another run asking for the same path meanwhile fails at once."""
-    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+def exclusive(key: Path | str, *, wait: str | None = None) -> Iterator[None]:
+    """Hold a lock under the cache (never in the user's folder) for as long as the block runs. `key` is an
+    output's path (the lock is keyed by its absolute path: the right to write that file) or a lock's own
+    name (``"llama-tools-build"``). Another run asking for it meanwhile fails at once with one line; with
+    `wait`, it prints `wait` on stderr and waits for the holder instead."""
+    if isinstance(key, str):
+        name, what = key, key
+    else:
+        name, what = hashlib.sha256(str(Path(key).resolve()).encode()).hexdigest()[:32], None
     locks = cache_dir() / "locks"
     locks.mkdir(exist_ok=True)
-    fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise QroarError(f"another qroar-gguf run is writing {path} right now: wait for it to finish or "
-                             "choose another output") from None
+            if wait is None:
+                if what is not None:
+                    raise QroarError(f"another qroar-gguf run is holding {what} right now: wait for it to "
+                                     "finish") from None
+                raise QroarError(f"another qroar-gguf run is writing {key} right now: wait for it to finish or "
+                                 "choose another output") from None
+            print(wait, file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -129,16 +141,55 @@ def temporary_beside(path: Path, tag: str) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+@contextmanager
+def temporary_folder_beside(path: Path, tag: str) -> Iterator[Path]:
+    """A new empty folder `.NAME.qroarPID.XXXXXXXX.TAG` next to `path`, unique to this run, for a result
+    made of several files (or a download) that appears whole or not at all: fill it, then
+    :func:`publish_folder` it (or move a file out of it). Removed with what it holds on the way out
+    unless it was renamed meanwhile; a killed run's folder is removed by the next one, as files are."""
+    path = Path(path)
+    remove_stale_temporaries(path)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{_stem(path)}.qroar{os.getpid()}.", suffix=f".{tag}",
+                                      dir=path.resolve().parent))
+    try:
+        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp makes 0700; the published folder gets the usual mode
+        yield temporary
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def publish_folder(folder: Path, path: Path) -> None:
+    """Put the finished `folder` (from :func:`temporary_folder_beside`) at `path` by rename, replacing a
+    folder there (moved aside under a temporary name first, then removed)."""
+    path = Path(path)
+    if path.exists():
+        with temporary_folder_beside(path, "old") as old:
+            os.replace(path, old / "previous")
+            try:
+                os.replace(folder, path)
+            except BaseException:
+                os.replace(old / "previous", path)  # the previous folder stays where it was
+                raise
+    else:
+        os.replace(folder, path)
+
+
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove the temporaries that runs no longer alive left beside `path`. Only names of exactly our
-    pattern whose process is gone are touched: a user's file, or a running run's temporary, never is."""
+    """Remove the temporaries (files and folders) that runs no longer alive left beside `path`. Only names
+    of exactly our pattern whose process is gone are touched: a user's file, or a running run's
+    temporary, never is."""
     path = Path(path)
     pattern = re.compile(rf"^\.{re.escape(_stem(path))}\.qroar(\d+)\.[A-Za-z0-9_]{{8}}\.[A-Za-z0-9_.]+$")
     removed = []
     for candidate in path.resolve().parent.glob(f".{glob.escape(_stem(path))}.qroar*"):
         match = pattern.match(candidate.name)
-        if match and candidate.is_file() and not _alive(int(match.group(1))):
-            candidate.unlink(missing_ok=True)
+        if match and not candidate.is_symlink() and not _alive(int(match.group(1))):
+            if candidate.is_file():
+                candidate.unlink(missing_ok=True)
+            elif candidate.is_dir():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                continue
             removed.append(candidate)
     return removed
 

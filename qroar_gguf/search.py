@@ -49,6 +49,7 @@ from typing import Callable
 import numpy as np
 
 from qroar_gguf import __version__
+from qroar_gguf.assets.austen import austen_text
 from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.convert import convert, make_conversion_plan, read_source
 from qroar_gguf.digests import sha256_file
@@ -61,7 +62,7 @@ from qroar_gguf.paths import cache_dir
 from qroar_gguf.rope.bands import apply_band_factors, band_starts, pair_bands
 from qroar_gguf.rope.measure import measure_sensitivity
 from qroar_gguf.rope.sensitivity import interpolation_pressure
-from qroar_gguf.search_settings import OBJECTIVES, SPACES, SearchSettings
+from qroar_gguf.search_settings import DEFAULT_DEV_TEXT, OBJECTIVES, SEARCH_SYMMETRIC, SPACES, SearchSettings
 from qroar_gguf.source.text import read_text
 
 CACHE_VERSION = 1
@@ -333,9 +334,21 @@ def _read_cache(path: Path, key: str, factors, scales) -> Evaluation | None:
         return None  # a damaged entry is measured again
 
 
-def _validate(options, settings: SearchSettings) -> None:
+def _with_defaults(options, settings: SearchSettings, log: Callable[[str], None] | None):
+    """``options`` and ``settings`` with what was left to the search chosen: the dev text
+    (DEFAULT_DEV_TEXT, said through `log`) and whether band scales are symmetric (SEARCH_SYMMETRIC)."""
     if settings.dev_text is None:
-        raise QroarError("--search needs --dev-text FILE (the text candidates are measured on)")
+        settings = dataclasses.replace(settings, dev_text=austen_text(DEFAULT_DEV_TEXT))
+        if log is not None:
+            log(f"search: dev text {settings.dev_text} (pass --dev-text to choose another)")
+    bands = options.plan.bands
+    if bands.symmetric is None:
+        bands = dataclasses.replace(bands, symmetric=SEARCH_SYMMETRIC)
+        options = dataclasses.replace(options, plan=dataclasses.replace(options.plan, bands=bands))
+    return options, settings
+
+
+def _validate(options, settings: SearchSettings) -> None:
     if options.plan.bands.given:
         raise QroarError("--search chooses the band values itself: drop --band-factors/--band-scales")
     if settings.objective not in OBJECTIVES:
@@ -355,6 +368,7 @@ def run_search(source: str | Path, options, settings: SearchSettings, *, log: Ca
 
     ``on_evaluate`` is called once per candidate measured in this run (not for cache hits).
     """
+    options, settings = _with_defaults(options, settings, log)
     searcher = _Searcher(Path(source), options, settings, log, on_evaluate)
     result = searcher.run()
     if settings.report is not None:
@@ -380,10 +394,11 @@ def write_report(result: SearchResult, path: Path, base: dict) -> None:
 def search_and_convert(source: str | Path, output: str | Path, options, settings: SearchSettings, *,
                        log: Callable[[str], None] | None = None, on_evaluate=None):
     """Search, then write ``output`` with the best band values and the search record in provenance."""
+    options, settings = _with_defaults(options, settings, log)
     ckpt = read_source(source, options).ckpt  # fail on the input and destinations before the search
     check_destination(Path(output), force=options.force, what="output", inputs=ckpt.source_files)
     if settings.report is not None:  # a report is rewritten by every run: no --force needed
-        inputs = [*ckpt.source_files, *([Path(settings.dev_text)] if settings.dev_text else [])]
+        inputs = [*ckpt.source_files, Path(settings.dev_text)]
         check_destination(Path(settings.report), force=True, what="--search-report", inputs=inputs)
     result = run_search(source, options, settings, log=log, on_evaluate=on_evaluate)
     final = dataclasses.replace(options, plan=options.plan.with_bands(result.best.factors, result.best.scales),

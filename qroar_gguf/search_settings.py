@@ -11,7 +11,12 @@ from pathlib import Path
 GRID = (0.8, 0.9, 1.0, 1.1, 1.25)
 OBJECTIVES = ("ppl", "kld")
 SPACES = ("both", "factors", "scales")
-DEFAULT_DEV_CHUNKS = 1  # the command line's default: one full-context window per candidate (minutes each)
+#: The Jane Austen novel (assets/austen.py) candidates are measured on when no dev text is given.
+DEFAULT_DEV_TEXT = "Emma"
+DEFAULT_DEV_CHUNKS = 1  # one full-context window per candidate (minutes each)
+#: Band scales a search tries are non-symmetric unless asked (both W_Q and W_K *= a): symmetric scales
+#: (W_K /= a) barely change 4-bit weight error, so a search over them measures noise.
+SEARCH_SYMMETRIC = False
 # The configuration README's search section measures: from yarn, band factors only, five candidates (why
 # factors only and why five: README, "What the tables say").
 DEFAULT_BUDGET = 5
@@ -20,9 +25,9 @@ DEFAULT_SPACE = "factors"
 
 @dataclass(frozen=True)
 class SearchSettings:
-    dev_text: Path | None
+    dev_text: Path | None = None  # None: DEFAULT_DEV_TEXT
     dev_ctx: int | None = None  # None: the target context
-    dev_chunks: int | None = None  # None: every whole window of the dev text
+    dev_chunks: int | None = DEFAULT_DEV_CHUNKS  # None: every whole window of the dev text
     budget: int = DEFAULT_BUDGET
     seed: int = 0
     objective: str = "ppl"

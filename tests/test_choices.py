@@ -43,7 +43,15 @@ def test_qtypes_are_llama_quantize_names(llama_quantize_names: dict[str, int]):
     names = dict(llama_quantize_names)
     assert names.pop("COPY") == 0  # llama-quantize's "copy the tensors as they are": no type of its own
     assert choices.FILE_TYPES == names
-    assert choices.QTYPES == tuple(choices.FILE_TYPES)
+    # what a user can type: every command's --qtype offers exactly llama-quantize's names
+    from qroar_gguf.cli import main
+
+    offered = {name: next(p for p in command.params if p.name in ("qtype", "qtypes")).type.choices
+               for name, command in main.commands.items()
+               if any(p.name in ("qtype", "qtypes") for p in command.params)}
+    assert set(offered) >= {"convert", "bench", "demo"}, offered
+    for name, choices_offered in offered.items():
+        assert sorted(choices_offered) == sorted(names), name
 
 
 @pytest.mark.parametrize("name", choices.QTYPES)

@@ -73,3 +73,19 @@ def test_every_imported_module_is_a_core_dependency():
                             "which is not in [project] dependencies of pyproject.toml")
     assert not problems, "; ".join(problems)
 
+
+
+def test_versions_are_written_once():
+    """The package's version lives in qroar_gguf/__init__.py (pyproject.toml reads it); the pinned
+    llama-cpp-python in llama_tools.py, which pyproject.toml's pin and tools/ follow."""
+    from qroar_gguf import __version__
+    from qroar_gguf.llama_tools import LLAMA_CPP_PYTHON_VERSION
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "qroar_gguf.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
+    pins = [r for r in pyproject["project"]["dependencies"] if _requirement_name(r) == "llama-cpp-python"]
+    assert pins == [f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]
+    for script in sorted((REPO / "tools").glob("*.sh")):  # they read it from llama_tools.py, as setup.sh does
+        assert LLAMA_CPP_PYTHON_VERSION not in script.read_text(encoding="utf-8"), script.name

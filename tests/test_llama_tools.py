@@ -190,3 +190,34 @@ def test_the_build_key_follows_what_is_compiled(tmp_path):
     assert build_key(root=tmp_path) != changed
     (tmp_path / "patches" / "0002-y.patch").write_text("--- a/y\n+++ b/y\n")
     assert len({build_key(root=tmp_path), changed, key}) == 3
+
+
+def test_the_sdists_llama_cpp_commit_is_read_from_its_submodule(tmp_path):
+    """llama.cpp's build cannot see the vendored commit (no git repository once extracted): we read it."""
+    import io
+    import tarfile
+
+    from qroar_gguf.llama_tools import LLAMA_CPP_PYTHON_VERSION, sdist_llama_cpp_commit
+
+    sdist = tmp_path / "x.tar.gz"
+    head = b"0c1e57098bba43ac29e6e3b677cdceebdd22334f\n"
+    with tarfile.open(sdist, "w:gz") as tar:
+        member = tarfile.TarInfo(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/.git/modules/vendor/llama.cpp/HEAD")
+        member.size = len(head)
+        tar.addfile(member, io.BytesIO(head))
+    assert sdist_llama_cpp_commit(sdist) == head.decode().strip()
+    assert sdist_llama_cpp_commit(tmp_path / "missing.tar.gz") is None
+
+
+def test_run_program_kills_a_child_that_runs_past_its_time_and_keeps_its_lines():
+    import time
+    from collections import deque
+
+    from qroar_gguf.llama_tools import run_program
+
+    log: deque = deque()
+    assert run_program(["sh", "-c", "echo out; echo err >&2; exit 3"], log) == 3
+    assert list(log) == ["out", "err"]
+    started = time.monotonic()
+    assert run_program(["sleep", "30"], deque(), timeout=0.5) is None
+    assert time.monotonic() - started < 10

@@ -15,6 +15,7 @@ from qroar_gguf.rope.plans import (
     RopeFacts,
     RopePlan,
     combine_with_source,
+    extends,
     make_plan,
     plan_options,
     source_factors,
@@ -129,14 +130,29 @@ def test_registry_has_the_six_methods():
     assert plan_options("qroar")["sensitivity"] is inspect.Parameter.empty
 
 
-def test_scale_one_gives_ones_for_every_plan():
+def test_the_trained_context_itself_is_no_extension():
+    """One target-context rule (plans.extends) for make_plan, every plan function and the demo: at L' = L
+    every plan's factors would be 1, a file naming a plan that changes nothing, so only "none" takes it."""
+    assert not extends(2048, 2048) and not extends(2048, 1024) and extends(2048, 2049)
     facts = RopeFacts(n_rot=64, theta=1e4, trained_ctx=2048, target_ctx=2048)
     for method, fn in PLANS.items():
         options = {"sensitivity": np.linspace(1, 2, 32)} if method == "qroar" else {}
+        if method == "none":
+            plan = fn(facts)
+            np.testing.assert_array_equal(plan.factors, np.ones(32, dtype=np.float32))
+            assert plan.attn_scale == 1.0 and plan.factors.dtype == np.float32
+            continue
+        with pytest.raises(QroarError, match="target context 2048 must be larger than the trained context 2048"):
+            fn(facts, **options)
+
+
+def test_just_beyond_the_trained_context_every_plan_is_nearly_the_identity():
+    facts = RopeFacts(n_rot=64, theta=1e4, trained_ctx=2048, target_ctx=2049)
+    for method, fn in PLANS.items():
+        options = {"sensitivity": np.linspace(1, 2, 32)} if method == "qroar" else {}
         plan = fn(facts, **options)
-        np.testing.assert_array_equal(plan.factors, np.ones(32, dtype=np.float32))
-        assert plan.attn_scale == 1.0
-        assert plan.factors.dtype == np.float32
+        np.testing.assert_allclose(plan.factors, np.ones(32), atol=1e-3)
+        assert abs(plan.attn_scale - 1.0) < 1e-3
 
 
 def test_none_keeps_any_target():

@@ -23,7 +23,9 @@ def _options(**kw):
 def _settings(dev_text: Path, cache: Path, **kw):
     from qroar_gguf.search import SearchSettings
 
-    return SearchSettings(**{**dict(dev_text=dev_text, dev_ctx=TARGET, budget=6, seed=1, cache=cache), **kw})
+    # every whole window of the dev text (dev_chunks None), not the one window a search takes by default
+    return SearchSettings(**{**dict(dev_text=dev_text, dev_ctx=TARGET, dev_chunks=None, budget=6, seed=1, cache=cache),
+                             **kw})
 
 
 def _trace(result) -> list:
@@ -108,7 +110,8 @@ def test_search_start_is_the_formula_plan_and_the_output_is_the_best(band_model:
     assert search["dev_text_sha256"] == hashlib.sha256(dev_text.read_bytes()).hexdigest()
     assert search["objective"] == "ppl" and search["space"] == "scales"
     assert prov["band_factors"] == [1.0] * 4  # space "scales": factors stay the formula's
-    assert prov["bands"] == [0, 1, 7, 13, 32] and prov["band_symmetric"] is True
+    # searched scales are non-symmetric unless asked, for a library caller as on the command line
+    assert prov["bands"] == [0, 1, 7, 13, 32] and prov["band_symmetric"] is False
     assert any("best" in line for line in lines) and lines[0].startswith("search:")
 
 
@@ -161,3 +164,20 @@ def test_search_defaults_to_one_window_of_emma(band_model: Path, tmp_path: Path,
     assert search["dev_chunks"] == 1 and search["dev_scored_tokens"] == TARGET // 2 - 1
     # searched band scales are non-symmetric unless asked (explicit --band-scales default to symmetric)
     assert search["symmetric"] is False and provenance(out)["band_symmetric"] is False
+
+
+def test_a_library_caller_gets_the_command_lines_defaults(monkeypatch, tmp_path: Path):
+    """search_and_convert/run_search choose what the command line leaves out: Emma as the dev text (said
+    through `log`), one window per candidate, non-symmetric band scales unless asked."""
+    import qroar_gguf.search as search
+    from qroar_gguf.rope.spec import BandSpec, PlanSpec
+    from qroar_gguf.search_settings import DEFAULT_DEV_CHUNKS, SearchSettings
+
+    monkeypatch.setattr(search, "austen_text", lambda title: tmp_path / f"{title}.txt")
+    said: list[str] = []
+    options, settings = search._with_defaults(_options(), SearchSettings(), said.append)
+    assert settings.dev_text == tmp_path / "Emma.txt" and settings.dev_chunks == DEFAULT_DEV_CHUNKS == 1
+    assert options.plan.bands.symmetric is False and len(said) == 1 and "Emma.txt" in said[0]
+    asked = _options(plan=PlanSpec("yarn", bands=BandSpec(symmetric=True)))
+    options, again = search._with_defaults(asked, settings, said.append)
+    assert options.plan.bands.symmetric is True and again == settings and len(said) == 1

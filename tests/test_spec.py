@@ -66,3 +66,23 @@ def test_bad_specs_are_one_line_errors(text: str, message: str):
     with pytest.raises(QroarError, match=message) as caught:
         PlanSpec.parse(text)
     assert "\n" not in str(caught.value)
+
+
+def test_the_command_lines_rules_are_the_specs():
+    """--ctx xor --scale and the qroar-only options are checked here once; the command line maps the
+    UsageProblem to its usage error (exit status 2)."""
+    from qroar_gguf.errors import UsageProblem
+    from qroar_gguf.rope.spec import rope_facts_for
+
+    for options, agg in (({"beta": 4.0}, None), ({"base": "linear"}, None), ({}, "mean")):
+        with pytest.raises(UsageProblem, match=r"--beta, --agg and --base apply to --method qroar only \(got --method"):
+            PlanSpec("yarn", options, agg)
+    with pytest.raises(UsageProblem, match="give either --ctx or --scale, not both"):
+        rope_facts_for(64, 1e4, 2048, "yarn", target_ctx=4096, scale=2.0)
+    assert PlanSpec("qroar", {"beta": 4.0}, "mean").aggregation == "mean" and PlanSpec("qroar").aggregation == "max"
+
+
+def test_symmetric_is_left_to_the_use_unless_asked():
+    assert BandSpec().symmetric is None and BandSpec().is_symmetric  # given scales fold symmetrically
+    assert BandSpec(symmetric=False).is_symmetric is False
+    assert PlanSpec.parse("qroar:band_scales=1/1/0.9/1").bands.is_symmetric  # a plan string's default

@@ -2,8 +2,8 @@
 """Benchmark `qroar-gguf patch`: speed and memory against `cp`, and quality against `convert`.
 
 1. Speed: the default SmolLM2 model as an unscaled F32 GGUF (several hundred MB) is patched and copied
-   with `cp`, alternating, in the same run; wall time and peak RSS of each process (os.wait4), and our
-   peak RSS against the largest attention tensor.
+   with `cp`, alternating, in the same run; wall time and peak RSS of each process (GNU time's %M, from
+   /usr/bin/time starting it: see measure()), and our peak RSS against the largest attention tensor.
 2. Quality: an unscaled file of `--qtype` is patched with `--method` to twice the trained context and
    compared with the file `convert` makes from the checkpoint (same method, context and qtype; convert
    folds the attention scale into W_Q/W_K before quantizing, patch into the quantized blocks' f16 scales):

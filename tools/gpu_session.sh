@@ -18,22 +18,24 @@ work=/tmp/qroar-gpu
 out=${OUT:-tools/results}
 cache=${QROAR_CACHE:-$HOME/.cache/qroar-gguf}
 model=SmolLM2-135M-Instruct.Q4_1.gguf
+# the pinned llama-cpp-python, read where it is written (as tools/setup.sh does)
+lcp=$(sed -n 's/^LLAMA_CPP_PYTHON_VERSION = "\(.*\)"$/\1/p' qroar_gguf/llama_tools.py)
 
 case ${1:-} in
 pack)
     rm -rf .gpu .gpu2 && mkdir -p .gpu/wheels .gpu2
-    cp "$cache"/wheels/llama-cpp-python-0.3.36-bindings/*.whl .gpu/wheels/
+    cp "$cache"/wheels/llama-cpp-python-$lcp-bindings/*.whl .gpu/wheels/
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/wheels \
         gguf==0.19.0 rdata==1.1.0 diskcache==5.6.3
     tar -czf .gpu/austen.tgz -C "$cache" austen
     # llama.cpp's source without its docs, vocabularies and media (the build needs none of them), with
     # patches/ applied here (that machine may have no `patch`)
-    tmp=$(mktemp -d) && tar -xzf "$cache"/sdist/llama_cpp_python-0.3.36.tar.gz -C "$tmp"
-    for p in patches/*.patch; do patch -p1 --forward --batch --silent -d "$tmp"/llama_cpp_python-0.3.36/vendor/llama.cpp -i "$PWD/$p"; done
+    tmp=$(mktemp -d) && tar -xzf "$cache"/sdist/llama_cpp_python-$lcp.tar.gz -C "$tmp"
+    for p in patches/*.patch; do patch -p1 --forward --batch --silent -d "$tmp"/llama_cpp_python-$lcp/vendor/llama.cpp -i "$PWD/$p"; done
     tar -czf .gpu/llama.cpp-src.tar.gz -C "$tmp" --exclude='*/llama.cpp/models' --exclude='*/llama.cpp/docs' \
         --exclude='*/llama.cpp/media' --exclude='*/llama.cpp/benches' \
-        llama_cpp_python-0.3.36/vendor/llama.cpp
+        llama_cpp_python-$lcp/vendor/llama.cpp
     rm -rf "$tmp"
     head -c 49000000 "$cache/$model" > .gpu/model.part1
     tail -c +49000001 "$cache/$model" > .gpu2/model.part2

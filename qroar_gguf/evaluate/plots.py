@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from qroar_gguf.arch.families import family_for
+from qroar_gguf.choices import DEFAULT_AGG, DEFAULT_BETA
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io.provenance import read_provenance
 from qroar_gguf.gguf_io.reader import open_gguf
@@ -96,7 +97,7 @@ def _is_gguf(path: Path) -> bool:
     return False
 
 
-def read_model_rope(model_path: str | Path, agg: str = "max") -> ModelRope:
+def read_model_rope(model_path: str | Path, agg: str = DEFAULT_AGG) -> ModelRope:
     """RoPE facts (without a target) and ``S_k`` of an HF checkpoint or a GGUF file.
 
     GGUF: ``{arch}.rope.dimension_count`` (else head size), ``{arch}.rope.freq_base`` and the trained
@@ -144,7 +145,7 @@ def _read_gguf(path: Path, agg: str) -> ModelRope:
 # --------------------------------------------------------------------------------------------------
 
 
-def factor_plot_data(facts: RopeFacts, sensitivity: SensitivityResult, beta: float = 8.0) -> dict[str, Any]:
+def factor_plot_data(facts: RopeFacts, sensitivity: SensitivityResult, beta: float = DEFAULT_BETA) -> dict[str, Any]:
     """Everything :func:`plot_factors` draws, as plain (JSON-ready) Python values."""
     s = np.asarray(sensitivity.sensitivity, dtype=np.float64)
     if s.shape != (facts.n_pairs,):
@@ -235,7 +236,8 @@ def _require_matplotlib() -> None:
         import matplotlib.patches  # noqa: F401
         import matplotlib.ticker  # noqa: F401
     except ImportError:
-        raise QroarError("plotting needs matplotlib: pip install 'qroar-gguf[plot]'") from None
+        raise QroarError("plotting needs matplotlib, a dependency of qroar-gguf: reinstall it "
+                         "(bash tools/setup.sh, or pip install matplotlib)") from None
 
 
 def _pair_range(n_pairs: int) -> tuple[float, float]:
@@ -463,8 +465,8 @@ def _draw(data: dict[str, Any], title: str, subtitle: str, output_png: Path) -> 
     _save_png(fig, output_png)
 
 
-def plot_factors(model_path: Path, output_png: Path, target_ctx: int | None = None, agg: str = "max",
-                 beta: float = 8.0) -> dict:
+def plot_factors(model_path: Path, output_png: Path, target_ctx: int | None = None, agg: str = DEFAULT_AGG,
+                 beta: float = DEFAULT_BETA) -> dict:
     """Draw ``S_k`` and every plan's factors for a model into one PNG; return the plotted numbers.
 
     ``model_path``: an HF checkpoint (directory, .safetensors or model.safetensors.index.json) or a

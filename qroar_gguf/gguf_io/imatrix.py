@@ -27,8 +27,6 @@ from qroar_gguf.outputs import exclusive, temporary_beside
 from qroar_gguf.paths import cache_dir
 
 _TOO_SHORT = re.compile(r"you need at least (\d+) tokens")
-#: The window when none is asked for (see the module's note).
-DEFAULT_WINDOW = IMATRIX_SHORT_WINDOW
 
 
 def default_chunks(window: int, tokens: int = DEFAULT_IMATRIX_TOKENS) -> int:
@@ -43,7 +41,7 @@ class ImatrixRequest:
     context; the default number of windows)."""
 
     text: Path
-    ctx: int | None = DEFAULT_WINDOW
+    ctx: int | None = IMATRIX_SHORT_WINDOW  # the window when none is asked for (see the module's note)
     chunks: int | None = None  # default_chunks(ctx)
 
 

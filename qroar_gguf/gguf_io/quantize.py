@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from qroar_gguf.choices import EXPERTS_ONLY, FILE_TYPES, NEEDS_IMATRIX, QUANTIZERS, TERNARY, UNQUANTIZED
 from qroar_gguf.errors import QroarError
-from qroar_gguf.llama_tools import find_tool
+from qroar_gguf.llama_tools import find_tool, run_program
 
 #: ggml's tensor types by name (--tensor-type and friends), from gguf-py's table of the same enum.
 TENSOR_TYPES = tuple(t.name for t in gguf.GGMLQuantizationType)
@@ -165,23 +165,19 @@ def quantize_gguf(source: Path, target: Path, qtype: str, threads: int, progress
         raise QroarError(f"unknown quantizer {quantizer}; choose one of {', '.join(QUANTIZERS)}")
     log: list[str] = []
     bar = tqdm(desc=f"quantize {qtype}", unit="tensor", disable=not progress, leave=False)
-    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, errors="replace")
+
+    def on_line(line: str) -> None:
+        step = read_line(line.rstrip("\n"), log)
+        if step is not None:
+            done, total = step
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.n = done
+            bar.refresh()
+
     try:
-        for line in child.stdout:
-            step = read_line(line.rstrip("\n"), log)
-            if step is not None:
-                done, total = step
-                if bar.total != total:
-                    bar.reset(total=total)
-                bar.n = done
-                bar.refresh()
-        status = child.wait()
+        status = run_program(command, deque(maxlen=0), on_line)  # kills the child if we are stopped
     finally:
-        if child.poll() is None:  # we are being stopped: the child must not finish the file
-            child.kill()
-            child.wait()
-        child.stdout.close()
         bar.close()
     if status != 0:
         reason = _failure(status, log)

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from qroar_gguf.arch.base import ModelFamily
 from qroar_gguf.arch.families import family_for
+from qroar_gguf.choices import DEFAULT_AGG
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io.layout import GgufLayout, read_layout
 from qroar_gguf.gguf_io.reader import check_attention_shapes
@@ -19,7 +20,7 @@ from qroar_gguf.rope.sensitivity import SensitivityAccumulator, SensitivityResul
 from qroar_gguf.source.checkpoint import Checkpoint
 
 
-def measure_sensitivity(ckpt: Checkpoint, family: ModelFamily | None = None, agg: str = "max",
+def measure_sensitivity(ckpt: Checkpoint, family: ModelFamily | None = None, agg: str = DEFAULT_AGG,
                         progress: bool = False) -> SensitivityResult:
     """S_k from the checkpoint's rotary projection weights, as the family names them (reads only
     those tensors); ``family`` None: the one config.json names."""
@@ -36,7 +37,7 @@ def measure_sensitivity(ckpt: Checkpoint, family: ModelFamily | None = None, agg
     return acc.result()
 
 
-def measure_gguf_sensitivity(path: str | Path, agg: str = "max", pairs: str = "gguf",
+def measure_gguf_sensitivity(path: str | Path, agg: str = DEFAULT_AGG, pairs: str = "gguf",
                              layout: GgufLayout | None = None) -> SensitivityResult:
     """S_k from a GGUF's attn_q/attn_k tensors (dequantized one at a time). ``pairs``: "gguf" for
     llama.cpp's adjacent pairs, "hf" for an arch whose rows keep Hugging Face's order (qwen2's NEOX).

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from qroar_gguf.choices import DEFAULT_BETA
 from qroar_gguf.errors import QroarError
 
 #: YaRN's ramp boundaries in rotations completed within the trained context (the paper's alpha/beta,
@@ -125,15 +126,6 @@ class RopePlan:
 # --------------------------------------------------------------------------------------------------
 # Shared pieces (float64 math)
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_scale(facts: RopeFacts) -> None:
-    """Plans that extend need ``L' >= L``; ``L' == L`` is the identity (all factors 1)."""
-    if facts.target_ctx < facts.trained_ctx:
-        raise QroarError(
-            f"target context {facts.target_ctx} must be larger than the trained context "
-            f"{facts.trained_ctx} (use --method none to keep it)"
-        )
 
 
 def _plan(method: str, facts: RopeFacts, factors: np.ndarray, scale: float, /, **params: Any) -> RopePlan:
@@ -242,7 +234,7 @@ def _plan_none(facts: RopeFacts) -> RopePlan:
 
 def _plan_linear(facts: RopeFacts) -> RopePlan:
     """Linear position interpolation (PI): ``f_k = r`` for every pair."""
-    _check_scale(facts)
+    require_extension(facts, "linear")
     return _plan("linear", facts, _linear_factors(facts), 1.0)
 
 
@@ -251,7 +243,7 @@ def _plan_ntk(facts: RopeFacts) -> RopePlan:
 
     Pair 0 keeps ``f = 1``, the last pair gets exactly ``f = r``; log-linear in between.
     """
-    _check_scale(facts)
+    require_extension(facts, "ntk")
     return _plan("ntk", facts, _ntk_factors(facts), 1.0)
 
 
@@ -266,7 +258,7 @@ def _plan_yarn(
     ``f_k = 1/((1 - e_k)/r + e_k)``. Attention scale ``0.1*ln(r) + 1`` (applied to q and k each, as
     llama.cpp's ``mscale`` does), or 1.0 with ``attn_scale=False``.
     """
-    _check_scale(facts)
+    require_extension(facts, "yarn")
     attn_scale = _check_bool("attn_scale", attn_scale)
     beta_fast = _check_number("beta_fast", beta_fast, low=0.0)
     beta_slow = _check_number("beta_slow", beta_slow, low=0.0)
@@ -288,7 +280,7 @@ def _plan_llama3(facts: RopeFacts, *, low_freq_factor: float = 1.0, high_freq_fa
     ``lam_k < L/high_freq_factor``: 1; ``lam_k > L/low_freq_factor``: r; otherwise
     ``s = (L/lam_k - low)/(high - low)`` and ``f_k = 1/((1 - s)/r + s)``. No attention scale.
     """
-    _check_scale(facts)
+    require_extension(facts, "llama3")
     low = _check_number("low_freq_factor", low_freq_factor, low=0.0)
     high = _check_number("high_freq_factor", high_freq_factor, low=0.0)
     if high <= low:
@@ -309,7 +301,7 @@ def _plan_qroar(
     facts: RopeFacts,
     *,
     sensitivity: np.ndarray,
-    beta: float = 8.0,
+    beta: float = DEFAULT_BETA,
     base: str = "yarn",
     attn_scale: bool | None = None,
     protection: str = "excess",
@@ -337,7 +329,7 @@ def _plan_qroar(
     ``attn_scale`` (passed to a yarn base; a non-yarn base has none, so only ``None``/``False`` are
     accepted there), ``protection`` ("excess" | "softmax").
     """
-    _check_scale(facts)
+    require_extension(facts, "qroar")
     beta = _check_number("beta", beta, low=0.0, strict=False)
     if base not in QROAR_BASES:
         raise QroarError(f"option base must be one of {', '.join(QROAR_BASES)}, got {base!r}")
@@ -422,10 +414,17 @@ def make_plan(method: str, facts: RopeFacts, **options: Any) -> RopePlan:
     return PLANS[method](facts, **options)
 
 
+def extends(trained_ctx: int, target_ctx: int) -> bool:
+    """The one target-context rule: a plan that extends needs ``L' > L``. At ``L' = L`` every plan's factors
+    are 1 and its attention scale 1, a file that names a plan and changes nothing: refused like a shorter
+    target (``--method none`` keeps the context)."""
+    return target_ctx > trained_ctx
+
+
 def require_extension(facts: RopeFacts, method: str | None) -> None:
-    """Every plan but "none" extends the context: the target must exceed the trained context.
-    ``method=None``: a caller that draws every plan at once."""
-    if method != "none" and facts.target_ctx <= facts.trained_ctx:
+    """Every plan but "none" extends the context: the target must exceed the trained context
+    (:func:`extends`). ``method=None``: a caller that draws every plan at once."""
+    if method != "none" and not extends(facts.trained_ctx, facts.target_ctx):
         hint = " (use --method none to keep it)" if method is not None else ""
         raise QroarError(f"target context {facts.target_ctx} must be larger than the trained context "
                          f"{facts.trained_ctx}{hint}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qroar_gguf.choices import AGGREGATIONS
+from qroar_gguf.choices import AGGREGATIONS, DEFAULT_AGG
 from qroar_gguf.errors import QroarError
 from qroar_gguf.rope.layout import LAYOUTS, pair_rows
 from qroar_gguf.rope.plans import RopeFacts
@@ -92,7 +92,7 @@ class SensitivityAccumulator:
     permutation of heads.
     """
 
-    def __init__(self, n_layer: int, n_pairs: int, agg: str = "max") -> None:
+    def __init__(self, n_layer: int, n_pairs: int, agg: str = DEFAULT_AGG) -> None:
         if n_layer <= 0 or n_pairs <= 0:
             raise QroarError(f"need at least one layer and one pair, got {n_layer} layers and {n_pairs} pairs")
         if agg not in AGGREGATIONS:

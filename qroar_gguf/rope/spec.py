@@ -17,8 +17,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from qroar_gguf.choices import AGGREGATIONS, DEFAULT_METHOD
-from qroar_gguf.errors import QroarError
+from qroar_gguf.choices import AGGREGATIONS, DEFAULT_AGG, DEFAULT_METHOD
+from qroar_gguf.errors import QroarError, UsageProblem
 from qroar_gguf.rope.bands import DEFAULT_BANDS, BandFold, band_fold, check_band_count, check_band_values
 from qroar_gguf.rope.plans import PLANS, RopeFacts, RopePlan, make_plan, plan_options, require_extension
 
@@ -30,7 +30,9 @@ class BandSpec:
     count: int = DEFAULT_BANDS
     factors: tuple[float, ...] | None = None
     scales: tuple[float, ...] | None = None
-    symmetric: bool = True  # scales: W_Q *= a and W_K /= a (True), or both *= a (False)
+    #: scales: W_Q *= a and W_K /= a (True), or both *= a (False); None: not asked, the default of the use:
+    #: symmetric for scales given (``is_symmetric``), search_settings.SEARCH_SYMMETRIC for a search.
+    symmetric: bool | None = None
 
     def __post_init__(self) -> None:
         count = check_band_count(self.count)
@@ -39,9 +41,15 @@ class BandSpec:
             values = getattr(self, name)
             if values is not None:
                 object.__setattr__(self, name, check_band_values(values, count, what))
-        if not isinstance(self.symmetric, (bool, np.bool_)):
-            raise QroarError(f"symmetric must be true or false, got {self.symmetric!r}")
-        object.__setattr__(self, "symmetric", bool(self.symmetric))
+        if self.symmetric is not None:
+            if not isinstance(self.symmetric, (bool, np.bool_)):
+                raise QroarError(f"symmetric must be true or false, got {self.symmetric!r}")
+            object.__setattr__(self, "symmetric", bool(self.symmetric))
+
+    @property
+    def is_symmetric(self) -> bool:
+        """Whether the scales are folded symmetrically: as asked, else yes."""
+        return True if self.symmetric is None else self.symmetric
 
     @property
     def given(self) -> bool:
@@ -49,7 +57,7 @@ class BandSpec:
         return self.factors is not None or self.scales is not None
 
     def fold(self, facts: RopeFacts, *, n_head: int, n_kv_head: int, head_dim: int) -> BandFold | None:
-        return band_fold(facts, self.count, self.factors, self.scales, self.symmetric,
+        return band_fold(facts, self.count, self.factors, self.scales, self.is_symmetric,
                          n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim)
 
     @staticmethod
@@ -62,6 +70,10 @@ class BandSpec:
             raise QroarError(f"{what} takes {'comma' if separator == ',' else 'slash'}-separated numbers "
                              f"(one per band), got {text!r}") from None
         return check_band_values(values, check_band_count(count), what)
+
+
+#: The options only method qroar takes (its own and its aggregation).
+QROAR_ONLY = ("beta", "agg", "base")
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,9 @@ class PlanSpec:
             raise QroarError(f"unknown RoPE method {self.method!r}; choose one of {', '.join(PLANS)}")
         accepted = plan_options(self.method)
         unknown = sorted(set(self.options) - set(accepted))
+        if self.text is None and self.method != "qroar" and (self.agg is not None or set(unknown) & set(QROAR_ONLY)):
+            # options given one by one (the command line's --beta, --agg, --base), not in a plan string
+            raise UsageProblem(f"--beta, --agg and --base apply to --method qroar only (got --method {self.method})")
         if unknown:
             raise QroarError(f"method {self.method} takes no option {unknown[0]} "
                              f"(it takes: {', '.join(accepted) or 'none'})")
@@ -103,7 +118,7 @@ class PlanSpec:
 
     @property
     def aggregation(self) -> str:
-        return self.agg or AGGREGATIONS[0]
+        return self.agg or DEFAULT_AGG
 
     @property
     def needs_sensitivity(self) -> bool:
@@ -120,7 +135,7 @@ class PlanSpec:
         if self.bands.given:
             b = self.bands
             record.update(bands=b.count, band_factors=b.factors and list(b.factors),
-                          band_scales=b.scales and list(b.scales), symmetric=b.symmetric)
+                          band_scales=b.scales and list(b.scales), symmetric=b.is_symmetric)
         return record
 
     def with_bands(self, factors: tuple[float, ...] | None, scales: tuple[float, ...] | None) -> PlanSpec:
@@ -160,7 +175,7 @@ class PlanSpec:
             raise QroarError(f"plan {text!r}: bands must be a whole number") from None
         band_values = {name: BandSpec.parse_values(values.pop(key), count, f"plan {text!r}: {key}", "/")
                        for key, name in (("band_factors", "factors"), ("band_scales", "scales")) if key in values}
-        symmetric = _parse_scalar(values.pop("symmetric", "true"))
+        symmetric = _parse_scalar(values.pop("symmetric")) if "symmetric" in values else None
         bands = BandSpec(count=count, symmetric=symmetric, **band_values)
         agg = values.pop("agg", None)
         options = {key: _parse_scalar(value) for key, value in values.items()}
@@ -177,7 +192,7 @@ def rope_facts_for(n_rot: int, theta: float, trained_ctx: int, method: str, targ
     """The facts for a target given as ``--ctx`` or ``--scale`` (neither: ``DEFAULT_SCALE`` x the trained
     context, or the trained one for method "none"), checked to extend the context for every method but "none"."""
     if target_ctx is not None and scale is not None:
-        raise QroarError("give either --ctx or --scale, not both")
+        raise UsageProblem("give either --ctx or --scale, not both")
     if target_ctx is not None:
         target = int(target_ctx)
     elif scale is not None:
