@@ -56,7 +56,7 @@ from qroar_gguf.evaluate.perplexity import n_scored_per_chunk, ppl_standard_erro
 from qroar_gguf.evaluate.perplexity_tool import kl_divergence_summary, save_logits, saved_nll
 from qroar_gguf.evaluate.runtime import Runtime
 from qroar_gguf.gguf_io.imatrix import TextTooShort, compute_imatrix, default_chunks, tools_identity
-from qroar_gguf.gguf_io.quantize import TypeOverrides, check_quantization, quantize_gguf
+from qroar_gguf.gguf_io.quantize import TENSOR_TYPES, TypeOverrides, quantize_gguf
 from qroar_gguf.gguf_io.reader import field_value
 from qroar_gguf.llama_tools import find_tool
 from qroar_gguf.outputs import temporary_beside
@@ -96,6 +96,7 @@ class Bench:
         self.threads, self.progress, self.chunks = threads, progress, chunks
         self.evaluator, self.gpu_layers = evaluator, gpu_layers
         self._locks: dict[Path, threading.Lock] = {}
+        self.matrices: list[dict] = []  # each matrix a row used: its window and what computing it took
         self._locks_guard = threading.Lock()
         self.passkey_trials = passkey_trials
         self.passkey_depths = tuple(float(d) for d in (passkey_depths or DEFAULT_DEPTHS))
@@ -123,9 +124,12 @@ class Bench:
 
     def _matrix(self, spec: PlanSpec, reference: Path, kind: str, window: int, chunks: int) -> Path:
         """The matrix computed on the plan's F16 file (cached by compute_imatrix)."""
+        started, start = time.time(), time.monotonic()
         try:
-            matrix = compute_imatrix(reference, self.imatrix_text, ctx=window, chunks=chunks, threads=self.threads,
-                                     progress=self.progress)
+            # (one worker computes a matrix that several rows need; compute_imatrix refuses a second at once)
+            with self._lock(reference.with_name(f"{reference.name}.imatrix-{window}x{chunks}")):
+                matrix = compute_imatrix(reference, self.imatrix_text, ctx=window, chunks=chunks,
+                                         threads=self.threads, progress=self.progress)
         except TextTooShort as exc:
             raise QroarError(f"--imatrix-text {self.imatrix_text} is too short for the {kind} matrix of "
                              f"{spec.label} ({window}-token windows): llama-imatrix needs at least {exc.needed} "
@@ -137,6 +141,11 @@ class Bench:
             raise QroarError(f"--imatrix-text {self.imatrix_text} holds only {got} window(s) of {window} tokens, but "
                              f"the {kind} matrix of --imatrix-tokens {self.imatrix_tokens} needs {chunks}: give a "
                              "longer calibration text or a smaller --imatrix-tokens")
+        record = {"plan": spec.label, "imatrix": kind, "ctx": window, "chunks": chunks}
+        with self._locks_guard:  # once per matrix, by the first row that needed it (seconds None: cached)
+            if not any(m.items() >= record.items() for m in self.matrices):
+                cached = matrix.stat().st_mtime < started
+                self.matrices.append({**record, "seconds": None if cached else round(time.monotonic() - start, 1)})
         return matrix
 
     def _lock(self, path: Path) -> threading.Lock:
@@ -233,8 +242,8 @@ class Bench:
 
     def _measure_with_tool(self, ctx: int, type_k: str, quant: Path, reference: Path) -> tuple[dict, np.ndarray]:
         """The same measurement by llama-perplexity: its KLD against the reference's saved log-probabilities,
-        both files' NLLs read back from the log-probabilities each saves (to 16-bit steps: within about
-        1e-4 nats of the bindings' on SmolLM2)."""
+        both files' NLLs read back from the log-probabilities each saves (in 16-bit steps of at most 16/65535
+        nats, so PPL agrees with the bindings' to about 1e-4)."""
         start = time.perf_counter()
         base, ref_nll = self._reference_logits(ctx, type_k, reference)
         settings = dict(ctx=ctx, chunks=self.chunks, threads=self.threads, type_k=type_k, gpu_layers=self.gpu_layers)
@@ -361,8 +370,10 @@ def _check_imatrix(imatrixes: list[str], qtypes: list[str], text: Path | None, t
 def _check_attn(attn_types: list[str], qtypes: list[str]) -> None:
     """Refused before building anything: a type llama-quantize does not know."""
     asked = [t for t in attn_types if t != DEFAULT_ATTN]
-    for attn_type in asked:
-        check_quantization("Q8_0", TypeOverrides(tensor_types=_attn_rules(attn_type)))
+    unknown = [t for t in asked if t.upper() not in TENSOR_TYPES]
+    if unknown:
+        raise QroarError(f"--attn-type {unknown[0]}: not a ggml type; use {DEFAULT_ATTN} or one of "
+                         f"{', '.join(t.lower() for t in TENSOR_TYPES)}")
     if asked and all(q in UNQUANTIZED for q in qtypes):
         raise QroarError(f"--attn-type {asked[0]} applies to quantized types only: add one to --qtype")
     if asked:
@@ -446,7 +457,8 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
                "chunks": chunks, "type_k": ", ".join(type_ks), "type_ks": type_ks, "ctxs": ctxs, "qtypes": qtypes,
                "plans": plans, "imatrixes": imatrixes, "rows": rows}
     if imatrix_text is not None:
-        results.update(imatrix_text=imatrix_text.name, imatrix_text_sha=bench.imatrix_digest, imatrix_tokens=tokens)
+        results.update(imatrix_text=imatrix_text.name, imatrix_text_sha=bench.imatrix_digest, imatrix_tokens=tokens,
+                       matrices=bench.matrices)
     # (keys a run without these options never had stay out of its results)
     if attn_types != [DEFAULT_ATTN]:
         results["attn_types"] = attn_types
