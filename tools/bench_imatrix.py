@@ -10,6 +10,8 @@ factors of the committed `tools/results/search_emma<N>k_q4_0.json` for that targ
 runs every `--qtypes` x `--matrices` row, and a second the attn_q/attn_k types (`--attn-types` on
 `--attn-qtypes` x `--attn-matrices`, for the plans in `--attn-plans`) with their default rows; the
 files and measurements the first built are reused. Each bench keeps its folder under `--workdir`.
+`--matrices-only` builds the F16 files and computes the matrices one at a time, timing each (what
+tools/results/imatrix_cost.json records), then stops.
 
 The JSON (default tools/results/imatrix_bench.json; README's `imatrix` sections are rendered from it)
 keeps the shape of this script's earlier, stand-alone version: one entry per row under `runs`, with its
@@ -30,7 +32,8 @@ from benchlib import RESULTS, machine
 from qroar_gguf.assets.austen import austen_text
 from qroar_gguf.assets.smollm2 import default_model_dir
 from qroar_gguf.choices import BENCH_EVALUATORS, IMATRIX_SHORT_WINDOW
-from qroar_gguf.evaluate.bench import run_bench
+from qroar_gguf.evaluate.bench import REFERENCE_QTYPE, Bench, run_bench
+from qroar_gguf.rope.spec import PlanSpec
 from qroar_gguf.outputs import publish_text
 
 TRAINED = 8192  # SmolLM2-135M
@@ -78,6 +81,25 @@ def as_run(row: dict, scale, plan: str, folder: Path) -> dict:
     return run
 
 
+def matrices_only(result: dict, model: Path, evaluation: Path, calibration: Path, folder: Path, scale, plan: str,
+                  spec: str, args) -> dict:
+    """Build the plan's F16 file and compute its matrices (one at a time: their times are reported)."""
+    bench = Bench(model, evaluation, folder, args.threads, False, 1, 0, imatrix_text=calibration,
+                  imatrix_tokens=args.imatrix_tokens)
+    target, plan_spec_ = ctx_of(scale), PlanSpec.parse(spec)
+    start = time.monotonic()
+    reused = any((folder / "models").glob(f"*.{target}.{REFERENCE_QTYPE}.*.gguf"))
+    bench.build(plan_spec_, target, REFERENCE_QTYPE)
+    seconds = None if reused else round(time.monotonic() - start, 1)
+    for kind in (m for m in args.matrices.split(",") if m != "none"):
+        bench.matrix(plan_spec_, kind, target)
+        m = bench.matrices[-1]
+        result["matrices"].append({"scale": scale, "plan": plan, "imatrix": kind, "ctx": m["ctx"], "chunks": m["chunks"],
+                                   "seconds": m["seconds"]})
+        print(json.dumps(result["matrices"][-1]), flush=True)
+    return {"scale": scale, "plan": plan, "plan_spec": spec, "seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scales", default="2", help="multiples of the trained context, e.g. 2,4")
@@ -100,6 +122,8 @@ def main() -> None:
                         help="KLD through the Python bindings (per-token, exact), or llama-perplexity's own "
                              "--kl-divergence against the reference's saved log-probabilities")
     parser.add_argument("--gpu-tools", action="store_true", help="every layer on the GPU (else none)")
+    parser.add_argument("--matrices-only", action="store_true",
+                        help="build the F16 files and compute the matrices (their cost), then stop")
     args = parser.parse_args()
     if args.calibration.lower() == args.evaluation.lower():
         raise SystemExit("calibrate and evaluate on different texts")
@@ -134,6 +158,11 @@ def main() -> None:
                 if spec is None:
                     continue
                 folder = workdir / f"{scale}x-{plan}"
+                if args.matrices_only:
+                    result["references"].append(matrices_only(result, model, evaluation, calibration, folder, scale,
+                                                              plan, spec, args))
+                    save()
+                    continue
                 result["references"].append({"scale": scale, "plan": plan, "plan_spec": spec, "seconds": None})
                 grids = [(args.qtypes.split(","), args.matrices.split(","), ["default"])]
                 if attn_types and plan in args.attn_plans.split(","):

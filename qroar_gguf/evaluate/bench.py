@@ -122,6 +122,12 @@ class Bench:
             return {"imatrix": "none"}
         return {"imatrix": kind, "imatrix_ctx": window[0], "imatrix_chunks": window[1]}
 
+    def matrix(self, spec: PlanSpec, kind: str, built_for: int) -> Path:
+        """The matrix `kind` (short or target) of the plan's F16 file built for `built_for`, as the rows
+        use it (what computing it took is recorded in `matrices`)."""
+        return self._matrix(spec, self.build(spec, built_for, REFERENCE_QTYPE), kind,
+                            *self.imatrix_window(kind, built_for))
+
     def _matrix(self, spec: PlanSpec, reference: Path, kind: str, window: int, chunks: int) -> Path:
         """The matrix computed on the plan's F16 file (cached by compute_imatrix)."""
         started, start = time.time(), time.monotonic()
