@@ -653,8 +653,9 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
                    "paired with the same file at default.")
 @click.option("--evaluator", type=click.Choice(BENCH_EVALUATORS), default="bindings", show_default=True,
               help="What measures each row: the Python bindings (per token, exact), or llama.cpp's "
-                   "llama-perplexity (its --kl-divergence against the F16 file's saved log-probabilities; "
-                   "NLLs read back from the ones it saves, to 16-bit steps).")
+                   "llama-perplexity (its PPLs and --kl-divergence against the F16 file's saved "
+                   "log-probabilities; the paired ratios from the per-token log-probabilities it saves, in 16-bit "
+                   "steps).")
 @click.option("--gpu-layers", type=click.IntRange(min=-1), default=-1, show_default=True,
               help="Layers on the GPU of a GPU build of llama.cpp, for either evaluator (-1: all).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,

@@ -274,8 +274,9 @@ def test_bench_attn_type_axis_with_workers(tiny256: Path, text: Path, tmp_path: 
 
 
 def test_bench_llama_perplexity_evaluator_agrees_with_bindings(tiny256: Path, text: Path, tmp_path: Path):
-    """--evaluator llama-perplexity measures the same windows as the bindings: PPL to the 16-bit steps of
-    its saved log-probabilities, KLD as llama.cpp computes it; the two are cached apart."""
+    """--evaluator llama-perplexity measures the same windows as the bindings, PPL and KLD as llama.cpp
+    prints them; the two are cached apart. (This random tiny model puts many targets more than 16 nats
+    below its top token, where the saved log-probabilities floor: its NLLs are not compared.)"""
     common = ["bench", tiny256, "--ctx", "256", "--qtype", "Q4_0", "--plans", "yarn", "--chunks", "2", "--text", text]
     measured = {}
     for evaluator in ("bindings", "llama-perplexity"):
@@ -292,6 +293,7 @@ def test_bench_llama_perplexity_evaluator_agrees_with_bindings(tiny256: Path, te
     assert tool["kld_mean"] == pytest.approx(ours["kld_mean"], rel=0.05, abs=2e-3)
     assert tool["same_top_pct"] == pytest.approx(ours["same_top_pct"], abs=2.0)
     assert tool["kld_se"] > 0 and ours["kld_se"] > 0
+    assert tool["ppl_se"] == pytest.approx(ours["ppl_se"], rel=0.02)
 
 
 def test_bench_deadline_lists_rows_not_started(tiny256: Path, text: Path, tmp_path: Path):
@@ -317,3 +319,45 @@ def test_bench_attn_type_requests_are_refused_before_building(extra: list, needl
                                                               tmp_path: Path):
     fail_cleanly(["bench", tiny256, "--ctx", "512", "--plans", "yarn", "--text", text, "--out", tmp_path / "bench",
                   *extra], tmp_path, needle)
+
+
+def test_llama_perplexity_log_and_saved_log_probabilities_are_read(tmp_path: Path):
+    """The final estimate and the --kl-divergence lines as llama-perplexity prints them, and the NLL of every
+    scored token of every window from a --kl-divergence-base file (a file written here in its format)."""
+    import numpy as np
+
+    from qroar_gguf.errors import QroarError
+    from qroar_gguf.evaluate.perplexity_tool import final_estimate, saved_nll, statistic
+
+    log = ("[1]12.3456,\nFinal estimate: PPL = 12.3456 +/- 0.12345\n"
+           "Mean    KLD:   0.012345 ±   0.000321\n99.0%   KLD:   0.150000\nMedian  KLD:   0.004000\n"
+           "Same top p: 91.234 ± 0.456 %\n")
+    assert final_estimate(log) == (12.3456, 0.12345)
+    assert statistic(log, "Mean    KLD") == (0.012345, 0.000321)
+    assert statistic(log, "99.0%   KLD") == (0.15, None)
+    assert statistic(log, "Same top p") == (91.234, 0.456)
+    with pytest.raises(QroarError, match="printed no 'Final estimate: PPL'"):
+        final_estimate("nothing")
+
+    n_ctx, n_vocab, n_chunk = 8, 3, 2
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, n_vocab, size=(n_chunk, n_ctx)).astype(np.int32)
+    first, width = n_ctx // 2, 2 * ((n_vocab + 1) // 2) + 4
+    want, rows = [], []
+    for c in range(n_chunk):
+        for i in range(first, n_ctx - 1):
+            logp = np.log(rng.dirichlet(np.ones(n_vocab)))
+            scale, low = np.float32((logp.max() - logp.min()) / 65535), np.float32(logp.min())
+            steps = np.round((logp - low) / scale).astype(np.uint16)
+            row = np.zeros(width, dtype=np.uint16)
+            row[:4] = np.array([scale, low], dtype=np.float32).view(np.uint16)
+            row[4:4 + n_vocab] = steps
+            rows.append(row)
+            want.append(-(float(scale) * float(steps[tokens[c, i + 1]]) + float(low)))
+    path = tmp_path / "base.logits"
+    path.write_bytes(b"_logits_" + np.array([n_ctx, n_vocab, n_chunk], dtype=np.int32).tobytes() + tokens.tobytes()
+                     + np.stack(rows).tobytes())
+    np.testing.assert_allclose(saved_nll(path), want, rtol=1e-6)
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(QroarError, match="is incomplete"):
+        saved_nll(path)

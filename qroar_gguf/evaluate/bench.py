@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import threading
 import time
@@ -247,35 +246,36 @@ class Bench:
         return measured, np.stack([res.nll, res.ref_nll])
 
     def _measure_with_tool(self, ctx: int, type_k: str, quant: Path, reference: Path) -> tuple[dict, np.ndarray]:
-        """The same measurement by llama-perplexity: its KLD against the reference's saved log-probabilities,
-        both files' NLLs read back from the log-probabilities each saves (in 16-bit steps of at most 16/65535
-        nats, so PPL agrees with the bindings' to about 1e-4)."""
+        """The same measurement by llama-perplexity: its PPLs and KLD against the reference's saved
+        log-probabilities; the per-token NLLs (for the paired ratios) read back from the log-probabilities
+        each file saves, which hold 16-bit steps above a floor 16 nats below the top token (a token
+        further down reads as that floor)."""
         start = time.perf_counter()
-        base, ref_nll = self._reference_logits(ctx, type_k, reference)
+        base, (ref_ppl, ref_ppl_se), ref_nll = self._reference_logits(ctx, type_k, reference)
         settings = dict(ctx=ctx, chunks=self.chunks, threads=self.threads, type_k=type_k, gpu_layers=self.gpu_layers)
         summary = kl_divergence_summary(quant, base, **settings)
         with temporary_beside(self.runs / f"{quant.stem}.logits", "logits") as own:
-            nll = save_logits(quant, self.text_path, own, **settings)
+            _, nll = save_logits(quant, self.text_path, own, **settings)
         if nll.size != ref_nll.size:
             raise QroarError(f"llama-perplexity scored {nll.size} tokens of {quant.name} and {ref_nll.size} of its "
                              "reference: they tokenize the text differently")
-        measured = dict(ppl=math.exp(float(nll.mean())), ppl_se=ppl_standard_error(nll),
-                        ref_ppl=math.exp(float(ref_nll.mean())), ref_ppl_se=ppl_standard_error(ref_nll), **summary,
-                        n_chunks=nll.size // n_scored_per_chunk(ctx), n_scored=int(nll.size),
+        measured = dict(**summary, ref_ppl=ref_ppl, ref_ppl_se=ref_ppl_se, n_chunks=nll.size // n_scored_per_chunk(ctx), n_scored=int(nll.size),
                         seconds=time.perf_counter() - start)
         return measured, np.stack([nll, ref_nll])
 
-    def _reference_logits(self, ctx: int, type_k: str, reference: Path) -> tuple[Path, np.ndarray]:
+    def _reference_logits(self, ctx: int, type_k: str, reference: Path) -> tuple[Path, list[float], np.ndarray]:
         """The reference's log-probabilities on the evaluated windows, saved by llama-perplexity once per
-        (file, ctx, chunks, text, key cache), and its NLLs."""
+        (file, ctx, chunks, text, key cache); its PPL and error as that run printed them; its NLLs."""
         path = reference.with_name(f"{reference.stem}.{_digest(ctx, self.chunks, self.text_digest, type_k)}.logits")
+        estimate = path.with_suffix(".ppl.json")
         with self._lock(path):
             if not path.is_file():
                 with temporary_beside(path, "partial") as partial:
-                    save_logits(reference, self.text_path, partial, ctx=ctx, chunks=self.chunks, threads=self.threads,
-                                type_k=type_k, gpu_layers=self.gpu_layers)
+                    ppl, _ = save_logits(reference, self.text_path, partial, ctx=ctx, chunks=self.chunks,
+                                         threads=self.threads, type_k=type_k, gpu_layers=self.gpu_layers)
+                    estimate.write_text(json.dumps(ppl))  # before the file whose presence marks both done
                     partial.replace(path)
-        return path, saved_nll(path)
+        return path, json.loads(estimate.read_text()), saved_nll(path)
 
     def _passkey(self, spec, ctx, qtype, type_k, quant: Path, quant_digest: str, imatrix: str = "none",
                  attn_type: str | None = None) -> dict:

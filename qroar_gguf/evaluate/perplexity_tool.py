@@ -92,20 +92,23 @@ def saved_nll(path: Path) -> np.ndarray:
 
 
 def save_logits(model: Path, text: Path, out: Path, *, ctx: int, chunks: int, threads: int, type_k: str = "f16",
-                gpu_layers: int = -1) -> np.ndarray:
+                gpu_layers: int = -1) -> tuple[tuple[float, float], np.ndarray]:
     """Write `model`'s log-probabilities on the first `chunks` windows of `text` to `out` (llama-perplexity
-    --kl-divergence-base); the per-token NLLs read back from it."""
-    run_perplexity("-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-t", threads, "-ctk", type_k,
-                   "--kl-divergence-base", out, gpu_layers=gpu_layers)
-    return saved_nll(out)
+    --kl-divergence-base); its final estimate (PPL, error: exact) and the per-token NLLs read back from the
+    file (floored 16 nats below each top token, as the file keeps them)."""
+    log = run_perplexity("-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-t", threads, "-ctk", type_k,
+                         "--kl-divergence-base", out, gpu_layers=gpu_layers)
+    return final_estimate(log), saved_nll(out)
 
 
 def kl_divergence_summary(model: Path, base_logits: Path, *, ctx: int, chunks: int, threads: int,
                           type_k: str = "f16", gpu_layers: int = -1) -> dict:
     """llama-perplexity --kl-divergence of `model` against the log-probabilities saved in `base_logits`:
-    its KLD (mean and error, median, 99th percentile) and same-top-token percentage."""
+    the model's perplexity with its error (the base's, read from the floored file, is left out), its KLD (mean and error, median, 99th percentile) and
+    same-top-token percentage."""
     log = run_perplexity("-m", model, "-c", ctx, "--chunks", chunks, "-t", threads, "-ctk", type_k,
                          "--kl-divergence", "--kl-divergence-base", base_logits, gpu_layers=gpu_layers)
     kld, kld_se = statistic(log, "Mean    KLD")
-    return {"kld_mean": kld, "kld_se": kld_se, "kld_median": statistic(log, "Median  KLD")[0],
+    ppl, ppl_se = statistic(log, "Mean PPL(Q)")
+    return {"ppl": ppl, "ppl_se": ppl_se, "kld_mean": kld, "kld_se": kld_se, "kld_median": statistic(log, "Median  KLD")[0],
             "kld_p99": statistic(log, "99.0%   KLD")[0], "same_top_pct": statistic(log, "Same top p")[0]}
