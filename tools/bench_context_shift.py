@@ -35,6 +35,7 @@ from qroar_gguf.evaluate.kshift import shift_drift
 from qroar_gguf.outputs import publish_text
 from qroar_gguf.source.text import read_text
 
+
 def make_files(model: Path, work: Path, target: int, qtype: str) -> dict[str, Path]:
     files = {"unscaled": work / f"none.{qtype}.gguf", "folded": work / "folded.gguf", "key": work / "key.gguf"}
     qroar(model, "-o", files["unscaled"], "--method", "none", "--qtype", qtype)
