@@ -33,6 +33,7 @@ from qroar_gguf.evaluate.perplexity import perplexity
 from qroar_gguf.evaluate.runtime import Runtime
 from qroar_gguf.source.text import read_text
 
+
 def speed(model: Path, work: Path, repeats: int) -> dict:
     source = work / "none.F32.gguf"
     qroar(model, "-o", source, "--method", "none", "--qtype", "F32")
