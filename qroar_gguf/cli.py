@@ -659,7 +659,8 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
 @click.option("--gpu-layers", type=click.IntRange(min=-1), default=-1, show_default=True,
               help="Layers on the GPU of a GPU build of llama.cpp, for either evaluator (-1: all).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Rows evaluated at a time (each with --threads); each file is still built once.")
+              help="Rows evaluated at a time (each with --threads); each file is still built once. With more "
+                   "than one, a stop (Ctrl-C) starts no new row but waits for the running ones.")
 @click.option("--deadline", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Start no row later than this many seconds after the start; results.json lists the rows "
                    "left out under skipped.")

@@ -453,7 +453,8 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
             futures = [pool.submit(run_job, i, job) for i, job in enumerate(jobs, 1)]
             try:
                 done = [f.result() for f in futures]
-            except BaseException:  # the first failure ends the run: nothing more starts
+            except BaseException:  # a failure or a stop ends the run: nothing more starts (the running rows
+                # finish first: their threads cannot be interrupted, nor the programs they run be reached)
                 for f in futures:
                     f.cancel()
                 raise
