@@ -62,6 +62,8 @@ KEY_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 #: bench's --imatrix axis: no importance matrix, one from short windows, one from windows of the file's
 #: target context; evaluate/bench.py owns their meaning.
 IMATRIX_AXIS = ("none", "short", "target")
+#: What measures `bench`'s rows: the Python bindings, or llama.cpp's llama-perplexity program.
+BENCH_EVALUATORS = ("bindings", "llama-perplexity")
 #: bench --imatrix short's window and convert --imatrix-ctx's default: 512 tokens, as llama.cpp's
 #: importance matrices are usually made.
 IMATRIX_SHORT_WINDOW = 512

@@ -13,6 +13,7 @@ import click
 from qroar_gguf import __version__
 from qroar_gguf.choices import (
     AGGREGATIONS,
+    BENCH_EVALUATORS,
     DEFAULT_AGG,
     DEFAULT_BETA,
     DEFAULT_IMATRIX_TOKENS,
@@ -62,7 +63,7 @@ class DefaultToConvert(click.Group):
 
     # Options of these commands take several values at once (`--ctx 16384 32768`): click wants the
     # option repeated, so the values are spread over repeated options before parsing.
-    LIST_OPTIONS = {"bench": ("--ctx", "--qtype", "--plans", "--type-k", "--imatrix", "--passkey-depths")}
+    LIST_OPTIONS = {"bench": ("--ctx", "--qtype", "--plans", "--type-k", "--imatrix", "--attn-type", "--passkey-depths")}
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
@@ -638,6 +639,23 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
 @click.option("--imatrix-tokens", type=click.IntRange(min=IMATRIX_SHORT_WINDOW), default=None,
               help="--imatrix short/target: calibration tokens of every matrix, the same for both, so that only the "
                    f"window differs (target takes at least one window). Default: {DEFAULT_IMATRIX_TOKENS}.")
+@click.option("--attn-type", "attn_types", multiple=True, default=["default"], show_default=True, metavar="TYPE",
+              help="attn_q/attn_k type axis, like --type-k: default (the --qtype's own choice) or a ggml type "
+                   "given to both through llama-quantize, e.g. --attn-type default q8_0 f16. Each row of a type is "
+                   "paired with the same file at default.")
+@click.option("--evaluator", type=click.Choice(BENCH_EVALUATORS), default="bindings", show_default=True,
+              help="What measures each row: the Python bindings (per token, exact), or llama.cpp's "
+                   "llama-perplexity (its PPLs and --kl-divergence against the F16 file's saved "
+                   "log-probabilities; the paired ratios from the per-token log-probabilities it saves, in 16-bit "
+                   "steps).")
+@click.option("--gpu-layers", type=click.IntRange(min=-1), default=-1, show_default=True,
+              help="Layers on the GPU of a GPU build of llama.cpp, for either evaluator (-1: all).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rows evaluated at a time (each with --threads); each file is still built once. With more "
+                   "than one, a stop (Ctrl-C) starts no new row but waits for the running ones.")
+@click.option("--deadline", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Start no row later than this many seconds after the start; results.json lists the rows "
+                   "left out under skipped.")
 @click.option("--passkey-trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="Passkey keys per depth (0: no passkey test).")
 @click.option("--passkey-depths", "passkey_depths", type=click.FloatRange(0, 1), multiple=True,
@@ -649,7 +667,8 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tuple[str, ...], text_path: Path,
           chunks: int, type_ks: tuple[str, ...], imatrixes: tuple[str, ...], imatrix_text: Path | None,
-          imatrix_tokens: int | None, passkey_trials: int, passkey_depths: tuple[float, ...], threads: int,
+          imatrix_tokens: int | None, attn_types: tuple[str, ...], evaluator: str, gpu_layers: int, workers: int,
+          deadline: float | None, passkey_trials: int, passkey_depths: tuple[float, ...], threads: int,
           out: Path, quiet: bool) -> None:
     """Build every plan's GGUF from MODEL (HF checkpoint) and compare them all on the same chunks.
 
@@ -661,7 +680,8 @@ def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tu
 
     run_bench(model, list(ctxs), [canonical_qtype(q) for q in qtypes], list(plans), text_path, out, chunks=chunks,
               type_k=list(type_ks), imatrix=list(imatrixes), imatrix_text=imatrix_text, imatrix_tokens=imatrix_tokens,
-              passkey_trials=passkey_trials, passkey_depths=list(passkey_depths) or None, threads=threads,
+              attn_types=list(attn_types), evaluator=evaluator, gpu_layers=gpu_layers, workers=workers,
+              deadline=deadline, passkey_trials=passkey_trials, passkey_depths=list(passkey_depths) or None, threads=threads,
               progress=_show_progress(quiet))
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ppl_vs_ctx.png'}")
     click.echo((out / "results.md").read_text())

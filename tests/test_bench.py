@@ -243,3 +243,121 @@ def test_bench_imatrix_requests_are_refused_before_building(case: str, needle: s
                                         calibration]}[case]
     fail_cleanly(["bench", tiny256, "--ctx", "512", "--plans", "yarn", "--text", text, "--out", tmp_path / "bench",
                   *extra], tmp_path, needle)
+
+
+def test_bench_attn_type_axis_with_workers(tiny256: Path, text: Path, tmp_path: Path):
+    """--attn-type default q8_0: attn_q/attn_k of the q8_0 row's file are Q8_0 (the rest the --qtype's), and
+    its PPL is paired with the same file at its default; two workers build the shared F16 reference once."""
+    import gguf
+
+    from checkpoints import gguf_tensors
+
+    out = tmp_path / "bench"
+    result = run_cli("bench", tiny256, "--ctx", "512", "--qtype", "Q4_0", "F16", "--plans", "yarn", "--attn-type",
+                     "default", "q8_0", "--workers", "2", "--text", text, "--out", out, "-q")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["attn_types"] == ["default", "q8_0"]
+    by = {(r["qtype"], r.get("attn_type")): r for r in results["rows"]}
+    assert set(by) == {("Q4_0", None), ("Q4_0", "q8_0"), ("F16", None)}  # an unquantized file takes none
+    default, higher = by[("Q4_0", None)], by[("Q4_0", "q8_0")]
+    assert higher["ratio_to_default_attn"] == pytest.approx(higher["ppl"] / default["ppl"], rel=1e-9)
+    assert "ratio_to_default_attn" not in default and higher["ref_ppl"] == default["ref_ppl"]
+    assert higher["kld_mean"] < default["kld_mean"]  # 8-bit queries and keys stay closer to the F16 file
+    for row, want in ((default, gguf.GGMLQuantizationType.Q4_0), (higher, gguf.GGMLQuantizationType.Q8_0)):
+        tensors = gguf_tensors(out / "models" / row["file"])
+        assert tensors["blk.0.attn_q.weight"].tensor_type == want and tensors["blk.0.attn_k.weight"].tensor_type == want
+        assert tensors["blk.0.attn_v.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert len(list((out / "models").glob("yarn.512.F16.*.gguf"))) == 1
+    table = (out / "results.md").read_text()
+    assert "| attn_q/k |" in table and "/ default attn" in table and "| yarn | Q4_0 | q8_0 |" in table
+
+
+def test_bench_llama_perplexity_evaluator_agrees_with_bindings(tiny256: Path, text: Path, tmp_path: Path):
+    """--evaluator llama-perplexity measures the same windows as the bindings, PPL and KLD as llama.cpp
+    prints them; the two are cached apart. (This random tiny model puts many targets more than 16 nats
+    below its top token, where the saved log-probabilities floor: its NLLs are not compared.)"""
+    common = ["bench", tiny256, "--ctx", "256", "--qtype", "Q4_0", "--plans", "yarn", "--chunks", "2", "--text", text]
+    measured = {}
+    for evaluator in ("bindings", "llama-perplexity"):
+        out = tmp_path / evaluator
+        result = run_cli(*common, "--evaluator", evaluator, "--out", out, "-q")
+        assert result.returncode == 0, result.stderr
+        measured[evaluator] = json.loads((out / "results.json").read_text())
+    assert "evaluator" not in measured["bindings"] and measured["llama-perplexity"]["evaluator"] == "llama-perplexity"
+    ours, tool = measured["bindings"]["rows"][0], measured["llama-perplexity"]["rows"][0]
+    assert tool["evaluator"] == "llama-perplexity" and tool["run"] != ours["run"]
+    assert (tool["n_chunks"], tool["n_scored"]) == (ours["n_chunks"], ours["n_scored"]) == (2, 254)
+    assert tool["ppl"] == pytest.approx(ours["ppl"], rel=2e-3)
+    assert tool["ref_ppl"] == pytest.approx(ours["ref_ppl"], rel=2e-3)
+    assert tool["kld_mean"] == pytest.approx(ours["kld_mean"], rel=0.05, abs=2e-3)
+    assert tool["same_top_pct"] == pytest.approx(ours["same_top_pct"], abs=2.0)
+    assert tool["kld_se"] > 0 and ours["kld_se"] > 0
+    assert tool["ppl_se"] == pytest.approx(ours["ppl_se"], rel=0.02)
+
+
+def test_bench_deadline_lists_rows_not_started(tiny256: Path, text: Path, tmp_path: Path):
+    """--deadline 0: no row starts, nothing is built, and results.json lists every row under skipped."""
+    out = tmp_path / "bench"
+    result = run_cli("bench", tiny256, "--ctx", "512", "--qtype", "Q4_0", "--plans", "yarn", "linear",
+                     "--deadline", "0", "--text", text, "--out", out, "-q")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["rows"] == [] and results["deadline"] == 0
+    assert sorted(s["plan"] for s in results["skipped"]) == ["linear", "yarn"]
+    assert results["skipped"][0] | {"plan": "-"} == {"plan": "-", "ctx": 512, "qtype": "Q4_0", "type_k": "f16",
+                                                     "imatrix": "none", "attn_type": "default"}
+    assert not list((out / "models").iterdir())
+    assert "Not started by the deadline" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--attn-type", "q9_9"], "--attn-type q9_9: not a ggml type; use default or one of"),
+    (["--qtype", "F16", "--attn-type", "q8_0"], "--attn-type q8_0 applies to quantized types only"),
+])
+def test_bench_attn_type_requests_are_refused_before_building(extra: list, needle: str, tiny256: Path, text: Path,
+                                                              tmp_path: Path):
+    fail_cleanly(["bench", tiny256, "--ctx", "512", "--plans", "yarn", "--text", text, "--out", tmp_path / "bench",
+                  *extra], tmp_path, needle)
+
+
+def test_llama_perplexity_log_and_saved_log_probabilities_are_read(tmp_path: Path):
+    """The final estimate and the --kl-divergence lines as llama-perplexity prints them, and the NLL of every
+    scored token of every window from a --kl-divergence-base file (a file written here in its format)."""
+    import numpy as np
+
+    from qroar_gguf.errors import QroarError
+    from qroar_gguf.evaluate.perplexity_tool import final_estimate, saved_nll, statistic
+
+    log = ("[1]12.3456,\nFinal estimate: PPL = 12.3456 +/- 0.12345\n"
+           "Mean    KLD:   0.012345 ±   0.000321\n99.0%   KLD:   0.150000\nMedian  KLD:   0.004000\n"
+           "Same top p: 91.234 ± 0.456 %\n")
+    assert final_estimate(log) == (12.3456, 0.12345)
+    assert statistic(log, "Mean    KLD") == (0.012345, 0.000321)
+    assert statistic(log, "99.0%   KLD") == (0.15, None)
+    assert statistic(log, "Same top p") == (91.234, 0.456)
+    with pytest.raises(QroarError, match="printed no 'Final estimate: PPL'"):
+        final_estimate("nothing")
+
+    n_ctx, n_vocab, n_chunk = 8, 3, 2
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, n_vocab, size=(n_chunk, n_ctx)).astype(np.int32)
+    first, width = n_ctx // 2, 2 * ((n_vocab + 1) // 2) + 4
+    want, rows = [], []
+    for c in range(n_chunk):
+        for i in range(first, n_ctx - 1):
+            logp = np.log(rng.dirichlet(np.ones(n_vocab)))
+            scale, low = np.float32((logp.max() - logp.min()) / 65535), np.float32(logp.min())
+            steps = np.round((logp - low) / scale).astype(np.uint16)
+            row = np.zeros(width, dtype=np.uint16)
+            row[:4] = np.array([scale, low], dtype=np.float32).view(np.uint16)
+            row[4:4 + n_vocab] = steps
+            rows.append(row)
+            want.append(-(float(scale) * float(steps[tokens[c, i + 1]]) + float(low)))
+    path = tmp_path / "base.logits"
+    path.write_bytes(b"_logits_" + np.array([n_ctx, n_vocab, n_chunk], dtype=np.int32).tobytes() + tokens.tobytes()
+                     + np.stack(rows).tobytes())
+    np.testing.assert_allclose(saved_nll(path), want, rtol=1e-6)
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(QroarError, match="is incomplete"):
+        saved_nll(path)

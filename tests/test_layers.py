@@ -29,7 +29,7 @@ LAYERS = [
      "rope.spec", "rope.scaling_keys"],
     # 4. GGUF writing and quantizing; llama.cpp's runtime; statistics
     ["gguf_io.provenance", "gguf_io.writer", "gguf_io.quantize", "gguf_io.imatrix", "evaluate.runtime",
-     "evaluate.paired"],
+     "evaluate.paired", "evaluate.perplexity_tool"],
     # 5. evaluators on the runtime
     ["evaluate.perplexity", "evaluate.kld", "evaluate.passkey", "evaluate.kshift"],
     # 6. conversion's stages, and a GGUF's patch

@@ -17,6 +17,7 @@ from runs import convert_ok, fail_cleanly, run_cli
 from servers import get_json, llama_server, post_json
 
 from qroar_gguf.evaluate.passkey import build_prompt
+from qroar_gguf.evaluate.perplexity_tool import final_estimate, run_perplexity
 from qroar_gguf.gguf_io.quantize import quantize_gguf
 from qroar_gguf.llama_tools import TOOLS, current_build, describe_tools, find_tool
 
@@ -65,13 +66,8 @@ def test_tools_command_lists_them():
 
 def test_llama_perplexity_agrees_with_eval(long_files, dev_text, tmp_path):
     """The same file, text and window (512, two windows): within 0.1% of PPL."""
-    run = subprocess.run([str(find_tool("llama-perplexity")), "-m", str(long_files["yarn"]), "-f", str(dev_text),
-                          "-c", "512", "--chunks", "2", "-t", "2", "-fa", "on"],
-                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert run.returncode == 0, run.stderr[-2000:]
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
-    assert found, (run.stdout + run.stderr)[-2000:]
-    theirs = float(found.group(1))
+    theirs, _ = final_estimate(run_perplexity("-m", long_files["yarn"], "-f", dev_text, "-c", 512, "--chunks", 2,
+                                              "-t", 2))
 
     report = tmp_path / "eval.json"
     ours = run_cli("eval", long_files["yarn"], "--text", dev_text, "--ctx", 512, "--chunks", 2, "--json", report, "-q")

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchlib import RESULTS
 
 SETTINGS = {  # label -> (band scales, symmetric)
     "unscaled": (None, True),
@@ -63,7 +62,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--qtype", nargs="+", default=["Q4_0", "Q4_K_M"])
     parser.add_argument("--ctx", type=int, default=16384)
-    parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "band_weight_error.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "band_weight_error.json")
     args = parser.parse_args()
     if args.model is None:
         from qroar_gguf.assets.smollm2 import default_model_dir

@@ -22,27 +22,18 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchlib import RESULTS, machine, qroar
 
-from qroar_gguf.assets.austen import austen_text  # noqa: E402
-from qroar_gguf.assets.smollm2 import default_model_dir  # noqa: E402
-from qroar_gguf.evaluate.kshift import shift_drift  # noqa: E402
-from qroar_gguf.outputs import publish_text  # noqa: E402
-from qroar_gguf.source.text import read_text  # noqa: E402
-
-QROAR = [sys.executable, "-m", "qroar_gguf"]
-
-
-def qroar(*args) -> None:
-    subprocess.run([*QROAR, *(str(a) for a in args), "-q"], check=True)
+from qroar_gguf.assets.austen import austen_text
+from qroar_gguf.assets.smollm2 import default_model_dir
+from qroar_gguf.evaluate.kshift import shift_drift
+from qroar_gguf.outputs import publish_text
+from qroar_gguf.source.text import read_text
 
 
 def make_files(model: Path, work: Path, target: int, qtype: str) -> dict[str, Path]:
@@ -77,7 +68,7 @@ def main() -> None:
     parser.add_argument("--qtype", default="Q4_K_M")
     parser.add_argument("--text", default="Emma")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "context_shift_bench.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "context_shift_bench.json")
     args = parser.parse_args()
     model = default_model_dir(progress=False)
     text = read_text(austen_text(args.text))
@@ -91,7 +82,7 @@ def main() -> None:
         "benchmark": "perplexity of a text streamed through a window with llama-server's context shifts, stock "
                      "llama.cpp, against the same tokens without shifts",
         "command": "python tools/bench_context_shift.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
         "model": "SmolLM2-135M-Instruct", "qtype": args.qtype, "plan": f"yarn, --ctx {args.target}",
         "text": args.text, "window": args.window, "discard": args.discard, "shifts": args.shifts,
         "kv_cache": "f16", "files": results,

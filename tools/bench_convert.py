@@ -2,7 +2,7 @@
 """Benchmark: `qroar-gguf convert --qtype F16` against llama.cpp's own convert_hf_to_gguf.py.
 
 Same checkpoint (the default SmolLM2 model unless --model), same machine, same run, alternating
-the two tools; reports wall time and peak RSS of each process (os.wait4's ru_maxrss) and their
+the two tools; reports wall time and peak RSS of each process (GNU time's, benchlib.measure) and their
 ratios, plus our peak RSS against the largest tensor's size. Writes JSON (default
 tools/results/convert_bench.json).
 
@@ -14,30 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchlib import QROAR, RESULTS, machine, measure
 
-from qroar_gguf.llama_tools import reference_converter  # noqa: E402
-
-def measure(cmd: list[str]) -> dict:
-    """Wall seconds and peak resident memory (MiB) of one child process."""
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - start
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{stderr[-2000:]}")
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024}
+from qroar_gguf.llama_tools import reference_converter
 
 
 def largest_tensor_mib(model_dir: Path) -> tuple[str, float]:
@@ -52,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="HF checkpoint directory (default: the SmolLM2 default model)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "convert_bench.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "convert_bench.json")
     args = parser.parse_args()
 
     if args.model is None:
@@ -60,7 +44,7 @@ def main() -> None:
 
         args.model = default_model_dir(progress=False)
     script = reference_converter()
-    ours_cmd = lambda out: [sys.executable, "-m", "qroar_gguf", "convert", str(args.model), "-o", str(out),
+    ours_cmd = lambda out: [*QROAR, "convert", str(args.model), "-o", str(out),
                             "--method", "none", "--qtype", "F16", "--force", "-q"]
     theirs_cmd = lambda out: [sys.executable, str(script), str(args.model), "--outtype", "f16", "--outfile", str(out)]
 
@@ -69,7 +53,8 @@ def main() -> None:
         out = Path(tmp) / "out.gguf"
         for i in range(args.repeats):
             for tool, cmd in (("qroar_gguf", ours_cmd), ("convert_hf_to_gguf", theirs_cmd)):
-                runs[tool].append(measure(cmd(out)))
+                took = measure(cmd(out))
+                runs[tool].append({"wall_s": took["seconds"], "peak_rss_mib": took["peak_rss_mib"]})
                 out.unlink(missing_ok=True)
                 print(f"run {i + 1}/{args.repeats} {tool}: {runs[tool][-1]}", file=sys.stderr)
 
@@ -81,7 +66,7 @@ def main() -> None:
     result = {
         "benchmark": "qroar-gguf convert --method none --qtype F16 vs llama.cpp convert_hf_to_gguf.py --outtype f16",
         "model": str(args.model.name),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
         "repeats": args.repeats,
         **summary,
         "wall_ratio_ours_over_theirs": ours["wall_s_median"] / theirs["wall_s_median"],

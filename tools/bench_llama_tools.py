@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import socket
 import subprocess
 import sys
@@ -31,15 +29,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchlib import QROAR, REPO, RESULTS, llama_cpp_python_version, llama_perplexity, machine
 
-from qroar_gguf.assets.austen import austen_text  # noqa: E402
-from qroar_gguf.assets.smollm2 import default_model_dir  # noqa: E402
-from qroar_gguf.evaluate.passkey import build_prompt  # noqa: E402
-from qroar_gguf.llama_tools import LLAMA_CPP_PYTHON_VERSION, current_build, fetch_sdist, find_tool  # noqa: E402
-
-QROAR = [sys.executable, "-m", "qroar_gguf"]
+from qroar_gguf.assets.austen import austen_text
+from qroar_gguf.assets.smollm2 import default_model_dir
+from qroar_gguf.evaluate.passkey import build_prompt
+from qroar_gguf.llama_tools import current_build, fetch_sdist, find_tool
 
 
 def _free_port() -> int:
@@ -56,12 +51,7 @@ def _http(url: str, body: dict | None = None, timeout: float = 10) -> dict:
 
 
 def agreement(model: Path, text: Path, ctx: int, chunks: int, threads: int) -> dict:
-    start = time.monotonic()
-    run = subprocess.run([str(find_tool("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(ctx),
-                          "--chunks", str(chunks), "-t", str(threads), "-fa", "on"],
-                         capture_output=True, text=True, check=True)
-    tool_seconds = time.monotonic() - start
-    theirs = float(re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr).group(1))
+    theirs = llama_perplexity("-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-t", threads)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "eval.json"
         start = time.monotonic()
@@ -69,9 +59,9 @@ def agreement(model: Path, text: Path, ctx: int, chunks: int, threads: int) -> d
                         "--threads", str(threads), "--json", str(report), "-q"], check=True)
         eval_seconds = time.monotonic() - start
         ours = json.loads(report.read_text())["perplexity"]
-    return {"ctx": ctx, "chunks": chunks, "ppl_llama_perplexity": theirs, "ppl_eval": ours["ppl"],
-            "n_scored": ours["n_scored"], "relative_difference": (ours["ppl"] - theirs) / theirs,
-            "seconds_llama_perplexity": round(tool_seconds, 1), "seconds_eval": round(eval_seconds, 1)}
+    return {"ctx": ctx, "chunks": chunks, "ppl_llama_perplexity": theirs["ppl"], "ppl_eval": ours["ppl"],
+            "n_scored": ours["n_scored"], "relative_difference": (ours["ppl"] - theirs["ppl"]) / theirs["ppl"],
+            "seconds_llama_perplexity": theirs["seconds"], "seconds_eval": round(eval_seconds, 1)}
 
 
 def server_passkeys(model: Path, ctx: int, fill: float, depths: list[float], threads: int) -> dict:
@@ -150,12 +140,11 @@ def main() -> None:
     parser.add_argument("--fill", type=float, default=0.9, help="passkey prompt length / ctx")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--builds", action="store_true", help="also time the builds from scratch (minutes)")
-    parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "llama_tools_bench.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "llama_tools_bench.json")
     args = parser.parse_args()
 
     build = current_build()
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "build": build.info if build else None,
+    result = {"machine": machine(), "llama_cpp_python": llama_cpp_python_version(), "build": build.info if build else None,
               "model": "SmolLM2-135M-Instruct", "method": "yarn", "qtype": "Q4_0", "text": args.text}
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / f"yarn.{args.ctx}.Q4_0.gguf"

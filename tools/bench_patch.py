@@ -2,8 +2,8 @@
 """Benchmark `qroar-gguf patch`: speed and memory against `cp`, and quality against `convert`.
 
 1. Speed: the default SmolLM2 model as an unscaled F32 GGUF (several hundred MB) is patched and copied
-   with `cp`, alternating, in the same run; wall time and peak RSS of each process (GNU time's %M, from
-   /usr/bin/time starting it: see measure()), and our peak RSS against the largest attention tensor.
+   with `cp`, alternating, in the same run; wall time and peak RSS of each process (GNU time's:
+   benchlib.measure), and our peak RSS against the largest attention tensor.
 2. Quality: an unscaled file of `--qtype` is patched with `--method` to twice the trained context and
    compared with the file `convert` makes from the checkpoint (same method, context and qtype; convert
    folds the attention scale into W_Q/W_K before quantizing, patch into the quantized blocks' f16 scales):
@@ -18,44 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchlib import QROAR, RESULTS, machine, measure, qroar
 
-import gguf  # noqa: E402
+import gguf
 
-from qroar_gguf.assets.austen import austen_text  # noqa: E402
-from qroar_gguf.assets.smollm2 import default_model_dir  # noqa: E402
-from qroar_gguf.evaluate.paired import paired_compare  # noqa: E402
-from qroar_gguf.evaluate.perplexity import perplexity  # noqa: E402
-from qroar_gguf.evaluate.runtime import Runtime  # noqa: E402
-from qroar_gguf.source.text import read_text  # noqa: E402
-
-QROAR = [sys.executable, "-m", "qroar_gguf"]
-
-
-def qroar(*args) -> None:
-    subprocess.run([*QROAR, *(str(a) for a in args), "-q"], check=True)
-
-
-def measure(cmd: list) -> dict:
-    """Wall seconds and peak resident memory (MiB) of one command. GNU time starts it: a child forked
-    from this (large) process would report this process's memory as its own peak (Linux keeps the
-    high-water mark across exec)."""
-    start = time.monotonic()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *(str(c) for c in cmd)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-    wall = time.monotonic() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd} failed: {proc.stderr}")
-    return {"seconds": wall, "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024}
+from qroar_gguf.assets.austen import austen_text
+from qroar_gguf.assets.smollm2 import default_model_dir
+from qroar_gguf.evaluate.paired import paired_compare
+from qroar_gguf.evaluate.perplexity import perplexity
+from qroar_gguf.evaluate.runtime import Runtime
+from qroar_gguf.source.text import read_text
 
 
 def speed(model: Path, work: Path, repeats: int) -> dict:
@@ -106,14 +82,14 @@ def main() -> None:
     parser.add_argument("--method", default="yarn")
     parser.add_argument("--qtype", default="Q4_0")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "patch_bench.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "patch_bench.json")
     args = parser.parse_args()
     model = default_model_dir(progress=False)
     text = read_text(austen_text("Emma"))
     with tempfile.TemporaryDirectory() as tmp:
         result = {
             "benchmark": "qroar-gguf patch against cp (speed, memory) and against convert (perplexity)",
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "machine": machine(),
             "speed": speed(model, Path(tmp), args.repeats),
             "quality": quality(model, Path(tmp), args.method, args.qtype, text, args.threads),
         }

@@ -12,13 +12,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchlib import RESULTS
 
 
 def main() -> None:
@@ -30,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "sensitivity_cost.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "sensitivity_cost.json")
     args = parser.parse_args()
     if args.model is None:
         from qroar_gguf.assets.smollm2 import default_model_dir

@@ -17,8 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchlib import RESULTS, versions
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     parser.add_argument("--no-control", action="store_true", help="skip the control run")
     parser.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "tail_inflation.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "tail_inflation.json")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args()
     if args.model is None:
@@ -64,11 +63,7 @@ def main() -> None:
     result["text"] = args.text.name
     result["model"] = args.model.name
     result["total_seconds"] = time.monotonic() - start
-    import torch
-    import transformers
-
-    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                          "python": platform.python_version()}
+    result["versions"] = versions("torch", "transformers")
     result["machine"] = platform.machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

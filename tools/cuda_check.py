@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -39,10 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-QROAR = [sys.executable, "-m", "qroar_gguf"]
+from benchlib import QROAR, REPO, RESULTS, llama_perplexity, machine
 CHILD = r"""
 import os
 import sys
@@ -89,7 +84,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep files and CPU logits here (reused when present)")
     parser.add_argument("--phase", choices=("all", "cpu", "gpu"), default="all",
                         help="cpu: convert and take the CPU logits only (e.g. while CUDA builds); gpu: the rest")
-    parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "cuda_check.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cuda_check.json")
     args = parser.parse_args()
 
     from qroar_gguf.assets.austen import austen_text
@@ -126,12 +121,7 @@ def main() -> None:
 
         if shutil.which("nvcc") is None and args.cuda_bin is None:
             raise SystemExit("nvcc is not on PATH: this check needs the CUDA toolkit")
-        try:
-            gpu_info = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                                       "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            gpu_info = None
-        result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": gpu_info}}
+        result: dict = {"machine": machine(gpu=True)}
         if args.cuda_bin is None:
             start = time.monotonic()
             cuda = build_tools(["-DGGML_CUDA=ON"], jobs=os.cpu_count())
@@ -152,12 +142,8 @@ def main() -> None:
         }
         print(json.dumps(result["logits"]), flush=True)
 
-        start = time.monotonic()
-        run = subprocess.run([str(cuda_bin / "llama-perplexity"), "-m", str(files["yarn"]), "-f", str(text), "-c",
-                              str(args.ctx), "--chunks", "1", "-ngl", "999", "-fa", "on"],
-                             capture_output=True, text=True, check=True)
-        tool_seconds = time.monotonic() - start
-        ppl_tool = float(re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr).group(1))
+        tool = llama_perplexity("-m", files["yarn"], "-f", text, "-c", args.ctx, "--chunks", 1,
+                                tool=cuda_bin / "llama-perplexity")
         report = work / "eval.json"
         start = time.monotonic()
         subprocess.run([*QROAR, "eval", str(files["yarn"]), "--text", str(text), "--ctx", str(args.ctx),
@@ -165,8 +151,8 @@ def main() -> None:
                        env={**os.environ, "LLAMA_CPP_LIB_PATH": str(cuda_bin)})
         eval_seconds = time.monotonic() - start
         ppl_eval = json.loads(report.read_text())["perplexity"]["ppl"]
-        result["evaluation_32k"] = {"ctx": args.ctx, "ppl_llama_perplexity": ppl_tool, "ppl_eval": ppl_eval,
-                                    "seconds_llama_perplexity": round(tool_seconds, 1),
+        result["evaluation_32k"] = {"ctx": args.ctx, "ppl_llama_perplexity": tool["ppl"], "ppl_eval": ppl_eval,
+                                    "seconds_llama_perplexity": tool["seconds"],
                                     "seconds_eval": round(eval_seconds, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -3,12 +3,11 @@
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import benchlib  # noqa: F401  (this checkout's qroar_gguf, installed or not)
 
-from qroar_gguf.assets.austen import austen_text, list_titles  # noqa: E402
-from qroar_gguf.errors import QroarError  # noqa: E402
+from qroar_gguf.assets.austen import austen_text, list_titles
+from qroar_gguf.errors import QroarError
 
 
 def main() -> int:

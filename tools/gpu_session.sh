@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements (tools/bench_imatrix.py with llama.cpp's tools built with CUDA) on a machine that
+# The GPU measurements (tools/bench_imatrix.py, i.e. `qroar-gguf bench`, with llama.cpp's tools built with CUDA) on a machine that
 # has an NVIDIA GPU, nvcc, CMake, ninja and Python 3 with numpy, but no network and none of our cache,
 # reached by copying at most ~64 MiB at a time. So the work is packed here and run there in two steps:
 #
@@ -79,10 +79,6 @@ bench)  # BUDGET: seconds this step may take in all (jobs still running then are
     grid=(--workdir "$work"/grid --scales 4,2 --plans searched,yarn --qtypes Q4_0,Q4_K_M,Q3_K_M
           --attn-types q8_0,f16 --attn-plans searched,yarn --imatrix-tokens 32768 --evaluator llama-perplexity
           --gpu-tools --threads 2 --workers 8)
-    # While CUDA builds: the unquantized references and every file that needs no matrix (niced)
-    QROAR_LLAMA_BIN="$work"/cpu/bin nice -n 10 python3 tools/bench_imatrix.py "${grid[@]}" --prepare-only \
-        --out "$work"/prep.json ${GRID_ARGS:-}
-    echo "CPU side done at $(date +%T)"
     while [ ! -e "$work"/build.done ] && [ ! -e "$work"/build.failed ]; do
         pgrep -f "gpu_session.sh build" >/dev/null || [ -e "$work"/build.done ] || [ -e "$work"/build.failed ] ||
             { echo "the CUDA build stopped"; tail -n 20 "$work"/build.log; exit 1; }
@@ -97,7 +93,7 @@ bench)  # BUDGET: seconds this step may take in all (jobs still running then are
     # With time left: whether the Python bindings load a model from the CUDA libllama (a backtrace
     # when gdb is there, else Python's fault handler)
     left=$((end - $(date +%s)))
-    model=$(ls "$work"/grid/*.gguf 2>/dev/null | head -n 1 || true)
+    model=$(find "$work"/grid -name '*.gguf' 2>/dev/null | head -n 1 || true)
     if [ "$left" -gt 40 ] && [ -n "$model" ]; then
         probe=(python3 -X faulthandler -c "import sys; from qroar_gguf.evaluate.runtime import Runtime
 with Runtime(sys.argv[1], n_ctx=512, n_gpu_layers=999, threads=2, verbose=True) as rt: print('loaded', rt.tokenize('The pass key')[:8])"
