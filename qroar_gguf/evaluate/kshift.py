@@ -25,7 +25,7 @@ The K cache is read back with ``llama_state_seq_get_data``, so it must be F32 or
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from qroar_gguf.evaluate.runtime import GgufModel, Runtime
 #: The environment switch patches/0002 reads at each shift: 1 = stock llama.cpp's shift.
 STOCK_SHIFT_ENV = "QROAR_STOCK_KSHIFT"
 _STATE_MAGIC = 0xAF143CD8  # llama-context.cpp's io_magic, first in a sequence's state
+_SEQ_FILE_MAGIC = 0x67677371  # LLAMA_STATE_SEQ_MAGIC ('ggsq'), first in a saved sequence's file
 _K_DTYPES = {0: np.float32, 1: np.float16}  # ggml_type -> numpy, for the caches that can be read back
 
 
@@ -144,6 +145,79 @@ def _run(shifted: Runtime, gap: Runtime, tokens: np.ndarray, n_shifts: int, n_pr
     return ShiftDrift(norm_ratios, kl_vs_gap, max_dlogit, nll_shifted, nll_gap)
 
 
+@dataclass(frozen=True)
+class Replay:
+    """A generation replayed without shifts (see :func:`replay_without_shifts`)."""
+
+    logprobs: np.ndarray  # float64, one per answered token: log p(token) where the server predicted it
+    n_shifts: int  # how many times the server's rule dropped tokens
+    first_shift_at: int  # the position written next when the first shift came: keys below it predate every shift
+    cache: SeqState  # the cache at the end, keys as written (never re-roped)
+
+
+def replay_without_shifts(
+    model_path: str | Path,
+    prompt: Sequence[int],
+    answer: Sequence[int],
+    *,
+    n_ctx: int,
+    n_discard: int,
+    type_k: str = "f32",
+    type_v: str = "f32",
+    threads: int = 2,
+) -> Replay:
+    """What a generation in llama-server should have been, shifts apart: ``prompt`` decoded, then each
+    ``answer`` token but the last, one by one; where llama-server's rule shifts the slot's context
+    (``tokens cached + 1 >= n_ctx`` before a sampled token is decoded), the ``n_discard`` oldest cached
+    tokens are dropped and the rest left where they are: a gap, so every distance in the cache is the
+    server's and nothing is re-roped. A shift that only rotates gives the server these log-probabilities
+    and keys of these norms. For n_keep 0 (llama-server's default on a model without BOS): kept first
+    tokens would sit farther from the rest here than in the server."""
+    if not (n_discard >= 1 and len(prompt) + 1 < n_ctx):
+        raise QroarError(f"a replay needs n_discard >= 1 and a prompt shorter than the context "
+                         f"(got {n_discard}, {len(prompt)} of {n_ctx})")
+    logprobs, n_shifts, first_shift_at = [], 0, -1
+    n_positions = len(prompt) + len(answer)  # a gap keeps positions growing past the server's context
+    with Runtime(model_path, n_ctx=n_positions, n_batch=len(prompt), n_ubatch=len(prompt), threads=threads,
+                 type_k=type_k, type_v=type_v) as rt:
+        rt.decode(np.asarray(prompt, dtype=np.int32), 0, None)
+        live = list(range(len(prompt)))  # the cached tokens' positions, oldest first
+        for i, token in enumerate(answer):
+            lp, _ = log_softmax_rows(rt.logits()[-1:])
+            logprobs.append(float(lp[0, int(token)]))
+            if i + 1 == len(answer):
+                break
+            if len(live) + 1 >= n_ctx:
+                rt.remove(live[0], live[n_discard])
+                live, n_shifts = live[n_discard:], n_shifts + 1
+                first_shift_at = live[-1] + 1 if first_shift_at < 0 else first_shift_at
+            position = live[-1] + 1
+            rt.decode(np.asarray([token], dtype=np.int32), position, None)
+            live.append(position)
+        return Replay(np.array(logprobs), n_shifts, first_shift_at, SeqState.parse(rt.sequence_state()))
+
+
+def saved_slot_cache(path: str | Path, slot: int) -> SeqState:
+    """The cache of llama-server's slot ``slot`` saved to a file (``/slots/N?action=save``, written by
+    ``llama_state_seq_save_file``: magic, version, a count and that many int32s (llama-server's own
+    serialisation of the slot's tokens, skipped here), then the sequence's state without the io magic
+    and sequence id that ``llama_state_seq_get_data`` puts first; a slot's sequence id is its number)."""
+    data = np.fromfile(path, dtype=np.uint8)
+    if len(data) < 12:
+        raise QroarError(f"{path}: too short for a saved sequence")
+    magic, version, n_tokens = (int(x) for x in data[:12].view("<u4"))
+    if magic != _SEQ_FILE_MAGIC or 12 + 4 * n_tokens > len(data):
+        raise QroarError(f"{path}: not a saved sequence (magic {magic:#x}, version {version})")
+    head = np.array([_STATE_MAGIC, slot], dtype="<u4").view(np.uint8)
+    return SeqState.parse(np.concatenate([head, data[12 + 4 * n_tokens:]]))
+
+
+def key_norms(state: SeqState) -> np.ndarray:
+    """The L2 norm of every layer's K row of every cell, cells in position order: (layers, cells)."""
+    order = np.argsort(state.positions, kind="stable")
+    return np.stack([np.linalg.norm(k[order].astype(np.float64), axis=1) for k in state.keys()])
+
+
 def _mean_nll(logits: np.ndarray, targets: np.ndarray) -> float:
     """Mean ``-log p(target)`` of rows of next-token logits (NaN for no rows)."""
     if len(targets) == 0:
@@ -177,11 +251,8 @@ def _stock_shift(on: bool) -> Iterator[None]:
 
 
 def _key_norms(rt: Runtime) -> np.ndarray:
-    """The L2 norm of every layer's K row of every cached cell of sequence 0, cells in position order:
-    shape (layers, cells)."""
-    state = SeqState.parse(rt.sequence_state())
-    order = np.argsort(state.positions, kind="stable")
-    return np.stack([np.linalg.norm(k[order].astype(np.float64), axis=1) for k in state.keys()])
+    """:func:`key_norms` of sequence 0's cache."""
+    return key_norms(SeqState.parse(rt.sequence_state()))
 
 
 @dataclass(frozen=True)
@@ -210,9 +281,25 @@ class SeqState:
             return out
 
         magic, seq_id, n_stream = int(take("<u4")[0]), int(take("<i4")[0]), int(take("<u4")[0])
-        if magic != _STATE_MAGIC or n_stream != 1:
-            raise QroarError(f"not a one-stream sequence state (magic {magic:#x}, {n_stream} streams)")
-        n_cells = int(take("<u4")[0])
+        if magic != _STATE_MAGIC or not 1 <= n_stream <= 64:
+            raise QroarError(f"not a sequence state (magic {magic:#x}, {n_stream} streams)")
+        found = None  # a sequence lives in one stream; the others are written as empty (llama-server's -np)
+        for _ in range(n_stream):
+            n_cells = int(take("<u4")[0])
+            if n_cells == 0:
+                continue
+            if found is not None:
+                raise QroarError("the sequence's cells are in more than one stream: a layout this reader does not know")
+            found = cls._stream(take, seq_id, n_cells)
+        if found is None:
+            raise QroarError("the sequence state holds no cells")
+        if at != len(buf):
+            raise QroarError("the sequence state holds more than one KV cache (SWA?): a layout this reader "
+                             "does not know")
+        return found
+
+    @classmethod
+    def _stream(cls, take, seq_id: int, n_cells: int) -> SeqState:
         positions = np.empty(n_cells, dtype=np.int32)
         for c in range(n_cells):
             positions[c] = take("<i4")[0]
@@ -231,9 +318,6 @@ class SeqState:
 
         k = [rows() for _ in range(n_layer)]
         v = [rows() for _ in range(n_layer)]
-        if at != len(buf):
-            raise QroarError("the sequence state holds more than one KV cache (SWA?): a layout this reader "
-                             "does not know")
         return cls(seq_id, positions, k, v)
 
     def pack(self) -> np.ndarray:
