@@ -458,7 +458,8 @@ def patch(ctx: click.Context, gguf_file: Path, output: Path, target_ctx: int | N
                   f"carry the attention scale {result.attn_folded:.4g}")
         click.echo(f"wrote {result.output} ({result.output.stat().st_size / 2**20:.1f} MiB) in {result.seconds:.1f} s, "
                    + copied)
-        rope = (f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs" if result.scaling_keys is None
+        tensors = "/".join(name.removesuffix(".weight") for name in result.pair_tensors)
+        rope = (f"{tensors} {f.min():.3g}..{f.max():.3g} over {f.size} pairs" if result.scaling_keys is None
                 else f"llama.cpp's rope keys: {result.scaling_keys}")
         click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, {rope}"
                    + ("" if result.attn_factor is None or result.scaling_keys is not None else

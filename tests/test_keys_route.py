@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from checkpoints import gguf_tensors
@@ -251,13 +252,13 @@ def test_a_file_that_already_scales_linearly_composes(family, extended: dict[str
 # The per-arch exceptions, on the pure function (no file needed) ---------------------------------------
 
 def _keys(arch: str, method: str = "yarn", sliding: bool = False, sections: bool = False, **options):
-    from qroar_gguf.arch.gguf_arches import KEYS_ONLY
+    from qroar_gguf.arch.families import gguf_family
     from qroar_gguf.rope.scaling_keys import FileRope, keys_plan
     from qroar_gguf.rope.spec import PlanSpec, rope_facts_for
 
     spec = PlanSpec(method, options)
     facts = rope_facts_for(64, 10000.0, TRAINED, method, TARGET, None)
-    return keys_plan(KEYS_ONLY[arch], FileRope(arch, "none", 1.0, 1.0, sliding, sections), spec,
+    return keys_plan(gguf_family(arch), FileRope(arch, "none", 1.0, 1.0, sliding, sections), spec,
                      spec.plan(facts, None), facts)
 
 
@@ -275,3 +276,4 @@ def test_sliding_window_layers_decide_whether_yarn_is_exact():
         _keys("glm4", sections=True)
     with pytest.raises(QroarError, match="beta"):
         _keys("qwen3", beta_fast=16.0)
+

@@ -13,7 +13,8 @@ pytest.importorskip("matplotlib")
 
 from checkpoints import make_tiny_llama, write_gguf, write_safetensors  # noqa: E402
 
-from qroar_gguf.arch import llama  # noqa: E402
+from qroar_gguf.arch.base import to_adjacent  # noqa: E402
+from qroar_gguf.arch.families import family_for  # noqa: E402
 from qroar_gguf.errors import QroarError  # noqa: E402
 from qroar_gguf.evaluate.plots import PLOT_METHODS, plot_factors  # noqa: E402
 from qroar_gguf.gguf_io.provenance import TRAINED_CTX  # noqa: E402
@@ -92,7 +93,7 @@ def test_checkpoint_plot_is_a_png_of_the_plans(smollm2_plots, smollm2_dir: Path)
     assert data["output"] == str(smollm2_plots["out"] / "ckpt.png")
     assert data["kind"] == "checkpoint" and data["model"] == smollm2_dir.name
     ckpt = open_checkpoint(smollm2_dir)
-    hp = llama.read_hparams(ckpt.config)
+    hp = family_for(ckpt.config).hparams
     measured = measure_sensitivity(ckpt, agg="max")
     # default target: 4 x the trained context
     facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=hp.context_length,
@@ -178,9 +179,9 @@ def tiny_pair(smollm2_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
     for layer in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{layer}.self_attn."
         writer.add_tensor(f"blk.{layer}.attn_q.weight",
-                          llama.permute_for_gguf(tensors[prefix + "q_proj.weight"], n_head))
+                          to_adjacent(tensors[prefix + "q_proj.weight"], n_head, head_dim))
         writer.add_tensor(f"blk.{layer}.attn_k.weight",
-                          llama.permute_for_gguf(tensors[prefix + "k_proj.weight"], n_kv))
+                          to_adjacent(tensors[prefix + "k_proj.weight"], n_kv, head_dim))
     write_gguf(writer)
     return directory, path
 
