@@ -35,7 +35,7 @@ LAYERS = [
     # 6. conversion's stages, and a GGUF's patch
     ["convert", "patch"],
     # 7. what is built on conversion and evaluation
-    ["search", "summary", "evaluate.report", "evaluate.plots", "evaluate.bench"],
+    ["search", "summary", "inspect_text", "evaluate.report", "evaluate.plots", "evaluate.bench"],
     # 8. the demo, 9. the command line
     ["demo"],
     ["cli", "__main__"],
