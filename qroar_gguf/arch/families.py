@@ -75,8 +75,9 @@ def refusal(arch: str) -> str:
     if arch not in gguf.MODEL_ARCH_NAMES.values():
         return f"GGUF arch {arch} is unknown to the pinned llama.cpp, which would not load the file"
     routes = patched_arches()
+    through = {"rope_freqs": "rope_freqs.weight", "rope_factors": "rope_factors_long/short",
+               "keys": "llama.cpp's rope keys"}
+    parts = [f"{', '.join(routes[route])} ({what})" for route, what in through.items() if routes.get(route)]
     rewritten = ", ".join(f"{a} as {gguf_family(a).rewrite_as}" for a in routes.get("rewritten", ()))
-    return (f"qroar-gguf patches GGUF arch {', '.join(routes.get('rope_freqs', ()))} (rope_freqs.weight), "
-            f"{', '.join(routes.get('rope_factors', ()))} (rope_factors_long/short), "
-            f"{', '.join(routes.get('keys', ()))} (llama.cpp's rope keys) and rewrites {rewritten}; llama.cpp "
-            f"runs {arch} with RoPE, but qroar-gguf does not patch it yet")
+    return (f"qroar-gguf patches GGUF arch {', '.join(parts)} and rewrites {rewritten}; llama.cpp runs {arch} "
+            "with RoPE, but qroar-gguf does not patch it yet")
