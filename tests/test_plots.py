@@ -201,6 +201,33 @@ def test_tiny_outlier_found_in_both_layouts(tiny_pair, tmp_path: Path):
     _check_against_plans(from_gguf, facts, np.asarray(from_gguf["sensitivity"]))
 
 
+def test_a_neox_file_is_read_in_its_own_row_order(tiny_pair, tmp_path: Path):
+    """A qwen2 GGUF (as llama.cpp's converter writes it) keeps Hugging Face's NEOX rows: pair k is rows
+    (k, k + d/2) of each head. `plot`, `inspect` and patch's qroar read the family's row order, so the
+    outlier is found at its pair and S_k equals the checkpoint's (read as adjacent pairs, rows k and
+    k + d/2 would land in pairs k/2 and k/2 + d/4)."""
+    directory, llama_file = tiny_pair
+    config = json.loads((directory / "config.json").read_text())
+    reader = gguf.GGUFReader(llama_file)
+    path = tmp_path / "neox.gguf"
+    writer = gguf.GGUFWriter(path, "qwen2")
+    for field in reader.fields.values():
+        if field.name.startswith("llama."):
+            writer.add_key_value("qwen2." + field.name[len("llama."):], field.contents(), field.types[0])
+    writer.add_uint32(TRAINED_CTX, 2048)
+    ckpt = open_checkpoint(directory)
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.self_attn."
+        writer.add_tensor(f"blk.{layer}.attn_q.weight", ckpt.load(prefix + "q_proj.weight"))  # NEOX: HF's rows
+        writer.add_tensor(f"blk.{layer}.attn_k.weight", ckpt.load(prefix + "k_proj.weight"))
+    write_gguf(writer)
+    from_dir = plot_factors(directory, tmp_path / "dir.png")
+    from_neox = plot_factors(path, tmp_path / "neox.png")
+    assert from_neox["argmax_pair"] == OUTLIER_PAIR
+    np.testing.assert_allclose(from_neox["sensitivity"], from_dir["sensitivity"], rtol=1e-6)
+    np.testing.assert_allclose(measure_gguf_sensitivity(path).sensitivity, from_dir["sensitivity"], rtol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors: one line, QroarError
 # --------------------------------------------------------------------------------------------------
