@@ -362,3 +362,27 @@ def test_phi3_per_pair_route(family, tokens: list[int], unscaled: np.ndarray, tm
         llm.eval(list(range(100, 100 + TRAINED + 64)))  # beyond the trained context
     finally:
         llm.close()
+
+
+def test_every_registered_family_answers_the_gguf_side():
+    """Each GGUF arch has one owner, known to the pinned gguf-py, with a route, a row order where it is
+    patched, a refusal where it is not; row orders as llama.cpp's rope types say (NORM: adjacent pairs)."""
+    import gguf
+
+    from qroar_gguf.arch.base import PAIR_ROUTES, ROW_ORDERS, registered_gguf
+    from qroar_gguf.arch.families import gguf_family
+
+    known = set(gguf.MODEL_ARCH_NAMES.values())
+    for arch, family in registered_gguf().items():
+        assert arch in known, arch
+        if family.pair_route is None:
+            assert family.refusal, arch
+        else:
+            assert family.pair_route in PAIR_ROUTES and family.row_order in ROW_ORDERS and not family.refusal, arch
+        assert family.qk_tensors in ("split", "fused") and family.temperature_in in ("projections", "qk_norm")
+    adjacent = {a for a, f in registered_gguf().items() if f.pair_route and f.row_order == "adjacent"}
+    assert adjacent == {"llama", "mistral3", "granite", "granitemoe", "arcee", "minicpm"}
+    assert gguf_family("qwen2").rewrite_as == "llama" and gguf_family("qwen3").needs_patch
+    assert gguf_family("phi3").route() == "rope_factors" and gguf_family("phi3").route(per_pair=False) == "keys"
+    assert gguf_family("qwen3").route() == "keys" and gguf_family("qwen3").route(True) == "rope_freqs"
+    assert not gguf_family("deepseek2").context_shift and gguf_family("no-such-arch") is None
