@@ -26,7 +26,7 @@ from qroar_gguf.choices import (
     QTYPES,
     QUANTIZERS,
 )
-from qroar_gguf.display import printable, printable_all
+from qroar_gguf.display import printable
 from qroar_gguf.errors import QroarError, Stopped, UsageProblem, stop_on_signals
 from qroar_gguf.outputs import check_destination, describe_os_error, publish_text
 from qroar_gguf.search_settings import (
@@ -458,7 +458,8 @@ def patch(ctx: click.Context, gguf_file: Path, output: Path, target_ctx: int | N
                   f"carry the attention scale {result.attn_folded:.4g}")
         click.echo(f"wrote {result.output} ({result.output.stat().st_size / 2**20:.1f} MiB) in {result.seconds:.1f} s, "
                    + copied)
-        rope = (f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs" if result.scaling_keys is None
+        tensors = "/".join(name.removesuffix(".weight") for name in result.pair_tensors)
+        rope = (f"{tensors} {f.min():.3g}..{f.max():.3g} over {f.size} pairs" if result.scaling_keys is None
                 else f"llama.cpp's rope keys: {result.scaling_keys}")
         click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, {rope}"
                    + ("" if result.attn_factor is None or result.scaling_keys is not None else
@@ -489,73 +490,15 @@ def _fix_shift(gguf_file: Path, output: Path, options, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(gguf_file: Path, as_json: bool) -> None:
     """Show a GGUF file's context, rope_freqs factors and qroar provenance."""
+    from qroar_gguf.inspect_text import render_summary
     from qroar_gguf.summary import read_summary
 
     summary = read_summary(gguf_file)
     if as_json:  # json escapes control characters itself
         click.echo(json.dumps(summary, indent=2, allow_nan=False))
         return
-    summary = printable_all(summary)  # the file's strings, shown and never obeyed by the terminal
-    click.echo(f"{summary['file']}: {summary['architecture']} '{summary['name']}', {summary['file_type']}, "
-               f"{summary['n_tensors']} tensors {summary['tensor_types']}")
-    click.echo(f"context length {summary['context_length']}, rope base {summary['rope_freq_base']}, "
-               f"{summary['rope_dimension_count']} rotary dims")
-    click.echo(f"context shift: {summary['context_shift']['summary']}")
-    factors = summary["rope_freqs"]
-    if factors is None:
-        scaling = summary["rope_scaling"]
-        if scaling["type"] in (None, "none"):
-            click.echo("no rope_freqs.weight: positions are not rescaled by the file")
-        else:
-            click.echo(f"no rope_freqs.weight: llama.cpp's rope keys rescale positions ({scaling['type']} x"
-                       f"{_g(scaling['factor'])}" + (f" over {scaling['original_context_length']} tokens"
-                                                    if scaling["original_context_length"] else "") + ")")
-    else:
-        click.echo(f"rope_freqs.weight ({summary['rope_freqs_type']}, {len(factors)} pairs): "
-                   + " ".join(_g(v, 3) for v in factors))
-    if summary["bands"]:
-        click.echo("band                                            pairs   rotations      S/mean   "
-                   "factors       pressure")
-        for b in summary["bands"]:
-            z = "   -  " if b["sensitivity_z_mean"] is None else _g(b["sensitivity_z_mean"], spec="6.3f")
-            click.echo(f"{b['label']:<46} {b['pairs'][0]:>2}-{b['pairs'][1]:<2}  "
-                       f"{_g(b['rotations'][0], spec='8.3g')}-{_g(b['rotations'][1], spec='<8.3g')} {z}   "
-                       f"{_g(b['factor_min'], spec='5.3g')}-{_g(b['factor_max'], spec='<5.3g')}   "
-                       f"{_g(b['pressure'], spec='.3f')}")
-    if summary["qroar_malformed"]:  # left out of what follows: a file's qroar.* keys are not trusted
-        click.echo(f"qroar.* keys not shown, malformed: {', '.join(summary['qroar_malformed'])}")
-    prov = summary["qroar"]
-    if prov is None:
-        click.echo("not made by qroar-gguf (no qroar.* keys)")
-        return
-    params = {k: v for k, v in (prov.get("params") or {}).items() if k not in ("sensitivity", "base_params")}
-    click.echo(f"made by qroar-gguf {prov.get('version')}: method {prov.get('method')} "
-               f"{json.dumps(params)}, context {prov.get('trained_context')} -> "
-               f"{prov.get('target_context')}, attention scale folded {_g(prov.get('attention_scale_folded'))}, "
-               + ("" if prov.get("attention_factor") is None
-                  else f"attention scale as rope.scaling.attn_factor {_g(prov['attention_factor'])}, ")
-               + f"source {prov.get('source')}")
-    if prov.get("bands") is not None:
-        starts = prov["bands"]
-        click.echo(f"bands (pairs {', '.join(f'{a}-{b - 1}' for a, b in zip(starts, starts[1:]))}): factors x"
-                   + ",".join(_g(v) for v in prov.get("band_factors") or []) + ", W_Q/W_K scales "
-                   + ",".join(_g(v) for v in prov.get("band_scales") or [])
-                   + (" (symmetric: W_K divided)" if prov.get("band_symmetric") else " (non-symmetric)"))
-    if prov.get("search") is not None:
-        s = prov["search"]
-        moved = (f"ppl {_g(s.get('start_ppl'), 6)} -> {_g(s.get('ppl'), 6)}" if s.get("objective") == "ppl"
-                 else f"KLD {_g(s.get('start'), 6)} -> {_g(s.get('reached'), 6)}")
-        click.echo(f"searched: {moved} in {s.get('evaluations')} of "
-                   f"{s.get('budget')} candidates on dev text {str(s.get('dev_text_sha256'))[:12]} "
-                   f"({s.get('dev_text_tokens')} tokens, ctx {s.get('dev_ctx')})")
-
-
-def _g(value, digits: int = 4, spec: str | None = None) -> str:
-    """A number as inspect shows it (``spec``, else ``digits`` significant); whatever a file put there
-    instead, as it is."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return format(value, spec or f".{digits}g")
-    return str(value)
+    for line in render_summary(summary):  # line by line: a reader that leaves early (`| head`) stops us there
+        click.echo(line)
 
 
 @main.command()

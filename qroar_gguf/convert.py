@@ -17,7 +17,7 @@ import numpy as np
 
 from qroar_gguf import __version__
 from qroar_gguf.arch import llama
-from qroar_gguf.arch.base import ModelFamily
+from qroar_gguf.arch.base import ROPE_FREQS, ModelFamily
 from qroar_gguf.arch.families import family_for
 from qroar_gguf.arch.vocab import read_vocab, write_vocab
 from qroar_gguf.choices import UNQUANTIZED
@@ -48,7 +48,6 @@ from qroar_gguf.source.checkpoint import Checkpoint, open_checkpoint
 from qroar_gguf.source.safetensors_lazy import FLOAT_DTYPES
 
 Q = gguf.GGMLQuantizationType
-ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                "BF16": gguf.LlamaFileType.MOSTLY_BF16}
 

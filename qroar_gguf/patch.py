@@ -1,9 +1,12 @@
 """An existing GGUF (quantized or not) extended without re-quantizing it: `qroar-gguf patch`.
 
 The stages mirror conversion's: read the source and its facts (`read_gguf_source`), make the plan
-(`make_patch_plan`; qroar measures the file's own attn_q/attn_k, dequantized), write (every key kept
-but the context length, every tensor copied byte for byte but the few that carry the attention scale,
-`rope_freqs.weight` added or multiplied into the file's own), publish under the output's lock by rename.
+(`make_patch_plan`; qroar measures the file's own W_Q/W_K, dequantized), write (every key kept but the
+context length, every tensor copied byte for byte but the few that carry the attention scale, the plan's
+factors added or multiplied into the file's own), publish under the output's lock by rename. The family of
+the file's arch (arch/) says where the factors go: `rope_freqs.weight`, phi3's `rope_factors_long/short`,
+or llama.cpp's rope keys (`_patch_keys`); in which row order its pairs lie; which tensors carry the
+temperature; what the file is rewritten as (qwen2 -> llama).
 
 An attention scale (YaRN's temperature) goes where `convert` puts it, into the weights, so that a
 context shift (llama-server `--context-shift`, Ollama's default), which re-ropes every cached key with
@@ -29,9 +32,9 @@ import gguf
 import numpy as np
 
 from qroar_gguf import __version__
-from qroar_gguf.arch.gguf_arches import KEYS_ONLY, PATCHABLE, REWRITTEN_AS, refusal
-from qroar_gguf.arch.llama import permute_for_gguf
-from qroar_gguf.arch.temperature import NO_SHIFT_ARCHES, ShiftState, shift_state, temperature_targets
+from qroar_gguf.arch.base import PAIR_ROUTES, ROPE_FREQS, GgufFamily
+from qroar_gguf.arch.families import gguf_family, refusal
+from qroar_gguf.arch.temperature import ShiftState, shift_state, temperature_targets
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.blockscale import scale_rows, why_not_scalable
@@ -55,10 +58,9 @@ from qroar_gguf.outputs import (
 )
 from qroar_gguf.rope.measure import measure_gguf_sensitivity
 from qroar_gguf.rope.plans import RopeFacts, RopePlan, combine_with_source
-from qroar_gguf.rope.scaling_keys import FileRope, keys_plan, refuse_per_pair
+from qroar_gguf.rope.scaling_keys import FileRope, has_key_form, keys_plan, refuse_per_pair
 from qroar_gguf.rope.spec import PlanSpec, rope_facts_for
 
-ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 VT = gguf.GGUFValueType
 
 
@@ -78,7 +80,7 @@ class PatchOptions:
 class PatchResult:
     output: Path
     plan: RopePlan
-    factors: np.ndarray  # what rope_freqs.weight holds (plan x the file's own factors)
+    factors: np.ndarray  # what the per-pair tensors hold (plan x the file's own factors)
     trained_ctx: int
     target_ctx: int
     attn_factor: float | None  # <arch>.rope.scaling.attn_factor as written; None: not written
@@ -87,6 +89,7 @@ class PatchResult:
     modelfile: Path | None
     seconds: float
     scaling_keys: str | None = None  # keys-only arches: the rope keys written instead of rope_freqs
+    pair_tensors: tuple[str, ...] = ()  # the tensors the factors were written to (none for the keys)
 
 
 @dataclass
@@ -97,18 +100,20 @@ class GgufSource:
     layout: GgufLayout  # keys as stored, tensor infos
     hp: GgufHparams
     facts: RopeFacts
-    existing: np.ndarray | None  # the file's own rope_freqs.weight (Llama 3.x files carry one)
+    existing: np.ndarray | None  # the file's own per-pair factors (Llama 3.x files carry rope_freqs)
     attn_factor: float | None  # the file's own <arch>.rope.scaling.attn_factor
+    family: type[GgufFamily] = GgufFamily  # the file's arch's
+    route: str = "keys"  # where the factors go: a key of arch.base.PAIR_ROUTES
 
     @property
     def target_arch(self) -> str:
         """The arch the output declares: the file's own, or the one it is rewritten as (qwen2 -> llama)."""
-        return REWRITTEN_AS.get(self.hp.architecture, self.hp.architecture)
+        return self.family.rewrite_as or self.hp.architecture
 
     @property
     def keys_only(self) -> bool:
-        """Extended through llama.cpp's rope keys: its loader reads no rope_freqs."""
-        return self.hp.architecture in KEYS_ONLY
+        """Extended through llama.cpp's rope keys: its loader (as allowed) reads no per-pair factors."""
+        return self.route == "keys"
 
     @property
     def rewritten(self) -> bool:
@@ -126,28 +131,31 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
     path = Path(path)
     layout = read_layout(path)
     arch = scalar_value(layout, ARCHITECTURE)
-    if isinstance(arch, str) and arch not in PATCHABLE and arch not in REWRITTEN_AS and arch not in KEYS_ONLY:
+    family = gguf_family(arch)
+    if isinstance(arch, str) and (family is None or family.pair_route is None):
         raise QroarError(f"{path}: {refusal(arch)}")
-    _check_scaling(layout, path, arch)
+    route = (family.route(options.allow_patched_runtime, per_pair=not has_key_form(options.plan))
+             if family is not None else "keys")
+    _check_scaling(layout, path, arch, route)
     hp = read_hparams(layout, path)
     made = provenance.read_provenance(layout)
     if _rescaled(made) and not options.force:
         raise QroarError(f"{path} was already made or patched by qroar-gguf (method {made.get('method')}, context "
                          f"{made.get('target_context')}): patching it again multiplies new factors into its own; "
                          "--force does that (better: patch the original file)")
-    if arch not in KEYS_ONLY:  # keys-only files may fuse Q/K/V (phi3): temperature_targets checks the rows it scales
+    if family.qk_tensors == "split":  # a fused attn_qkv (phi3): temperature_targets checks the rows it scales
         check_attention_shapes(hp, layout.tensors, path)  # before any size the keys claim is used
     names = {t.name: t for t in layout.tensors}
-    if arch in REWRITTEN_AS and hp.n_rot != hp.head_size:
+    if family.rewrite_as and hp.n_rot != hp.head_size:
         raise QroarError(f"{path}: {hp.n_rot} of {hp.head_size} dimensions per head rotate; rewriting {arch} as "
-                         f"{REWRITTEN_AS[arch]} reorders whole heads, which only fully rotary heads allow")
-    if arch == "llama" and hp.n_rot != hp.head_size:  # llama-model.cpp: "invalid n_rot"
+                         f"{family.rewrite_as} reorders whole heads, which only fully rotary heads allow")
+    if family.whole_heads and hp.n_rot != hp.head_size:  # llama-model.cpp: "invalid n_rot"
         raise QroarError(f"{path}: {hp.n_rot} of {hp.head_size} dimensions per head rotate, and llama.cpp's "
-                         "llama loader refuses anything but fully rotary heads (\"invalid n_rot\")")
-    if arch in REWRITTEN_AS and len(set(hp.n_head_layers)) + len(set(hp.n_kv_head_layers)) > 2:
+                         f"{arch} loader refuses anything but fully rotary heads (\"invalid n_rot\")")
+    if family.rewrite_as and len(set(hp.n_head_layers)) + len(set(hp.n_kv_head_layers)) > 2:
         raise QroarError(f"{path}: its head counts differ between layers; rewriting {arch} as "
-                         f"{REWRITTEN_AS[arch]} reorders every layer's rows by one head count")
-    existing = _existing_factors(names.get(ROPE_FREQS), hp, path)
+                         f"{family.rewrite_as} reorders every layer's rows by one head count")
+    existing = _existing_factors([names.get(n) for n in PAIR_ROUTES[route]], hp, path)
     attn_factor = scalar_value(layout, gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch))
     if attn_factor is not None and not (isinstance(attn_factor, float) and np.isfinite(attn_factor)
                                         and attn_factor > 0):
@@ -155,10 +163,10 @@ def read_gguf_source(path: str | Path, options: PatchOptions) -> GgufSource:
     facts = rope_facts_for(hp.n_rot, hp.rope_theta, hp.context_length, options.plan.method, options.target_ctx,
                            options.scale)
     _check_context_fits(layout, arch, facts.target_ctx, path)
-    return GgufSource(path, layout, hp, facts, existing, attn_factor)
+    return GgufSource(path, layout, hp, facts, existing, attn_factor, family, route)
 
 
-def _check_scaling(layout: GgufLayout, path: Path, arch) -> None:
+def _check_scaling(layout: GgufLayout, path: Path, arch, route: str) -> None:
     """What a byte-for-byte copy with rope_freqs added cannot serve: refused with what to do instead."""
     split = scalar_value(layout, gguf.Keys.Split.LLM_KV_SPLIT_COUNT)
     if isinstance(split, int) and split > 1:
@@ -166,6 +174,8 @@ def _check_scaling(layout: GgufLayout, path: Path, arch) -> None:
                          "(llama-gguf-split --merge FIRST.gguf MERGED.gguf) and patch the merged file")
     scaling = scalar_value(layout, gguf.Keys.Rope.SCALING_TYPE.format(arch=arch))
     factors = [t.name for t in layout.tensors if t.name.startswith("rope_factors_")]
+    if route == "rope_factors" and len(factors) == 2 and _same_factors(layout):
+        factors = []  # one set for every context (a file this route wrote): the plan multiplies into it
     if scaling not in (None, "none", "linear") or factors:
         raise QroarError(f"{path} already scales RoPE its own way (rope.scaling.type {scaling!r}"
                          f"{', ' + factors[0] if factors else ''}), which llama.cpp applies instead of or on top "
@@ -192,15 +202,31 @@ def _rescaled(made: dict | None) -> bool:
     return not unscaled
 
 
-def _existing_factors(tensor: RawTensor | None, hp: GgufHparams, path: Path) -> np.ndarray | None:
+def _same_factors(layout: GgufLayout) -> bool:
+    """Whether a file's rope_factors_long and rope_factors_short hold the same bytes."""
+    tensors = [t for t in layout.tensors if t.name.startswith("rope_factors_")]
+    if len({(t.tensor_type, t.n_bytes) for t in tensors}) != 1 or tensors[0].n_bytes > 1 << 20:
+        return False
+    with open(layout.path, "rb") as f:
+        data = []
+        for t in tensors:
+            f.seek(t.data_offset)
+            data.append(f.read(t.n_bytes))
+    return data[0] == data[1]
+
+
+def _existing_factors(tensors: list[RawTensor | None], hp: GgufHparams, path: Path) -> np.ndarray | None:
+    """The file's own per-pair factors on its route (the first of its tensors; _check_scaling made sure
+    phi3's two hold the same)."""
+    tensor = next((t for t in tensors if t is not None), None)
     if tensor is None:
         return None
     if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or int(tensor.n_elements) != hp.n_rot // 2:
-        raise QroarError(f"{path}: {ROPE_FREQS} is {tensor.tensor_type.name} with {int(tensor.n_elements)} values; "
+        raise QroarError(f"{path}: {tensor.name} is {tensor.tensor_type.name} with {int(tensor.n_elements)} values; "
                          f"llama.cpp needs F32 with one per rotary pair ({hp.n_rot // 2})")
     values = np.fromfile(path, dtype="<f4", count=tensor.n_elements, offset=tensor.data_offset).astype(np.float32)
     if not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise QroarError(f"{path}: {ROPE_FREQS} holds values that are not finite and positive")
+        raise QroarError(f"{path}: {tensor.name} holds values that are not finite and positive")
     return values
 
 
@@ -210,11 +236,8 @@ def make_patch_plan(options: PatchOptions, src: GgufSource) -> RopePlan:
     if spec.bands.scales is not None:
         raise QroarError("--band-scales rescales W_Q/W_K rows, which a patch copies untouched: use convert "
                          "on the checkpoint for band scales (band factors work here)")
-    if spec.needs_sensitivity:
-        # qwen2 (rewritten) and qwen3 (our build reads its rope_freqs) keep Hugging Face's row order: NEOX pairs
-        pairs = "hf" if src.rewritten or src.keys_only else "gguf"
-        sensitivity = measure_gguf_sensitivity(src.path, agg=spec.aggregation, pairs=pairs,
-                                               layout=src.layout).sensitivity
+    if spec.needs_sensitivity:  # in the row order of the file's arch (its family's)
+        sensitivity = measure_gguf_sensitivity(src.path, agg=spec.aggregation, layout=src.layout).sensitivity
     return spec.plan(src.facts, sensitivity)
 
 
@@ -225,9 +248,11 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
     check_destination(output, force=options.force, what="output", inputs=[src.path])
     if options.modelfile is not None:
         check_destination(Path(options.modelfile), force=options.force, what="--modelfile", inputs=[src.path])
-    needs_patch = KEYS_ONLY[src.hp.architecture].patched_runtime if src.keys_only else None
-    if src.keys_only and not (options.allow_patched_runtime and needs_patch):
+    if src.keys_only:
         return _patch_keys(src, output, options, start)
+    # a route the stock loader lacks (qwen3's rope_freqs) is taken only where allowed: the file says which patch
+    needs_patch = src.family.needs_patch if src.family.pair_route != src.route else None
+    pair_tensors = PAIR_ROUTES[src.route]
     plan = make_patch_plan(options, src)
     hp, facts = src.hp, src.facts
     fold = options.plan.bands.fold(facts, n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_size)
@@ -240,11 +265,11 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
         if src.attn_factor is not None or plan.attn_scale != 1.0:
             attn_factor = float(np.float32(temperature))
     elif temperature != 1.0:
-        folded, scaled = temperature, _temperature_rows(src.layout, src.hp, temperature)
+        folded, scaled = temperature, _temperature_rows(src.layout, src.hp, temperature, src.family)
 
-    tensors = [_tensor_out(src, t, factors, scaled.get(t.name)) for t in src.layout.tensors]
-    if src.existing is None:  # first, where llama.cpp's converter puts it
-        tensors.insert(0, TensorOut(ROPE_FREQS, values=factors))
+    tensors = [_tensor_out(src, t, factors, scaled.get(t.name), pair_tensors) for t in src.layout.tensors]
+    if src.existing is None:  # first, where llama.cpp's converter puts them
+        tensors[:0] = [TensorOut(name, values=factors) for name in pair_tensors]
     changes = {**_key_changes(src, facts, attn_factor),
                **_provenance_entries(src, plan, factors, fold, folded, plan.attn_scale if options.attn_factor_key
                                      else 1.0, needs_patch)}
@@ -253,14 +278,15 @@ def patch(source: str | Path, output: str | Path, options: PatchOptions) -> Patc
     modelfile = _write_modelfile(options, src.layout, output, facts.target_ctx)
     return PatchResult(output=output, plan=plan, factors=factors, trained_ctx=facts.trained_ctx,
                        target_ctx=facts.target_ctx, attn_factor=attn_factor, attn_folded=folded,
-                       scaled_tensors=list(scaled), modelfile=modelfile, seconds=time.monotonic() - start)
+                       scaled_tensors=list(scaled), modelfile=modelfile, seconds=time.monotonic() - start,
+                       pair_tensors=pair_tensors)
 
 
 def _patch_keys(src: GgufSource, output: Path, options: PatchOptions, start: float) -> PatchResult:
     """``patch`` for an arch whose loader reads no rope_freqs: llama.cpp's rope keys, YaRN's temperature in
     the q/k rows (``rope.scaling_keys``), every other tensor copied byte for byte."""
-    arch, rule = src.hp.architecture, KEYS_ONLY[src.hp.architecture]
-    refuse_per_pair(arch, rule, options.plan)
+    arch, family = src.hp.architecture, src.family
+    refuse_per_pair(arch, family, options.plan)
     if options.attn_factor_key:
         raise QroarError(f"--attn-factor-key: a {arch} file carries YaRN's temperature in its q/k rows, and its attn_factor "
                          "key only cancels the kernel's own factor (the form a context shift keeps exact)")
@@ -270,8 +296,8 @@ def _patch_keys(src: GgufSource, output: Path, options: PatchOptions, start: flo
     file = FileRope(arch, state.scaling_type, state.scaling_factor, state.attn_factor,
                     gguf.Keys.Attention.SLIDING_WINDOW.format(arch=arch) in declared,
                     gguf.Keys.Rope.DIMENSION_SECTIONS.format(arch=arch) in declared)
-    keys = keys_plan(rule, file, options.plan, plan, src.facts)
-    scaled = {} if keys.fold == 1.0 else _temperature_rows(src.layout, src.hp, keys.fold)
+    keys = keys_plan(family, file, options.plan, plan, src.facts)
+    scaled = {} if keys.fold == 1.0 else _temperature_rows(src.layout, src.hp, keys.fold, family)
     tensors = [TensorOut(t.name, source=t, rewrite_rows=None if t.name not in scaled else
                          (lambda rows, t=t: scale_rows(rows, t.tensor_type, scaled[t.name])))
                for t in src.layout.tensors]
@@ -287,10 +313,11 @@ def _patch_keys(src: GgufSource, output: Path, options: PatchOptions, start: flo
                        scaling_keys=keys.describe())
 
 
-def _temperature_rows(layout: GgufLayout, hp: GgufHparams, scale: float) -> dict[str, np.ndarray]:
-    """Tensor name -> per-row factors that put the attention scale into the weights; one line where a
-    tensor's type cannot take it exactly."""
-    targets = temperature_targets(layout, hp, scale)
+def _temperature_rows(layout: GgufLayout, hp: GgufHparams, scale: float,
+                      family: type[GgufFamily] | None) -> dict[str, np.ndarray]:
+    """Tensor name -> per-row factors that put the attention scale into the weights (where the family
+    says); one line where a tensor's type cannot take it exactly."""
+    targets = temperature_targets(layout, hp, scale, family)
     for target in targets:
         reason = why_not_scalable(target.tensor.tensor_type)
         if reason is not None:
@@ -325,19 +352,21 @@ def _write_modelfile(options, layout: GgufLayout, output: Path, context: int) ->
     return modelfile
 
 
-def _tensor_out(src: GgufSource, t: RawTensor, factors: np.ndarray, row_factors: np.ndarray | None) -> TensorOut:
-    """A tensor of the output: rope_freqs from the factors; Q/K rows scaled by ``row_factors`` (their
-    block scales) and into llama's pairs when the file is rewritten (whole rows move, so quantized blocks
-    are copied as they are); every other one copied."""
-    if t.name == ROPE_FREQS:
-        return TensorOut(ROPE_FREQS, values=factors)
+def _tensor_out(src: GgufSource, t: RawTensor, factors: np.ndarray, row_factors: np.ndarray | None,
+                pair_tensors: tuple[str, ...]) -> TensorOut:
+    """A tensor of the output: the per-pair tensors from the factors; Q/K rows scaled by ``row_factors``
+    (their block scales) and into the rewritten arch's row order (whole rows move, so quantized blocks are
+    copied as they are); every other one copied."""
+    if t.name in pair_tensors:
+        return TensorOut(t.name, values=factors)
     steps = []
     if row_factors is not None:
         steps.append(lambda rows: scale_rows(rows, t.tensor_type, row_factors))
-    parts = t.name.split(".")
-    if src.rewritten and len(parts) == 4 and parts[2] in ("attn_q", "attn_k"):
-        n_head = src.hp.n_head if parts[2] == "attn_q" else src.hp.n_kv_head
-        steps.append(lambda rows: permute_for_gguf(rows, n_head))  # after scaling: the factors are by input row
+    kind = src.family.projection_kind(t.name)
+    if src.rewritten and kind in ("q", "k"):
+        n_head = src.hp.n_head if kind == "q" else src.hp.n_kv_head
+        # after scaling: the factors are by input row
+        steps.append(lambda rows: src.family.to_output_rows(rows, n_head, src.hp.head_size))
     return TensorOut(t.name, source=t, rewrite_rows=_chained(steps) if steps else None)
 
 
@@ -435,8 +464,9 @@ def fix_shift(source: str | Path, output: str | Path, options: PatchOptions) -> 
     layout = read_layout(path)
     hp = read_hparams(layout, path)
     arch = hp.architecture
-    state = shift_state(layout, arch, hp.context_length)
-    if arch in NO_SHIFT_ARCHES:
+    family = gguf_family(arch)
+    state = shift_state(layout, arch, hp.context_length, family is None or family.context_shift)
+    if not state.shifted:
         raise QroarError(f"{path}: {arch} builds its attention scale from the attn factor itself, and Ollama runs "
                          "it without --context-shift: --fix-shift leaves such files as they are")
     if state.exact:
@@ -449,7 +479,7 @@ def fix_shift(source: str | Path, output: str | Path, options: PatchOptions) -> 
         raise QroarError(f"{path}: {arch} runs sliding-window layers without YaRN's factor but with the attention "
                          "factor key, so no key can cancel YaRN's factor on every layer: --fix-shift cannot make this "
                          "file exact")
-    scaled = _temperature_rows(layout, hp, state.shift_factor)
+    scaled = _temperature_rows(layout, hp, state.shift_factor, family)
     new_key = None if abs(runtime - 1.0) <= 1e-6 else float(np.float32(1.0 / runtime))
     key = gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=arch)
     changes: dict[str, bytes | None] = {key: None if new_key is None else pack_key(key, VT.FLOAT32, new_key)}

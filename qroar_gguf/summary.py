@@ -14,6 +14,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qroar_gguf.arch.base import PAIR_ROUTES
+from qroar_gguf.arch.families import gguf_family
 from qroar_gguf.arch.temperature import shift_state
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io.layout import GgufLayout, RawTensor, read_layout
@@ -23,7 +25,6 @@ from qroar_gguf.rope.diagnostics import band_report
 from qroar_gguf.rope.measure import measure_gguf_sensitivity
 from qroar_gguf.rope.plans import RopeFacts
 
-ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 #: rope_freqs values listed at most (one per rotary pair: far more than any head has); a longer tensor
 #: is reported by its length, so a file cannot make the listing as large as itself.
 MAX_LISTED = 1 << 16
@@ -48,9 +49,13 @@ def read_summary(path: str | Path) -> dict:
         "n_tensors": len(layout.tensors),
         "tensor_types": _count_types(layout),
     }
-    rope = next((t for t in layout.tensors if t.name == ROPE_FREQS), None)
+    # the per-pair factors the file carries: rope_freqs.weight, or phi3's rope_factors_long (the set llama.cpp
+    # takes beyond the original context)
+    pair_names = [name for route in ("rope_freqs", "rope_factors") for name in PAIR_ROUTES[route][:1]]
+    rope = next((t for name in pair_names for t in layout.tensors if t.name == name), None)
     summary["rope_freqs"] = None if rope is None else _values(layout.path, rope)
     summary["rope_freqs_type"] = None if rope is None else rope.tensor_type.name
+    summary["rope_freqs_tensor"] = None if rope is None else rope.name
     summary["context_shift"] = _context_shift(layout, arch_key, summary["context_length"])
     provenance = read_provenance(layout)
     summary["qroar"] = provenance
@@ -61,7 +66,9 @@ def read_summary(path: str | Path) -> dict:
 
 def _context_shift(layout: GgufLayout, arch: str, context) -> dict:
     """Whether a context shift (llama-server --context-shift, Ollama's default) keeps the file exact."""
-    state = shift_state(layout, arch, context if isinstance(context, int) and not isinstance(context, bool) else None)
+    family = gguf_family(arch)
+    state = shift_state(layout, arch, context if isinstance(context, int) and not isinstance(context, bool) else None,
+                        family is None or family.context_shift)
     return {"exact": state.exact, "factor_per_shift": state.shift_factor, "summary": state.describe()}
 
 
@@ -74,11 +81,14 @@ def _values(path: Path, t: RawTensor) -> list[float] | None:
 
 
 def _bands(layout: GgufLayout, summary: dict, provenance: dict) -> list[dict] | None:
-    """Per-band diagnostics; sensitivity from the provenance (qroar files) or measured from attn_q/attn_k.
-    None where the file's keys do not describe RoPE well enough: `inspect` still shows the rest."""
+    """Per-band diagnostics; sensitivity from the provenance (qroar files) or measured from W_Q/W_K in the
+    row order of the file's arch. None where the file's keys do not describe RoPE well enough: `inspect`
+    still shows the rest."""
     try:
         hp = read_hparams(layout, layout.path)
-        check_attention_shapes(hp, layout.tensors, layout.path)  # the head size is the tensors', not a claim
+        family = gguf_family(hp.architecture)
+        if family is None or family.qk_tensors == "split":  # the head size is the tensors', not a claim
+            check_attention_shapes(hp, layout.tensors, layout.path)
         facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta,
                           trained_ctx=provenance.get("trained_context") or hp.context_length,
                           target_ctx=provenance.get("target_context") or hp.context_length)

@@ -10,11 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qroar_gguf.arch.llama import permute_for_gguf as permute_rope_rows
+from qroar_gguf.arch.base import to_adjacent
 from qroar_gguf.arch.pretokenizer import detect_pre_tokenizer, extract_from_converter, load_table
 from qroar_gguf.assets.austen import austen_text, list_titles
 from qroar_gguf.assets.smollm2 import CHECKPOINT_FILES, hf_tensor_name, unpermute_rope_rows
 from qroar_gguf.errors import QroarError
+
+
+def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    return to_adjacent(w, n_head, w.shape[0] // n_head)
 
 
 # Digits, punctuation, accents, CJK, emoji (with ZWJ), whitespace runs, tabs, newlines, special tokens.

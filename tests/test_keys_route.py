@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from checkpoints import gguf_tensors
@@ -185,6 +186,8 @@ def test_only_rotary_rows_carry_the_temperature(family, extended: dict[str, Path
 
 def test_per_pair_plans_are_refused(family, tmp_path: Path):
     arch, source = family
+    if arch == "phi3":
+        pytest.skip("phi3 takes per-pair plans through rope_factors_long/short (test_phi3_per_pair_route)")
     (tmp_path / "out").mkdir()
     plans = [["--method", "qroar"]] + ([["--method", "llama3"], ["--method", "linear", "--band-factors", "1,1,2,2"]]
                                        if arch == "qwen3" else [])
@@ -251,13 +254,13 @@ def test_a_file_that_already_scales_linearly_composes(family, extended: dict[str
 # The per-arch exceptions, on the pure function (no file needed) ---------------------------------------
 
 def _keys(arch: str, method: str = "yarn", sliding: bool = False, sections: bool = False, **options):
-    from qroar_gguf.arch.gguf_arches import KEYS_ONLY
+    from qroar_gguf.arch.families import gguf_family
     from qroar_gguf.rope.scaling_keys import FileRope, keys_plan
     from qroar_gguf.rope.spec import PlanSpec, rope_facts_for
 
     spec = PlanSpec(method, options)
     facts = rope_facts_for(64, 10000.0, TRAINED, method, TARGET, None)
-    return keys_plan(KEYS_ONLY[arch], FileRope(arch, "none", 1.0, 1.0, sliding, sections), spec,
+    return keys_plan(gguf_family(arch), FileRope(arch, "none", 1.0, 1.0, sliding, sections), spec,
                      spec.plan(facts, None), facts)
 
 
@@ -275,3 +278,111 @@ def test_sliding_window_layers_decide_whether_yarn_is_exact():
         _keys("glm4", sections=True)
     with pytest.raises(QroarError, match="beta"):
         _keys("qwen3", beta_fast=16.0)
+
+
+# phi3's own per-pair route: rope_factors_long / rope_factors_short ---------------------------------------
+
+def _longrope_logits(ckpt: Path, factors: np.ndarray, attention: float, tokens: list[int]) -> np.ndarray:
+    """transformers' Phi-3 with LongRoPE: ``factors`` for both sets (so the context picks none) and the
+    attention factor on cos and sin, i.e. on the rotary part of q and k."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(ckpt)
+    params = dict(config.rope_parameters)
+    params.update(rope_type="longrope", short_factor=[float(f) for f in factors],
+                  long_factor=[float(f) for f in factors], attention_factor=float(attention),
+                  original_max_position_embeddings=TRAINED)
+    config.rope_parameters = params
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, config=config, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def test_phi3_per_pair_route(family, tokens: list[int], unscaled: np.ndarray, tmp_path: Path):
+    """phi3's loader reads rope_factors_long/short (one F32 factor per rotary pair; the long set beyond
+    rope.scaling.original_context_length): per-pair plans go there, both sets alike so they act at every
+    context, with YaRN's temperature in attn_qkv's rotary Q/K rows. A factor of 4 on every pair is
+    llama.cpp's runtime linear x4 bit for bit; qroar's factors and folded temperature give transformers'
+    Phi-3 LongRoPE with the same factors and attention factor, as closely as the unpatched file gives
+    transformers' plain Phi-3; the file loads at its new context in llama-cpp-python."""
+    arch, source = family
+    if arch != "phi3":
+        pytest.skip("phi3 only")
+    from test_families import transformers_logits
+
+    n_pairs = fields(source)[f"{arch}.rope.dimension_count"] // 2
+    flat = tmp_path / "flat.gguf"
+    result = run_cli("patch", source, "-o", flat, "--method", "linear", "--band-factors", "1,1,1,1", "--ctx", TARGET,
+                     "-q")
+    assert result.returncode == 0, result.stderr
+    written = gguf_tensors(flat)
+    for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+        assert written[name].tensor_type == gguf.GGMLQuantizationType.F32
+        assert np.asarray(written[name].data).tolist() == [4.0] * n_pairs
+    keys = fields(flat)
+    assert "rope_freqs.weight" not in written and f"{arch}.rope.scaling.type" not in keys
+    assert keys[f"{arch}.context_length"] == TARGET
+    runtime = prompt_logits(source, tokens, n_ctx=N_CTX, **runtime_options("linear", source, arch))
+    np.testing.assert_array_equal(prompt_logits(flat, tokens, n_ctx=N_CTX), runtime)
+
+    out = tmp_path / "qroar.gguf"
+    result = run_cli("patch", source, "-o", out, "--method", "qroar", "--ctx", TARGET, "-q")
+    assert result.returncode == 0, result.stderr
+    written, keys = gguf_tensors(out), fields(out)
+    factors = np.asarray(written["rope_factors_long.weight"].data)
+    np.testing.assert_array_equal(np.asarray(written["rope_factors_short.weight"].data), factors)
+    assert factors.size == n_pairs and factors.min() == pytest.approx(1.0) and factors.max() == pytest.approx(4.0)
+    temperature = keys["qroar.attention_scale_folded"]
+    assert temperature == pytest.approx(1.0 + 0.1 * math.log(TARGET / TRAINED), rel=1e-6)
+    assert f"{arch}.rope.scaling.attn_factor" not in keys and f"{arch}.rope.scaling.type" not in keys
+    before, after = tensor_bytes(source), tensor_bytes(out)
+    assert set(after) - set(before) == {"rope_factors_long.weight", "rope_factors_short.weight"}
+    assert {name.split(".", 2)[2] for name in before if before[name] != after[name]} == {"attn_qkv.weight"}
+    summary = json.loads(run_cli("inspect", out, "--json").stdout)
+    assert summary["context_shift"]["exact"] and summary["rope_freqs_tensor"] == "rope_factors_long.weight"
+    np.testing.assert_allclose(summary["rope_freqs"], factors)
+
+    ours = prompt_logits(out, tokens, n_ctx=N_CTX)  # within the original context: the short set
+    ckpt = source.parent / "ckpt"
+    theirs = _longrope_logits(ckpt, factors, temperature, tokens)
+    baseline = np.abs(unscaled - transformers_logits(ckpt, tokens)).max()  # llama.cpp against transformers
+    scale = np.abs(theirs).max()
+    error = np.abs(ours - theirs).max()
+    print(f"phi3 qroar: max |logit difference| / max |logit| = {error / scale:.2e} (unpatched: {baseline / scale:.2e})")
+    assert np.abs(unscaled - theirs).max() > 0.05 * scale  # the factors and the temperature show
+    assert error <= 2 * baseline + 1e-5 * scale
+    np.testing.assert_allclose(prompt_logits(out, tokens, n_ctx=TARGET), ours, rtol=0, atol=1e-5 * scale)  # long set
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=0, verbose=False)
+    try:
+        assert llm.n_ctx() == TARGET
+        llm.eval(list(range(100, 100 + TRAINED + 64)))  # beyond the trained context
+    finally:
+        llm.close()
+
+
+def test_every_registered_family_answers_the_gguf_side():
+    """Each GGUF arch has one owner, known to the pinned gguf-py, with a route, a row order where it is
+    patched, a refusal where it is not; row orders as llama.cpp's rope types say (NORM: adjacent pairs)."""
+    import gguf
+
+    from qroar_gguf.arch.base import PAIR_ROUTES, ROW_ORDERS, registered_gguf
+    from qroar_gguf.arch.families import gguf_family
+
+    known = set(gguf.MODEL_ARCH_NAMES.values())
+    for arch, family in registered_gguf().items():
+        assert arch in known, arch
+        if family.pair_route is None:
+            assert family.refusal, arch
+        else:
+            assert family.pair_route in PAIR_ROUTES and family.row_order in ROW_ORDERS and not family.refusal, arch
+        assert family.qk_tensors in ("split", "fused") and family.temperature_in in ("projections", "qk_norm")
+    adjacent = {a for a, f in registered_gguf().items() if f.pair_route and f.row_order == "adjacent"}
+    assert adjacent == {"llama", "mistral3", "granite", "granitemoe", "arcee", "minicpm"}
+    assert gguf_family("qwen2").rewrite_as == "llama" and gguf_family("qwen3").needs_patch
+    assert gguf_family("phi3").route() == "rope_factors" and gguf_family("phi3").route(per_pair=False) == "keys"
+    assert gguf_family("qwen3").route() == "keys" and gguf_family("qwen3").route(True) == "rope_freqs"
+    assert not gguf_family("deepseek2").context_shift and gguf_family("no-such-arch") is None

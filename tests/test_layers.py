@@ -22,8 +22,8 @@ LAYERS = [
      "file_types", "outputs",
      "assets.austen", "assets.smollm2", "llama_tools"],
     # 2. model families: hyperparameters, tensor names and shapes, vocabularies
-    ["arch.base", "arch.llama", "arch.qwen2", "arch.qwen3", "arch.families", "arch.gguf_arches", "arch.pretokenizer", "arch.vocab",
-     "arch.temperature"],
+    ["arch.base", "arch.llama", "arch.qwen2", "arch.qwen3", "arch.gemma", "arch.glm4", "arch.olmo2", "arch.phi3",
+     "arch.llama_like", "arch.refused", "arch.families", "arch.pretokenizer", "arch.vocab", "arch.temperature"],
     # 3. RoPE math: plans, sensitivity, bands, diagnostics, measuring weights
     ["rope.plans", "rope.layout", "rope.sensitivity", "rope.bands", "rope.diagnostics", "rope.measure",
      "rope.spec", "rope.scaling_keys"],
@@ -35,7 +35,7 @@ LAYERS = [
     # 6. conversion's stages, and a GGUF's patch
     ["convert", "patch"],
     # 7. what is built on conversion and evaluation
-    ["search", "summary", "evaluate.report", "evaluate.plots", "evaluate.bench"],
+    ["search", "summary", "inspect_text", "evaluate.report", "evaluate.plots", "evaluate.bench"],
     # 8. the demo, 9. the command line
     ["demo"],
     ["cli", "__main__"],

@@ -13,7 +13,8 @@ pytest.importorskip("matplotlib")
 
 from checkpoints import make_tiny_llama, write_gguf, write_safetensors  # noqa: E402
 
-from qroar_gguf.arch import llama  # noqa: E402
+from qroar_gguf.arch.base import to_adjacent  # noqa: E402
+from qroar_gguf.arch.families import family_for  # noqa: E402
 from qroar_gguf.errors import QroarError  # noqa: E402
 from qroar_gguf.evaluate.plots import PLOT_METHODS, plot_factors  # noqa: E402
 from qroar_gguf.gguf_io.provenance import TRAINED_CTX  # noqa: E402
@@ -92,7 +93,7 @@ def test_checkpoint_plot_is_a_png_of_the_plans(smollm2_plots, smollm2_dir: Path)
     assert data["output"] == str(smollm2_plots["out"] / "ckpt.png")
     assert data["kind"] == "checkpoint" and data["model"] == smollm2_dir.name
     ckpt = open_checkpoint(smollm2_dir)
-    hp = llama.read_hparams(ckpt.config)
+    hp = family_for(ckpt.config).hparams
     measured = measure_sensitivity(ckpt, agg="max")
     # default target: 4 x the trained context
     facts = RopeFacts(n_rot=hp.n_rot, theta=hp.rope_theta, trained_ctx=hp.context_length,
@@ -178,9 +179,9 @@ def tiny_pair(smollm2_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
     for layer in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{layer}.self_attn."
         writer.add_tensor(f"blk.{layer}.attn_q.weight",
-                          llama.permute_for_gguf(tensors[prefix + "q_proj.weight"], n_head))
+                          to_adjacent(tensors[prefix + "q_proj.weight"], n_head, head_dim))
         writer.add_tensor(f"blk.{layer}.attn_k.weight",
-                          llama.permute_for_gguf(tensors[prefix + "k_proj.weight"], n_kv))
+                          to_adjacent(tensors[prefix + "k_proj.weight"], n_kv, head_dim))
     write_gguf(writer)
     return directory, path
 
@@ -198,6 +199,33 @@ def test_tiny_outlier_found_in_both_layouts(tiny_pair, tmp_path: Path):
     _check_png(tmp_path / "gguf.png")
     facts = RopeFacts(n_rot=64, theta=1e4, trained_ctx=2048, target_ctx=8192)
     _check_against_plans(from_gguf, facts, np.asarray(from_gguf["sensitivity"]))
+
+
+def test_a_neox_file_is_read_in_its_own_row_order(tiny_pair, tmp_path: Path):
+    """A qwen2 GGUF (as llama.cpp's converter writes it) keeps Hugging Face's NEOX rows: pair k is rows
+    (k, k + d/2) of each head. `plot`, `inspect` and patch's qroar read the family's row order, so the
+    outlier is found at its pair and S_k equals the checkpoint's (read as adjacent pairs, rows k and
+    k + d/2 would land in pairs k/2 and k/2 + d/4)."""
+    directory, llama_file = tiny_pair
+    config = json.loads((directory / "config.json").read_text())
+    reader = gguf.GGUFReader(llama_file)
+    path = tmp_path / "neox.gguf"
+    writer = gguf.GGUFWriter(path, "qwen2")
+    for field in reader.fields.values():
+        if field.name.startswith("llama."):
+            writer.add_key_value("qwen2." + field.name[len("llama."):], field.contents(), field.types[0])
+    writer.add_uint32(TRAINED_CTX, 2048)
+    ckpt = open_checkpoint(directory)
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.self_attn."
+        writer.add_tensor(f"blk.{layer}.attn_q.weight", ckpt.load(prefix + "q_proj.weight"))  # NEOX: HF's rows
+        writer.add_tensor(f"blk.{layer}.attn_k.weight", ckpt.load(prefix + "k_proj.weight"))
+    write_gguf(writer)
+    from_dir = plot_factors(directory, tmp_path / "dir.png")
+    from_neox = plot_factors(path, tmp_path / "neox.png")
+    assert from_neox["argmax_pair"] == OUTLIER_PAIR
+    np.testing.assert_allclose(from_neox["sensitivity"], from_dir["sensitivity"], rtol=1e-6)
+    np.testing.assert_allclose(measure_gguf_sensitivity(path).sensitivity, from_dir["sensitivity"], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

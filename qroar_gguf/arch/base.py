@@ -1,10 +1,21 @@
-"""What a model family gives the converter: the hooks of llama.cpp's converter model classes.
+"""What a model family answers, on the GGUF side and the Hugging Face side, and the registry of families.
 
-convert.py runs the same stages for every family and asks the family, through these hooks, for what
-differs: which Hugging Face architectures it reads, its validated hyperparameters, the tensors it
-must have (names and shapes), its GGUF arch and keys, each tensor's GGUF name, and any change of a
-tensor's layout (Q/K rows reordered for llama.cpp's rotary pairs). A new family is a new module
-with a subclass, listed in arch/families.py.
+A family owns everything about its arch (docs/architecture.md, "one owner per architecture"):
+
+* GGUF side (``GgufFamily``, read by `patch`, `inspect`, `plot` and `--fix-shift`): the GGUF arch names
+  it answers for; how llama.cpp's loader takes a factor per rotary pair (``pair_route``: ``rope_freqs.weight``,
+  phi3's ``rope_factors_long``/``_short``, or none: llama.cpp's generic rope keys only); the row order of
+  its rotary pairs (llama.cpp's rope type: ``adjacent`` for NORM, ``neox``); its q/k tensors (split
+  ``attn_q``/``attn_k`` or a fused ``attn_qkv``); where an attention temperature is folded (the
+  projections' rotary rows, or the q/k norms that follow them); the arch its files are rewritten as
+  (qwen2 -> llama); the ``patches/`` file its loader needs for rope_freqs; the refusals.
+* Hugging Face side (``ModelFamily``, read by `convert`): the hooks of llama.cpp's converter model
+  classes: the architectures it reads, validated hyperparameters, the tensors it must have, its GGUF
+  keys, each tensor's GGUF name and layout.
+
+Families register themselves with ``@register(...)``, as llama.cpp's converter classes do with
+``ModelBase.register``; adding a family is adding one module under arch/ (``arch/families.py`` imports
+them all and answers lookups).
 """
 
 from __future__ import annotations
@@ -42,22 +53,152 @@ def unsupported(config: dict, archs: list, supported: tuple[str, ...]) -> QroarE
                       f"{_listed(supported)}")
 
 
+#: The per-pair tensors llama.cpp's loaders read, by gguf-py's names (one F32 value per rotary pair).
+ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+ROPE_FACTORS_LONG = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
+ROPE_FACTORS_SHORT = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
+
+#: How a loader takes a factor per rotary pair: the tensors a per-pair plan is written to.
+PAIR_ROUTES = {
+    "rope_freqs": (ROPE_FREQS,),
+    # phi3: the long set when the context per sequence exceeds rope.scaling.original_context_length, else the
+    # short one (llama_model::get_rope_factors); both are written with the plan's factors, so they act at
+    # every context as rope_freqs does, where the folded temperature acts too
+    "rope_factors": (ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT),
+    "keys": (),  # none: llama.cpp's generic rope keys only (rope/scaling_keys.py)
+}
+#: llama.cpp's rope types -> rope.layout's names for which rows form pair k ("gguf": (2k, 2k+1); "hf": (k, k+P)).
+ROW_ORDERS = {"adjacent": "gguf", "neox": "hf"}
+
+
+class GgufFamily:
+    """What llama.cpp's loader and graph do with a GGUF arch's RoPE, as `patch`, `inspect` and `plot` need
+    it (from the pinned source: ``src/models/<arch>.cpp`` and ``llama_model_rope_type``)."""
+
+    #: The GGUF arch names (general.architecture) this family answers for; set by ``register``.
+    gguf_arches: ClassVar[tuple[str, ...]] = ()
+    #: Where a per-pair plan goes (a key of PAIR_ROUTES); None: the arch is not patched (``refusal`` says why).
+    pair_route: ClassVar[str | None] = "keys"
+    #: The row order of rotary pairs in W_Q/W_K (a key of ROW_ORDERS); None: no RoPE.
+    row_order: ClassVar[str | None] = "neox"
+    #: "split" (attn_q/attn_k, with optional biases) or "fused" (attn_qkv: Q rows, then K, then V).
+    qk_tensors: ClassVar[str] = "split"
+    #: Where an attention temperature is folded: "projections" (the rotary rows of the q/k tensors and their
+    #: biases) or "qk_norm" (the attn_q_norm/attn_k_norm weights, which would normalise a projection's scale away).
+    temperature_in: ClassVar[str] = "projections"
+    #: The arch its files are rewritten as (keys renamed, Q/K rows reordered), or None.
+    rewrite_as: ClassVar[str | None] = None
+    #: The loader refuses partly rotary heads (llama's "invalid n_rot").
+    whole_heads: ClassVar[bool] = False
+    #: The patches/ file that makes its loader read rope_freqs (per-pair plans in our own build only), or None.
+    needs_patch: ClassVar[str | None] = None
+    #: Why YaRN's temperature cannot be exact under a context shift on its sliding-window layers, or None.
+    sliding_yarn: ClassVar[str | None] = None
+    #: Whether Ollama starts llama-server with --context-shift for it.
+    context_shift: ClassVar[bool] = True
+    #: Why files of this arch are not patched (with pair_route None).
+    refusal: ClassVar[str | None] = None
+    #: Plans llama.cpp's rope keys express (yarn, linear, ntk) are written as those keys even though the arch
+    #: has a per-pair route (phi3: the form llama.cpp's converter writes, read by every runtime).
+    key_plans_as_keys: ClassVar[bool] = False
+
+    @classmethod
+    def route(cls, allow_patched_runtime: bool = False, per_pair: bool = True) -> str | None:
+        """The route a plan takes (a key of PAIR_ROUTES): a patched runtime, where allowed and carried, reads
+        rope_freqs; ``per_pair`` False (a plan llama.cpp's keys express: yarn, linear, ntk) takes the keys
+        where the family prefers them."""
+        if cls.pair_route == "keys" and cls.needs_patch and allow_patched_runtime:
+            return "rope_freqs"
+        if cls.pair_route is not None and cls.key_plans_as_keys and not per_pair:
+            return "keys"
+        return cls.pair_route
+
+    @classmethod
+    def pair_layout(cls) -> str:
+        """rope.layout's name for the row order of the arch's W_Q/W_K (as the file stores them)."""
+        if cls.row_order is None:
+            raise QroarError(f"{'/'.join(cls.gguf_arches)} has no RoPE: no rotary pairs to measure")
+        return ROW_ORDERS[cls.row_order]
+
+    @classmethod
+    def qk_rows(cls, layer: int, n_q: int, n_k: int) -> dict[str, tuple[str, int, int]]:
+        """"q"/"k" -> (tensor name, first row, rows): where layer ``layer``'s query and key projections
+        are, for ``n_q``/``n_k`` rows (heads x head size)."""
+        if cls.qk_tensors == "fused":
+            name = f"blk.{layer}.attn_qkv.weight"
+            return {"q": (name, 0, n_q), "k": (name, n_q, n_k)}
+        return {"q": (f"blk.{layer}.attn_q.weight", 0, n_q), "k": (f"blk.{layer}.attn_k.weight", 0, n_k)}
+
+    @classmethod
+    def projection_kind(cls, name: str) -> str | None:
+        """"q" or "k" for a GGUF tensor that holds query or key rows of one layer (weight or bias of a split
+        projection), "qkv" for a fused one, else None."""
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or parts[3] not in ("weight", "bias"):
+            return None
+        if cls.qk_tensors == "fused":
+            return "qkv" if parts[2] == "attn_qkv" else None
+        return {"attn_q": "q", "attn_k": "k"}.get(parts[2])
+
+    @classmethod
+    def to_output_rows(cls, rows: np.ndarray, n_head: int, head_size: int) -> np.ndarray:
+        """W_Q/W_K rows (or a bias) in the order of the arch its files are rewritten as: NEOX pairs into
+        llama's adjacent pairs, whole rows moved (quantized rows move as bytes)."""
+        return to_adjacent(rows, n_head, head_size) if cls.rewrite_as and cls.row_order == "neox" else rows
+
+
+def to_adjacent(w: np.ndarray, n_head: int, head_size: int) -> np.ndarray:
+    """Rows in rotate_half (NEOX) order -> llama.cpp's adjacent-pair order, per head (weights and biases):
+    GGUF row ``h*d + 2k + t`` takes row ``h*d + t*d/2 + k``. Whole heads rotate (callers check)."""
+    if w.shape[0] != n_head * head_size or head_size % 2:
+        raise QroarError(f"{w.shape[0]} rows are not {n_head} heads of an even {head_size}")
+    return w.reshape(n_head, 2, head_size // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_BY_HF: dict[str, type] = {}
+_BY_GGUF: dict[str, type] = {}
+
+
+def register(*gguf_arches: str, hf: tuple[str, ...] = ()):
+    """Class decorator, like llama.cpp's ``ModelBase.register``: the family answers for these GGUF arches
+    (patch, inspect, plot) and converts these Hugging Face architectures (a ``ModelFamily``)."""
+
+    def add(cls):
+        for table, names in ((_BY_GGUF, gguf_arches), (_BY_HF, hf)):
+            for name in names:
+                if name in table and table[name] is not cls:
+                    raise RuntimeError(f"{name} is registered by {table[name].__name__} and {cls.__name__}")
+                table[name] = cls
+        cls.gguf_arches = tuple(gguf_arches)
+        if hf:
+            cls.hf_architectures = tuple(hf)
+        return cls
+
+    return add
+
+
+def registered_gguf() -> dict[str, type[GgufFamily]]:
+    return dict(_BY_GGUF)
+
+
+def registered_hf() -> dict[str, type]:
+    return dict(_BY_HF)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     shape: tuple[int, ...]  # Hugging Face layout [out, in]
     required: bool
 
 
-class ModelFamily:
-    """One family of Hugging Face checkpoints written as one GGUF arch. Subclasses fill every hook."""
+class ModelFamily(GgufFamily):
+    """One family of Hugging Face checkpoints written as one GGUF arch, and the GGUF arch it reads
+    (``GgufFamily``). Subclasses fill every hook."""
 
     #: config.json `architectures` names this family converts.
     hf_architectures: ClassVar[tuple[str, ...]] = ()
-    #: The GGUF arch the file declares (its runtime must load rope_freqs).
+    #: The GGUF arch `convert` writes (its runtime must load rope_freqs; ``needs_patch``: a patched one).
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
-    #: None when stock llama.cpp loads rope_freqs for the arch; else the patches/ file its runtime needs
-    #: (such files are written only when asked for, and say so in their metadata).
-    needs_patch: ClassVar[str | None] = None
     #: Whether per-band row scales (--band-scales) can be folded: their rows are in llama's pair layout.
     folds_band_scales: ClassVar[bool] = True
 

@@ -1,15 +1,17 @@
-"""Qwen2 / Qwen2.5 checkpoints (`Qwen2ForCausalLM`) as GGUF arch `llama`.
+"""Qwen2 / Qwen2.5 checkpoints (`Qwen2ForCausalLM`) and `qwen2` GGUF files, both written as GGUF arch `llama`.
 
 llama.cpp's own `qwen2` arch never loads `rope_freqs` (it refuses a file that carries one), but its
 `llama` arch computes the same model: RMSNorm, SwiGLU, grouped-query attention with the Q/K/V biases
 it adds when a file has them, and the same RoPE once Q/K rows (and their biases) are permuted into
 llama's adjacent pairs, exactly as for a Llama (transformers rotates halves in both). So a Qwen2
-checkpoint is written as a Llama with biases; what llama does not compute is refused.
+checkpoint is written as a Llama with biases; what llama does not compute is refused. A `qwen2` GGUF
+(NEOX rows, as llama.cpp's converter writes it) is patched the same way: its keys renamed, its Q/K rows
+(whole rows, so quantized ones move as bytes) reordered into llama's pairs, rope_freqs added.
 """
 
 from __future__ import annotations
 
-from qroar_gguf.arch.base import TensorSpec
+from qroar_gguf.arch.base import TensorSpec, register
 from qroar_gguf.arch.llama import LlamaFamily, LlamaHparams
 from qroar_gguf.errors import QroarError
 
@@ -32,8 +34,11 @@ def refuse_sliding_window(config: dict, gguf_arch: str) -> None:
                          "written) attends to the whole context: this checkpoint would run wrongly")
 
 
+@register("qwen2", hf=("Qwen2ForCausalLM",))
 class Qwen2Family(LlamaFamily):
-    hf_architectures = ("Qwen2ForCausalLM",)
+    # its own GGUF files rotate NEOX pairs and are read through the rope_freqs of the llama they become
+    row_order = "neox"
+    rewrite_as = "llama"
 
     def read_hparams(self, config: dict) -> LlamaHparams:
         refuse_sliding_window(config, "llama")

@@ -6,8 +6,9 @@ wherever the scaling type is yarn. A context shift (llama-server ``--context-shi
 re-ropes every cached key with the same factors, so each shift multiplies the cache by that product again
 (``shift_factor``). A file is exact under shifts when the product is 1: its temperature then lives in
 the weights (W_Q/W_K rows, their biases, or the q/k norm weights that follow them), which a shift never
-touches. ``temperature_targets`` says which rows of which tensors carry it; ``gguf_io.blockscale``
-scales them in place, quantized or not.
+touches. ``temperature_targets`` says which rows of which tensors carry it (where the arch's family
+says: its q/k norms, its split or fused projections); ``gguf_io.blockscale`` scales them in place,
+quantized or not.
 
 The rules follow llama.cpp's ``llama_context`` constructor (the YaRN block) and ggml-cpu's ``rope_yarn``
 in the pinned source; the arch-specific exceptions are refused with their reason.
@@ -21,13 +22,10 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
+from qroar_gguf.arch.base import GgufFamily
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io.layout import GgufLayout, RawTensor
 from qroar_gguf.gguf_io.reader import GgufHparams
-
-#: Ollama starts llama-server without --context-shift for this arch, and its loader builds kq_scale from
-#: the attention factor: its temperature is not ours to move.
-NO_SHIFT_ARCHES = ("deepseek2",)
 
 
 def _key(layout: GgufLayout, name: str):
@@ -45,6 +43,7 @@ class ShiftState:
     attn_factor: float  # rope.scaling.attn_factor (1 when absent)
     context_scale: float  # what llama.cpp's context puts into yarn_attn_factor before attn_factor (1 unless yarn)
     kernel_scale: float  # what ggml's rope_yarn multiplies in (1 + 0.1 ln factor with yarn, else 1)
+    shifted: bool = True  # Ollama starts llama-server with --context-shift for the arch (its family says)
 
     @property
     def shift_factor(self) -> float:
@@ -57,7 +56,7 @@ class ShiftState:
 
     def describe(self) -> str:
         """One line for inspect: shift-safe or not, and why."""
-        if self.arch in NO_SHIFT_ARCHES:
+        if not self.shifted:
             return f"not shifted: Ollama runs {self.arch} without --context-shift"
         if self.exact:
             where = "" if self.scaling_type != "yarn" else " (yarn's own factor cancelled by attn_factor)"
@@ -71,9 +70,10 @@ class ShiftState:
                 f"({' and '.join(parts)}); `qroar-gguf patch --fix-shift` folds it into the weights")
 
 
-def shift_state(layout: GgufLayout, arch: str, context_length: int | None) -> ShiftState:
+def shift_state(layout: GgufLayout, arch: str, context_length: int | None, shifted: bool = True) -> ShiftState:
     """The file's RoPE scaling keys, checked against each other and its context; one QroarError line for
-    a factor that is not finite and positive, or YaRN keys that contradict the context."""
+    a factor that is not finite and positive, or YaRN keys that contradict the context. ``shifted``: the
+    arch's family's ``context_shift``."""
     where = layout.path
     rope = gguf.Keys.Rope
     kind = _key(layout, rope.SCALING_TYPE.format(arch=arch))
@@ -97,7 +97,7 @@ def shift_state(layout: GgufLayout, arch: str, context_length: int | None) -> Sh
                 context_scale = _mscale(factor, mscale) / _mscale(factor, float(log_mul)) / kernel_scale
             else:
                 context_scale = _mscale(factor, 1.0) / kernel_scale
-    return ShiftState(arch, kind, factor, attn, context_scale, kernel_scale)
+    return ShiftState(arch, kind, factor, attn, context_scale, kernel_scale, shifted)
 
 
 def _mscale(factor: float, mscale: float) -> float:
@@ -131,11 +131,14 @@ def _rotary_mask(n_rows: int, head_dim: int, n_rot: int) -> np.ndarray:
     return (np.arange(n_rows) % head_dim) < n_rot
 
 
-def temperature_targets(layout: GgufLayout, hp: GgufHparams, scale: float) -> list[RowScale]:
+def temperature_targets(layout: GgufLayout, hp: GgufHparams, scale: float,
+                        family: type[GgufFamily] | None = None) -> list[RowScale]:
     """The rows that carry an attention temperature ``scale`` on queries and keys, layer by layer: the q/k
     norm weights where the arch normalises after the projection (a scale on W_Q/W_K would be normalised
     away), else W_Q/W_K and their biases, else the Q and K rows of a fused QKV; only rotary rows, since
-    llama.cpp's factor multiplies only what it rotates. One QroarError line where a layer has none."""
+    llama.cpp's factor multiplies only what it rotates. ``family``: the arch's, which says which of those
+    its files hold (None, for an arch no family answers for: whichever the file holds). One QroarError
+    line where a layer has none."""
     names = {t.name: t for t in layout.tensors}
     targets: list[RowScale] = []
     head_dim = hp.head_size
@@ -150,28 +153,32 @@ def temperature_targets(layout: GgufLayout, hp: GgufHparams, scale: float) -> li
     def rotary(n_rows: int) -> np.ndarray:
         return np.where(_rotary_mask(n_rows, head_dim, hp.n_rot), scale, 1.0)
 
+    norms = family is None or family.temperature_in == "qk_norm"
+    split = family is None or (family.temperature_in == "projections" and family.qk_tensors == "split")
+    fused = family is None or (family.temperature_in == "projections" and family.qk_tensors == "fused")
     for layer in range(hp.n_layer):
         blk = f"blk.{layer}."
         n_q, n_k = hp.heads(layer, "q") * head_dim, hp.heads(layer, "k") * head_dim
-        if blk + "attn_q_norm.weight" in names and blk + "attn_k_norm.weight" in names:
+        if norms and blk + "attn_q_norm.weight" in names and blk + "attn_k_norm.weight" in names:
             for part in ("attn_q_norm", "attn_k_norm"):
                 name = blk + part + ".weight"
                 n = _rows(names[name])  # one head's size (shared by the heads) or all heads'
                 if n % head_dim:
                     raise QroarError(f"{layout.path}: {name} has {n} values, not whole heads of {head_dim}")
                 add(name, rotary(n))
-        elif blk + "attn_q.weight" in names and blk + "attn_k.weight" in names:
+        elif split and blk + "attn_q.weight" in names and blk + "attn_k.weight" in names:
             for part, n in (("attn_q", n_q), ("attn_k", n_k)):
                 for suffix in (".weight", ".bias"):
                     if blk + part + suffix in names:
                         add(blk + part + suffix, rotary(n))
-        elif blk + "attn_qkv.weight" in names:
+        elif fused and blk + "attn_qkv.weight" in names:
             rows = _rows(names[blk + "attn_qkv.weight"])
             factors = np.concatenate([rotary(n_q), rotary(n_k), np.ones(max(rows - n_q - n_k, 0))])
             for suffix in (".weight", ".bias"):
                 if blk + "attn_qkv" + suffix in names:
                     add(blk + "attn_qkv" + suffix, factors)
         else:
-            raise QroarError(f"{layout.path}: layer {layer} has no attn_q/attn_k, q/k norm or attn_qkv tensors to "
-                             "carry the attention temperature")
+            where = ("attn_q/attn_k, q/k norm or attn_qkv" if family is None else "q/k norm"
+                     if norms else "attn_q/attn_k" if split else "attn_qkv")
+            raise QroarError(f"{layout.path}: layer {layer} has no {where} tensors to carry the attention temperature")
     return targets

@@ -1,5 +1,5 @@
 """A plan as llama.cpp's own rope keys, for arches whose loader reads no per-pair factors
-(``arch.gguf_arches.KEYS_ONLY``): what `patch` writes for them, as pure functions.
+(families whose ``pair_route`` is "keys"): what `patch` writes for them, as pure functions.
 
 llama.cpp computes linear and YaRN scaling from ``<arch>.rope.scaling.type``/``.factor``/
 ``.original_context_length`` exactly as transformers does, and NTK is a change of ``<arch>.rope.freq_base``.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from qroar_gguf.arch.gguf_arches import KeysArch
+from qroar_gguf.arch.base import GgufFamily
 from qroar_gguf.errors import QroarError
 from qroar_gguf.rope.plans import YARN_BETA_FAST, YARN_BETA_SLOW, RopeFacts, RopePlan
 from qroar_gguf.rope.spec import PlanSpec
@@ -55,19 +55,24 @@ class KeysPlan:
         return ", ".join(parts) or "none (the context only)"
 
 
-def refuse_per_pair(arch: str, rule: KeysArch, spec: PlanSpec) -> None:
+def has_key_form(spec: PlanSpec) -> bool:
+    """Whether llama.cpp's rope keys express the plan (no factor per pair)."""
+    return spec.method in KEYS_METHODS and not spec.bands.given
+
+
+def refuse_per_pair(arch: str, family: type[GgufFamily], spec: PlanSpec) -> None:
     """One QroarError line for a plan with no key form, saying what would work."""
-    if spec.method in KEYS_METHODS and not spec.bands.given:
+    if has_key_form(spec):
         return
     what = "band factors" if spec.bands.given else f"--method {spec.method}"
     also = (f", or --allow-patched-runtime writes rope_freqs for llama.cpp builds carrying "
-            f"patches/{rule.patched_runtime} (stock runtimes refuse that file)" if rule.patched_runtime else "")
+            f"patches/{family.needs_patch} (stock runtimes refuse that file)" if family.needs_patch else "")
     raise QroarError(f"{what} sets a factor per rotary pair, which needs rope_freqs.weight, and llama.cpp's {arch} "
                      f"loader does not read it (it refuses a file that carries one): --method yarn, linear or ntk "
                      f"extend a {arch} file through llama.cpp's own rope keys{also}")
 
 
-def keys_plan(rule: KeysArch, file: FileRope, spec: PlanSpec, plan: RopePlan, facts: RopeFacts) -> KeysPlan:
+def keys_plan(family: type[GgufFamily], file: FileRope, spec: PlanSpec, plan: RopePlan, facts: RopeFacts) -> KeysPlan:
     """The keys that make llama.cpp run ``plan`` on ``file``, and the temperature to fold; one QroarError
     line where no key form is exact."""
     arch, rope = file.arch, gguf.Keys.Rope
@@ -93,8 +98,8 @@ def keys_plan(rule: KeysArch, file: FileRope, spec: PlanSpec, plan: RopePlan, fa
         if (plan.params.get("beta_fast"), plan.params.get("beta_slow")) != (YARN_BETA_FAST, YARN_BETA_SLOW):
             raise QroarError(f"llama.cpp's {arch} loader reads no YaRN beta keys (it uses beta_fast "
                              f"{YARN_BETA_FAST:g} and beta_slow {YARN_BETA_SLOW:g}): other betas need rope_freqs")
-        if file.sliding and rule.sliding_yarn is not None:
-            raise QroarError(f"{rule.sliding_yarn}: no attn_factor key keeps YaRN's temperature exact under a context "
+        if file.sliding and family.sliding_yarn is not None:
+            raise QroarError(f"{family.sliding_yarn}: no attn_factor key keeps YaRN's temperature exact under a context "
                              "shift on both kinds of layer; --method linear or ntk extend it exactly")
         keys[rope.SCALING_TYPE.format(arch=arch)] = (VT.STRING, "yarn")
         keys[rope.SCALING_FACTOR.format(arch=arch)] = (VT.FLOAT32, float(facts.scale))
