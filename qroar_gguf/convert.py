@@ -21,14 +21,14 @@ import numpy as np
 
 from qroar_gguf import __version__
 from qroar_gguf.arch import llama
-from qroar_gguf.arch.base import ModelFamily
-from qroar_gguf.arch.base import config_architectures
+from qroar_gguf.arch.base import ModelFamily, config_architectures
 from qroar_gguf.arch.families import family_for, supported_architectures
 from qroar_gguf.arch.vocab import read_vocab, write_vocab
 from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.imatrix import ImatrixRequest, compute_imatrix, default_chunks
+from qroar_gguf.gguf_io.layout import read_layout
 from qroar_gguf.gguf_io.quantize import (
     TypeOverrides,
     check_quantization,
@@ -37,7 +37,6 @@ from qroar_gguf.gguf_io.quantize import (
     quantize_gguf,
 )
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
-from qroar_gguf.gguf_io.layout import read_layout
 from qroar_gguf.llama_converter import Delegated, convert_delegated, delegated_source
 from qroar_gguf.llama_tools import find_tool
 from qroar_gguf.outputs import (

