@@ -189,8 +189,9 @@ def route_for(source: str | Path, options: ConvertOptions) -> Delegated | None:
     if options.converter == "llama.cpp":
         return delegated_source(source)
     config = open_checkpoint(source).config
-    native = [a for a in config_architectures(config) if a in supported_architectures()]
-    if options.converter == "native" or native:
+    archs = config_architectures(config)
+    native = [a for a in archs if a in supported_architectures()]
+    if options.converter == "native" or native or not archs:  # none named: the family's line says what to add
         family = family_for(config)  # its own line where the config does not fit the family
         if options.converter == "auto" and family.needs_patch and not options.allow_patched_runtime:
             return delegated_source(source)  # stock runtimes: llama.cpp's keys route
