@@ -66,7 +66,9 @@ def _route_list() -> str:
         "Every other architecture llama.cpp's convert_hf_to_gguf.py takes (Qwen3-MoE, Gemma 2/3, Phi-3/4, OLMo 2, "
         "GLM-4, Granite, ...) goes through it (from the pinned llama.cpp; needs torch and transformers), then "
         "through patch's plan step: per-pair factors as rope_freqs where the GGUF arch's loader reads them, "
-        "llama.cpp's rope keys elsewhere (yarn, linear, ntk; YaRN's temperature folded into the q/k rows).", 78)
+        "llama.cpp's rope keys elsewhere (yarn, linear, ntk; YaRN's temperature folded into the q/k rows; Gemma 3: "
+        "linear or ntk, its sliding layers keep no YaRN temperature exact). Refused with the reason: deepseek2 (MLA), "
+        "multimodal RoPE, arches without RoPE.", 78)
     return "\n".join(lines + [""])
 
 

@@ -125,7 +125,27 @@ def delegated_source(source: str | Path) -> Delegated:
         named = ", ".join(map(str, archs)) or f"none (model_type {ckpt.config.get('model_type')!r})"
         raise QroarError(f"architecture {named}: neither qroar-gguf nor llama.cpp's converter (convert_hf_to_gguf.py "
                          "of the pinned llama.cpp) converts it")
+    _check_source_scaling(ckpt)
     return Delegated(ckpt, hf, converter_gguf_arch(hf))
+
+
+#: rope types in config.json that llama.cpp's converter writes as a file `patch` extends: none, linear
+#: (a factor the plan multiplies into), llama3 (rope_freqs the plan multiplies into).
+_EXTENDABLE = (None, "default", "linear", "llama3")
+
+
+def _check_source_scaling(ckpt: Checkpoint) -> None:
+    """A checkpoint that already scales RoPE its own way (yarn, longrope, dynamic...) is refused before minutes
+    of conversion, as `patch` would refuse the file llama.cpp's converter writes for it."""
+    configs = [ckpt.config] + [c for c in (ckpt.config.get("text_config"),) if isinstance(c, dict)]
+    for config in configs:
+        for key in ("rope_scaling", "rope_parameters"):
+            value = config.get(key)
+            kind = (value.get("rope_type") or value.get("type")) if isinstance(value, dict) else None
+            if kind not in _EXTENDABLE:
+                raise QroarError(f"{ckpt.directory}/config.json already scales RoPE its own way ({key} {kind!r}), "
+                                 "which llama.cpp applies instead of or on top of another plan: convert the "
+                                 "model's unscaled config, or run it as it is")
 
 
 def check_delegated_plan(src: Delegated, options) -> None:

@@ -229,3 +229,20 @@ def test_the_gguf_arch_is_read_from_the_converters_source():
                 "Glm4ForCausalLM": "glm4", "LlamaForCausalLM": "llama", "DeepseekV3ForCausalLM": "deepseek2",
                 "GraniteForCausalLM": "granite", "NoSuchModelForCausalLM": None}
     assert {hf: converter_gguf_arch(hf) for hf in expected} == expected
+
+
+def test_a_checkpoint_that_already_scales_rope_is_refused_before_converting(qwen3, tmp_path: Path):
+    """Qwen3's published YaRN config (rope_scaling yarn x4 over 32768): llama.cpp's converter would write it as
+    the file's own YaRN, which a plan cannot extend exactly; refused before the conversion."""
+    import shutil
+
+    source, _ = qwen3
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(source, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": TRAINED}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    (tmp_path / "out").mkdir()
+    fail_cleanly([ckpt, "-o", tmp_path / "out" / "x.gguf", "--ctx", TARGET], tmp_path / "out",
+                 "already scales RoPE its own way (rope_scaling 'yarn')", protect=ckpt)

@@ -10,7 +10,9 @@
 The checkpoint is a random Qwen3 built by transformers (F32, a few hundred MB) with SmolLM2's tokenizer,
 unless --model. Each run is one child process: wall time and peak RSS (os.wait4's ru_maxrss, which on
 Linux is the largest of the process and its waited-for descendants: the converter's child, the quantizer's).
-Runs alternate, --repeats times; the median is reported. Writes JSON (default
+Runs alternate, --repeats times; the median is reported. The checkpoint is built in a child process of
+its own: a forked child's ru_maxrss starts at its parent's resident size, so a parent holding torch would
+put its own size under every measurement. Writes JSON (default
 tools/results/convert_routes.json).
 """
 
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -76,14 +79,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a Qwen3 checkpoint directory (default: a random one, built)")
     parser.add_argument("--qtypes", nargs="+", default=["F16", "Q4_K_M"])
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "convert_routes.json")
+    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # the child that builds the checkpoint
     args = parser.parse_args()
+    if args.build is not None:
+        build_qwen3(args.build)
+        return
 
     with tempfile.TemporaryDirectory(prefix="qroar-routes-", dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
-        model = args.model or build_qwen3(tmp / "qwen3")
+        model = args.model
+        if model is None:
+            model = tmp / "qwen3"
+            subprocess.run([sys.executable, __file__, "--build", str(model)], check=True)
         config = json.loads((model / "config.json").read_text())
         size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
         ctx = 4 * config["max_position_embeddings"]
@@ -119,7 +129,8 @@ def main() -> None:
         "target_ctx": ctx,
         "repeats": args.repeats,
         "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
-                    "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
+                    "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+                    "bench_process_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
