@@ -18,6 +18,7 @@ import ast
 import collections
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -55,6 +56,7 @@ from qroar_gguf.source.checkpoint import Checkpoint, open_checkpoint
 NEEDS = ("torch", "transformers")
 INSTALL_HINT = "pip install 'qroar-gguf[test]' (or: pip install torch transformers)"
 _BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+_STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 @dataclass
@@ -196,13 +198,23 @@ def run_converter(src: Delegated, out: Path, outtype: str, options) -> None:
         command += ["--metadata", str(options.metadata)]
     total = sum(int(np.prod(src.ckpt.info(n).shape, dtype=np.int64)) for n in src.ckpt.names) * _BYTES[outtype]
     log: collections.deque[str] = collections.deque(maxlen=200)
-    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             env=env, text=True, errors="replace")
-    reader = threading.Thread(target=lambda: log.extend(line.rstrip() for line in child.stdout), daemon=True)
-    reader.start()
-    bar = tqdm(total=total, desc=f"convert ({src.gguf_arch or src.hf_architecture}, llama.cpp)", unit="B",
-               unit_scale=True, disable=not options.progress, leave=False)
+    # A stop while Popen starts the child (it has exec'd, Popen has not returned) would leave it running with
+    # no one to kill it: stops wait until the child is ours, and the child starts with the mask it would have had.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 env=env, text=True, errors="replace",
+                                 preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, old_mask))
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise
+    reader = threading.Thread(target=lambda: log.extend(line.rstrip() for line in child.stdout), daemon=True)
+    bar = None
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a stop that came meanwhile is raised here
+        reader.start()
+        bar = tqdm(total=total, desc=f"convert ({src.gguf_arch or src.hf_architecture}, llama.cpp)", unit="B",
+                   unit_scale=True, disable=not options.progress, leave=False)
         while child.poll() is None:
             try:
                 bar.n = min(out.stat().st_size, total)
@@ -215,9 +227,11 @@ def run_converter(src: Delegated, out: Path, outtype: str, options) -> None:
         if child.poll() is None:  # we are being stopped: the child must not finish the file
             child.kill()
             child.wait()
-        reader.join(timeout=5)
+        if reader.is_alive():
+            reader.join(timeout=5)
         child.stdout.close()
-        bar.close()
+        if bar is not None:
+            bar.close()
     if child.returncode != 0:
         raise QroarError(_converter_failure(src, child.returncode, list(log)))
 

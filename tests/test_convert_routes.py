@@ -246,3 +246,41 @@ def test_a_checkpoint_that_already_scales_rope_is_refused_before_converting(qwen
     (tmp_path / "out").mkdir()
     fail_cleanly([ckpt, "-o", tmp_path / "out" / "x.gguf", "--ctx", TARGET], tmp_path / "out",
                  "already scales RoPE its own way (rope_scaling 'yarn')", protect=ckpt)
+
+
+def _converter_processes(folder: Path) -> list[int]:
+    """Processes whose command line runs llama.cpp's converter into ``folder``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "convert_hf_to_gguf.py" in cmdline and str(folder) in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_to_the_main_process_alone_kills_llama_cpps_converter(qwen3, tmp_path: Path):
+    """`kill PID` while llama.cpp's converter runs: the converter goes too, nothing is left in the folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt, _ = qwen3
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "qroar_gguf", str(ckpt), "-o", str(out / "x.gguf"), "--ctx",
+                             str(TARGET), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not _converter_processes(out):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the converter never started"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    time.sleep(0.2)
+    assert _converter_processes(out) == [] and list(out.iterdir()) == []
