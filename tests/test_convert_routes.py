@@ -284,3 +284,32 @@ def test_sigterm_to_the_main_process_alone_kills_llama_cpps_converter(qwen3, tmp
     assert proc.returncode == 143
     time.sleep(0.2)
     assert _converter_processes(out) == [] and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(("dtype", "qtype", "method", "expected"), [
+    ("F32", "Q4_K_M", "yarn", "f32"), ("F16", "Q4_K_M", "yarn", "f16"), ("F16", "F32", "yarn", "f32"),
+    # BF16 rows cannot carry YaRN's temperature exactly: the intermediate is F32 (exact) when a plan folds one
+    ("BF16", "Q4_K_M", "yarn", "f32"), ("BF16", "Q4_K_M", "linear", "bf16"), ("BF16", "BF16", "linear", "bf16"),
+])
+def test_the_intermediate_type_follows_the_source(smollm2_dir: Path, tmp_path: Path, dtype: str, qtype: str,
+                                                  method: str, expected: str):
+    from checkpoints import make_tiny_llama
+
+    from qroar_gguf.convert import ConvertOptions
+    from qroar_gguf.llama_converter import Delegated, outtype_for
+    from qroar_gguf.rope.spec import PlanSpec
+    from qroar_gguf.source.checkpoint import open_checkpoint
+
+    ckpt, _ = make_tiny_llama(tmp_path / "ckpt", smollm2_dir, dtype=dtype)
+    src = Delegated(open_checkpoint(ckpt), "LlamaForCausalLM", "llama")
+    assert outtype_for(src, ConvertOptions(plan=PlanSpec(method), qtype=qtype)) == expected
+
+
+def test_native_convert_writes_the_modelfile_too(tiny, tmp_path: Path):
+    source, _ = tiny
+    out = tmp_path / "x.F16.gguf"
+    result = run_cli(source, "-o", out, "--qtype", "F16", "--ctx", "4096", "--modelfile", tmp_path / "Modelfile")
+    assert result.returncode == 0, result.stderr
+    assert "convert_hf_to_gguf.py" not in result.stdout and "wrote " + str(tmp_path / "Modelfile") in result.stdout
+    text = (tmp_path / "Modelfile").read_text()
+    assert text.startswith(f"FROM ./{out.name}\nPARAMETER num_ctx 4096\n") and "<|im_start|>{{ .Role }}" in text
