@@ -387,7 +387,14 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
                        ("--dev-text", dev_text), ("--metadata", metadata_file), ("--imatrix", imatrix),
                        ("--imatrix-text", imatrix_text)])
     if search:
+        from qroar_gguf.convert import route_for
         from qroar_gguf.search import search_and_convert
+
+        delegated = route_for(model, options)
+        if delegated is not None:
+            raise QroarError(f"--search converts each candidate with qroar-gguf's own converter, and "
+                             f"{delegated.hf_architecture} goes through llama.cpp's: search on a family qroar-gguf "
+                             "converts itself, or give the plan (--method, --band-factors) directly")
 
         if dev_text is None:
             from qroar_gguf.assets.austen import austen_text

@@ -313,3 +313,16 @@ def test_native_convert_writes_the_modelfile_too(tiny, tmp_path: Path):
     assert "convert_hf_to_gguf.py" not in result.stdout and "wrote " + str(tmp_path / "Modelfile") in result.stdout
     text = (tmp_path / "Modelfile").read_text()
     assert text.startswith(f"FROM ./{out.name}\nPARAMETER num_ctx 4096\n") and "<|im_start|>{{ .Role }}" in text
+
+
+def test_search_needs_our_own_converter(tiny, tmp_path: Path):
+    import shutil
+
+    source, _ = tiny
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(source, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "architectures": ["Olmo2ForCausalLM"]}))
+    (tmp_path / "out").mkdir()
+    fail_cleanly([ckpt, "-o", tmp_path / "out" / "x.gguf", "--search"], tmp_path / "out",
+                 "Olmo2ForCausalLM goes through llama.cpp's", protect=ckpt)
