@@ -70,3 +70,16 @@ IMATRIX_SHORT_WINDOW = 512
 #: bench --imatrix-tokens: calibration tokens of every matrix, the same for short and target so that
 #: only the window differs; convert --imatrix-chunks defaults to as many windows as make them.
 DEFAULT_IMATRIX_TOKENS = 32768
+#: convert --converter: qroar-gguf's own converter where a family has one (auto; native insists on it), or
+#: llama.cpp's convert_hf_to_gguf.py for any architecture it takes (llama.cpp forces it).
+CONVERTERS = ("auto", "native", "llama.cpp")
+#: The Hugging Face architectures qroar-gguf converts itself, by the route their plan takes (arch/families.py's
+#: families; tests/test_choices.py holds them equal). Every other architecture llama.cpp's converter takes goes
+#: through it: per-pair factors (rope_freqs) where the GGUF arch's loader reads them, llama.cpp's rope keys
+#: elsewhere (each GGUF arch's family module under arch/).
+NATIVE_ROUTES = {
+    "LlamaForCausalLM": "rope_freqs",
+    "MistralForCausalLM": "rope_freqs",
+    "Qwen2ForCausalLM": "rope_freqs (written as llama)",
+    "Qwen3ForCausalLM": "rope_freqs with --allow-patched-runtime; else llama.cpp's converter, keys",
+}

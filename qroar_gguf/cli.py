@@ -14,6 +14,7 @@ from qroar_gguf import __version__
 from qroar_gguf.choices import (
     AGGREGATIONS,
     BENCH_EVALUATORS,
+    CONVERTERS,
     DEFAULT_AGG,
     DEFAULT_BETA,
     DEFAULT_IMATRIX_TOKENS,
@@ -22,6 +23,7 @@ from qroar_gguf.choices import (
     IMATRIX_SHORT_WINDOW,
     KEY_CACHE_TYPES,
     METHODS,
+    NATIVE_ROUTES,
     QTYPE_FAMILIES,
     QTYPES,
     QUANTIZERS,
@@ -56,6 +58,22 @@ def _qtype_list() -> str:
         lines += textwrap.wrap(purpose, 78, initial_indent="    ", subsequent_indent="    ")
         lines.append("")
     return "\n".join(lines)
+
+
+def _route_list() -> str:
+    """--help's list of the families and the route each takes."""
+    import textwrap
+
+    lines = ["Routes (--converter auto): qroar-gguf's own converter for", "", "\b"]
+    lines += [f"  {name}: {route}" for name, route in NATIVE_ROUTES.items()]
+    lines += [""] + textwrap.wrap(
+        "Every other architecture llama.cpp's convert_hf_to_gguf.py takes (Qwen3-MoE, Gemma 2/3, Phi-3/4, OLMo 2, "
+        "GLM-4, Granite, ...) goes through it (from the pinned llama.cpp; needs torch and transformers), then "
+        "through patch's plan step: per-pair factors as rope_freqs where the GGUF arch's loader reads them, "
+        "llama.cpp's rope keys elsewhere (yarn, linear, ntk; YaRN's temperature folded into the q/k rows; Gemma 3: "
+        "linear or ntk, its sliding layers keep no YaRN temperature exact). Refused with the reason: deepseek2 (MLA), "
+        "multimodal RoPE, arches without RoPE.", 78)
+    return "\n".join(lines + [""])
 
 
 class DefaultToConvert(click.Group):
@@ -177,9 +195,11 @@ def _show_progress(quiet: bool) -> bool:
 @click.group(cls=DefaultToConvert, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qroar-gguf")
 def main() -> None:
-    """Turn a Hugging Face Llama, Mistral or Qwen2 checkpoint into a quantized GGUF that stock llama.cpp,
-    Ollama and llama-cpp-python run beyond its trained context: per-pair RoPE factors are written
-    as the tensor rope_freqs.weight, so no runtime flags are needed.
+    """Turn a Hugging Face checkpoint (Llama, Mistral, Qwen2 with qroar-gguf's own converter; Qwen3,
+    Qwen3-MoE, Gemma 3, Phi-3, OLMo 2, GLM-4 and any other architecture llama.cpp's converter takes,
+    through it) into a quantized GGUF that stock llama.cpp, Ollama and llama-cpp-python run beyond its
+    trained context with no runtime flags: per-pair RoPE factors as the tensor rope_freqs.weight where
+    the arch's loader reads it, llama.cpp's own rope keys elsewhere.
 
     \b
     qroar-gguf model.safetensors -o model.Q4_K_M.gguf --ctx 32768
@@ -239,7 +259,7 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
     return PlanSpec(method, plan_options, agg, band_spec)
 
 
-@main.command(epilog=_qtype_list())
+@main.command(epilog=_route_list() + "\n" + _qtype_list())
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="GGUF file to write (appears only when complete). Default: NAME-SIZE-CTX-QTYPE.gguf in the "
@@ -310,6 +330,11 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
 @click.option("--allow-patched-runtime", is_flag=True,
               help="Write a family whose rope_freqs only a patched llama.cpp loads (Qwen3: the tools the set-up "
                    "builds; stock llama.cpp and Ollama refuse such files).")
+@click.option("--converter", type=click.Choice(CONVERTERS), default="auto", show_default=True,
+              help="auto: qroar-gguf's own converter where the family has one (routes below), else llama.cpp's "
+                   "convert_hf_to_gguf.py; native or llama.cpp insist on one.")
+@click.option("--modelfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write an Ollama Modelfile (FROM the output, num_ctx its context, its chat template).")
 @click.option("--force", is_flag=True,
               help="Overwrite existing output files, and write a --qtype that -o's name contradicts.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
@@ -322,7 +347,7 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
             symmetric: bool | None, search: bool, dev_text: Path | None, dev_ctx: int | None, dev_chunks: int | None,
             search_budget: int, search_seed: int, search_objective: str, search_space: str, search_type_k: str,
             search_report: Path | None, name: str | None, metadata_file: Path | None, allow_patched_runtime: bool,
-            force: bool, quiet: bool) -> None:
+            converter: str, modelfile: Path | None, force: bool, quiet: bool) -> None:
     """Convert MODEL (a .safetensors file with config.json and tokenizer beside it, a
     model.safetensors.index.json, or the checkpoint directory) to a GGUF file."""
     from qroar_gguf.convert import ConvertOptions
@@ -355,12 +380,12 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
                              qtype=qtype, threads=threads, quantizer=quantizer, overrides=overrides,
                              imatrix_from=imatrix_from, keep_f16=keep_f16,
                              force=force, progress=_show_progress(quiet), name=name, metadata=metadata_file,
-                             allow_patched_runtime=allow_patched_runtime)
+                             allow_patched_runtime=allow_patched_runtime, converter=converter, modelfile=modelfile)
     if output is None:
         from qroar_gguf.convert import default_output
 
         output = default_output(model, options)
-    _refuse_same_file([("-o", output), ("--keep-f16", keep_f16), ("--search-report", search_report),
+    _refuse_same_file([("-o", output), ("--keep-f16", keep_f16), ("--modelfile", modelfile), ("--search-report", search_report),
                        ("--dev-text", dev_text), ("--metadata", metadata_file), ("--imatrix", imatrix),
                        ("--imatrix-text", imatrix_text)])
     if search:
@@ -377,11 +402,20 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
         f = result.factors
         click.echo(f"wrote {result.output} ({result.qtype} {qtype_origin}, "
                    f"{result.output.stat().st_size / 2**20:.1f} MiB) in {result.seconds:.1f} s")
-        click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, "
-                   f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs, "
-                   f"attention scale {result.plan.attn_scale:.4g}")
+        if result.route == "llama.cpp":
+            click.echo(f"converted by llama.cpp's convert_hf_to_gguf.py (GGUF arch {result.gguf_arch})")
+        if result.scaling_keys is not None:
+            click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, "
+                       f"as llama.cpp's rope keys: {result.scaling_keys}; attention scale "
+                       f"{result.attn_folded:.4g} folded into the q/k rows")
+        else:
+            click.echo(f"context {result.trained_ctx} -> {result.target_ctx} tokens, method {result.plan.method}, "
+                       f"rope_freqs {f.min():.3g}..{f.max():.3g} over {f.size} pairs, "
+                       f"attention scale {result.plan.attn_scale:.4g}")
         if result.intermediate is not None:
             click.echo(f"kept unquantized {result.intermediate}")
+        if result.modelfile is not None:
+            click.echo(f"wrote {result.modelfile} (ollama create NAME -f {result.modelfile})")
 
 
 @main.command()

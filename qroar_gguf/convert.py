@@ -1,5 +1,9 @@
 """HF checkpoint -> unquantized GGUF with rope_freqs -> llama.cpp quantizer -> final file.
 
+Two routes, one command: a family with a converter of its own (``arch/families.py``) streams the
+checkpoint into the GGUF here; any other architecture llama.cpp's converter takes goes through it and then
+through `patch`'s plan step (``llama_converter.py``). ``route_for`` decides.
+
 Each step fails with one QroarError line before or while writing; the final file appears only when
 complete (written under a hidden temporary name, then renamed), and temporaries are removed.
 """
@@ -17,13 +21,14 @@ import numpy as np
 
 from qroar_gguf import __version__
 from qroar_gguf.arch import llama
-from qroar_gguf.arch.base import ROPE_FREQS, ModelFamily
-from qroar_gguf.arch.families import family_for
+from qroar_gguf.arch.base import ROPE_FREQS, ModelFamily, config_architectures
+from qroar_gguf.arch.families import family_for, supported_architectures
 from qroar_gguf.arch.vocab import read_vocab, write_vocab
 from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
 from qroar_gguf.gguf_io.imatrix import ImatrixRequest, compute_imatrix, default_chunks
+from qroar_gguf.gguf_io.layout import read_layout
 from qroar_gguf.gguf_io.quantize import (
     TypeOverrides,
     check_quantization,
@@ -32,6 +37,7 @@ from qroar_gguf.gguf_io.quantize import (
     quantize_gguf,
 )
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
+from qroar_gguf.llama_converter import Delegated, convert_delegated, delegated_source
 from qroar_gguf.llama_tools import find_tool
 from qroar_gguf.outputs import (
     check_destination,
@@ -40,6 +46,7 @@ from qroar_gguf.outputs import (
     exclusive,
     temporary_beside,
 )
+from qroar_gguf.patch import _write_modelfile as write_modelfile  # patch's Modelfile writer, for both routes
 from qroar_gguf.rope.bands import BandFold
 from qroar_gguf.rope.measure import measure_sensitivity
 from qroar_gguf.rope.plans import RopeFacts, RopePlan, combine_with_source, source_factors
@@ -69,6 +76,8 @@ class ConvertOptions:
     name: str | None = None  # general.name (None: from the checkpoint, as llama.cpp's converter finds it)
     metadata: Path | None = None  # a JSON file of general.* overrides (llama.cpp's --metadata format)
     allow_patched_runtime: bool = False  # write families whose rope_freqs only a patched llama.cpp loads
+    converter: str = "auto"  # choices.CONVERTERS: qroar-gguf's own where a family has one, or llama.cpp's
+    modelfile: Path | None = None  # also write an Ollama Modelfile here
 
 
 @dataclass
@@ -81,6 +90,11 @@ class ConvertResult:
     qtype: str
     intermediate: Path | None
     seconds: float
+    route: str = "native"  # or "llama.cpp": its converter, then patch's plan step
+    gguf_arch: str | None = None
+    scaling_keys: str | None = None  # keys-only arches: the rope keys written instead of rope_freqs
+    attn_folded: float | None = None  # llama.cpp's route: the temperature multiplied into q/k rows
+    modelfile: Path | None = None
 
 
 def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> ConvertResult:
@@ -95,6 +109,11 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
             find_tool("llama-quantize")
         if options.imatrix_from is not None:
             find_tool("llama-imatrix")
+    if options.modelfile is not None:
+        check_destination(Path(options.modelfile), force=options.force, what="--modelfile")
+    delegated = route_for(source, options)
+    if delegated is not None:
+        return _convert_delegated(delegated, output, options, start)
     src = read_source(source, options)
     ckpt, hp, facts, existing = src.ckpt, src.hp, src.facts, src.existing
     check_destination(output, force=options.force, what="output", inputs=ckpt.source_files)
@@ -158,7 +177,42 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
             raise QroarError(describe_os_error(exc, "write", output)) from None
     return ConvertResult(output=output, plan=plan, factors=factors, trained_ctx=facts.trained_ctx,
                          target_ctx=facts.target_ctx, qtype=options.qtype, intermediate=keep_f16,
-                         seconds=time.monotonic() - start)
+                         seconds=time.monotonic() - start, gguf_arch=src.family.gguf_arch_name,
+                         modelfile=_modelfile(options, output, facts.target_ctx))
+
+
+def route_for(source: str | Path, options: ConvertOptions) -> Delegated | None:
+    """None where qroar-gguf's own converter takes the checkpoint (a family of its own, and for a family
+    whose rope_freqs only a patched llama.cpp loads, --allow-patched-runtime); else the checkpoint for
+    llama.cpp's converter. ``options.converter`` forces either."""
+    if options.converter == "llama.cpp":
+        return delegated_source(source)
+    config = open_checkpoint(source).config
+    archs = config_architectures(config)
+    native = [a for a in archs if a in supported_architectures()]
+    if options.converter == "native" or native or not archs:  # none named: the family's line says what to add
+        family = family_for(config)  # its own line where the config does not fit the family
+        if options.converter == "auto" and family.needs_patch and not options.allow_patched_runtime:
+            return delegated_source(source)  # stock runtimes: llama.cpp's keys route
+        return None
+    return delegated_source(source)
+
+
+def _convert_delegated(src: Delegated, output: Path, options: ConvertOptions, start: float) -> ConvertResult:
+    done, _outtype = convert_delegated(src, output, options)
+    return ConvertResult(output=output, plan=done.plan, factors=done.factors, trained_ctx=done.trained_ctx,
+                         target_ctx=done.target_ctx, qtype=options.qtype,
+                         intermediate=None if options.qtype in UNQUANTIZED else options.keep_f16,
+                         seconds=time.monotonic() - start, route="llama.cpp", gguf_arch=src.gguf_arch,
+                         scaling_keys=done.scaling_keys, attn_folded=done.attn_folded,
+                         modelfile=_modelfile(options, output, done.target_ctx))
+
+
+def _modelfile(options: ConvertOptions, output: Path, context: int) -> Path | None:
+    """The Ollama Modelfile for the published file, where asked for (patch's own writer)."""
+    if options.modelfile is None:
+        return None
+    return write_modelfile(options, read_layout(output), output, context)
 
 
 @dataclass
@@ -237,12 +291,14 @@ _TEXT_METADATA = ("name", "author", "version", "organization", "finetune", "base
                   "repo_url", "source_url", "source_doi", "source_uuid", "source_repo_url")
 
 
-def model_metadata(ckpt: Checkpoint, family: ModelFamily, name: str | None = None,
+def model_metadata(ckpt: Checkpoint, family: ModelFamily | None, name: str | None = None,
                    overrides: Path | None = None) -> gguf.Metadata:
     """general.* as llama.cpp's converter finds them: gguf-py's Metadata from the checkpoint's folder
     name, config.json and model card (README.md front matter), then ``overrides`` (a JSON file) and
-    ``name``; the size label from the parameter count when nothing gives one."""
-    total = sum(int(np.prod(ckpt.info(n).shape, dtype=np.int64)) for n in ckpt.names if family.gguf_name(n))
+    ``name``; the size label from the parameter count when nothing gives one (every tensor's where no
+    family of ours names them)."""
+    total = sum(int(np.prod(ckpt.info(n).shape, dtype=np.int64)) for n in ckpt.names
+                if family is None or family.gguf_name(n))
     # gguf-py parses the model card with PyYAML and the override file with json: whatever they raise on a
     # malformed file (YAML errors, a list where an object belongs, ...) becomes one line naming the file.
     try:
@@ -271,12 +327,27 @@ def model_metadata(ckpt: Checkpoint, family: ModelFamily, name: str | None = Non
 def default_output(source: str | Path, options: ConvertOptions) -> Path:
     """`{name}-{size}-{ctx}-{qtype}.gguf` in the current folder, as llama.cpp's converter names files
     (e.g. SmolLM2-135M-Instruct-32k-Q4_K_M.gguf)."""
-    src = read_source(source, options)
-    meta = model_metadata(src.ckpt, src.family, options.name, options.metadata)
+    delegated = route_for(source, options)
+    if delegated is None:
+        src = read_source(source, options)
+        meta = model_metadata(src.ckpt, src.family, options.name, options.metadata)
+        ctx = src.facts.target_ctx
+    else:
+        meta = model_metadata(delegated.ckpt, None, options.name, options.metadata)
+        ctx = rope_facts_for(2, 10000.0, _trained_context(delegated.ckpt), options.plan.method, options.target_ctx,
+                             options.scale).target_ctx
     stem = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label, None)
     stem = stem.replace("/", "-").replace("\\", "-")  # a name from a card is no path
-    ctx = src.facts.target_ctx
     return Path(f"{stem}-{f'{ctx // 1024}k' if ctx % 1024 == 0 else ctx}-{options.qtype}.gguf")
+
+
+def _trained_context(ckpt: Checkpoint) -> int:
+    """The context llama.cpp's converter writes as context_length (its own order of config keys)."""
+    config = ckpt.config.get("text_config") if isinstance(ckpt.config.get("text_config"), dict) else ckpt.config
+    for key in ("max_position_embeddings", "n_ctx", "n_positions", "max_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    raise QroarError(f"{ckpt.directory}/config.json gives no context length: name the output with -o")
 
 
 def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, family: ModelFamily, facts: RopeFacts,

@@ -51,7 +51,7 @@ import numpy as np
 from qroar_gguf import __version__
 from qroar_gguf.assets.austen import austen_text
 from qroar_gguf.choices import UNQUANTIZED
-from qroar_gguf.convert import convert, make_conversion_plan, read_source
+from qroar_gguf.convert import convert, make_conversion_plan, read_source, route_for
 from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.kld import kl_divergence
@@ -394,6 +394,11 @@ def write_report(result: SearchResult, path: Path, base: dict) -> None:
 def search_and_convert(source: str | Path, output: str | Path, options, settings: SearchSettings, *,
                        log: Callable[[str], None] | None = None, on_evaluate=None):
     """Search, then write ``output`` with the best band values and the search record in provenance."""
+    delegated = route_for(source, options)
+    if delegated is not None:
+        raise QroarError(f"--search converts each candidate with qroar-gguf's own converter, and "
+                         f"{delegated.hf_architecture} goes through llama.cpp's: search on a family qroar-gguf "
+                         "converts itself, or give the plan (--method, --band-factors) directly")
     options, settings = _with_defaults(options, settings, log)
     ckpt = read_source(source, options).ckpt  # fail on the input and destinations before the search
     check_destination(Path(output), force=options.force, what="output", inputs=ckpt.source_files)

@@ -80,3 +80,10 @@ def test_qtype_lists_are_in_the_table():
 def test_key_cache_types_are_ggml_types():
     assert set(choices.KEY_CACHE_TYPES) <= set(KV_CACHE_TYPES)
     assert KV_CACHE_TYPES["q8_0"] == gguf.GGMLQuantizationType.Q8_0 == 8 and KV_CACHE_TYPES["bf16"] == 30
+
+
+def test_native_routes_are_the_families():
+    """--help's list of the architectures qroar-gguf converts itself is arch/families.py's."""
+    from qroar_gguf.arch.families import supported_architectures
+
+    assert set(choices.NATIVE_ROUTES) == set(supported_architectures())

@@ -220,12 +220,18 @@ def test_missing_tokenizer(scratch: Path, tmp_path: Path):
 
 
 def test_unsupported_architecture(scratch: Path, tmp_path: Path):
+    """--converter native names the architectures qroar-gguf converts itself; an architecture llama.cpp's
+    converter does not take either is refused by both routes."""
     config = json.loads((scratch / "config.json").read_text())
     config["architectures"] = ["Gemma3ForCausalLM"]
     (scratch / "config.json").write_text(json.dumps(config))
-    fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path,
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf", "--converter", "native"], tmp_path,
                  "unsupported architecture Gemma3ForCausalLM: qroar-gguf converts LlamaForCausalLM, "
                  "MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM")
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (scratch / "config.json").write_text(json.dumps(config))
+    fail_cleanly([scratch, "-o", tmp_path / "out.gguf"], tmp_path,
+                 "architecture NoSuchModelForCausalLM: neither qroar-gguf nor llama.cpp's converter")
 
 
 def test_target_context_must_grow(scratch: Path, tmp_path: Path):

@@ -190,13 +190,15 @@ QWEN3 = ("Qwen3Config", "Qwen3ForCausalLM",
 
 
 def test_qwen3_is_refused_unless_a_patched_runtime_is_allowed(smollm2_dir: Path, tmp_path: Path):
+    """Our converter's Qwen3 (rope_freqs) only with --allow-patched-runtime; without it `convert` takes
+    llama.cpp's converter and keys (test_convert_routes.py), and --converter native is refused."""
     from runs import fail_cleanly
 
     ckpt = build(tmp_path / "ckpt", smollm2_dir, *QWEN3[:2], **QWEN3[2])
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    line = fail_cleanly([ckpt, "-o", out_dir / "x.gguf", "--ctx", "2048"], out_dir, "--allow-patched-runtime",
-                        protect=ckpt)
+    line = fail_cleanly([ckpt, "-o", out_dir / "x.gguf", "--ctx", "2048", "--converter", "native"], out_dir,
+                        "--allow-patched-runtime", protect=ckpt)
     assert "0001-qwen3-optional-rope-freqs.patch" in line and "Ollama" in line
     fail_cleanly([ckpt, "-o", out_dir / "x.gguf", "--ctx", "2048", "--allow-patched-runtime", "--bands", "2",
                   "--band-scales", "1,1.1"], out_dir, "band scales cannot be folded")

@@ -33,7 +33,7 @@ LAYERS = [
     # 5. evaluators on the runtime
     ["evaluate.perplexity", "evaluate.kld", "evaluate.passkey", "evaluate.kshift"],
     # 6. conversion's stages, and a GGUF's patch
-    ["convert", "patch"],
+    ["convert", "patch", "llama_converter"],
     # 7. what is built on conversion and evaluation
     ["search", "summary", "inspect_text", "evaluate.report", "evaluate.plots", "evaluate.bench"],
     # 8. the demo, 9. the command line
