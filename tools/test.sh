@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh test
 .venv/bin/python tools/fetch_default_model.py
 .venv/bin/python tools/fetch_texts.py
-.venv/bin/python -m pytest -q -ra "$@"
+.venv/bin/python -m pytest -q -ra --durations=30 "$@"
