@@ -49,7 +49,7 @@ TERNARY = ("TQ1_0", "TQ2_0")
 QUANTIZERS = ("libllama", "llama-quantize")
 #: --method names: rope/plans.py's PLANS, in its order.
 METHODS = ("none", "linear", "ntk", "yarn", "llama3", "qroar")
-#: yarn beats ntk, llama3 and linear in every measurement so far (README's tables say by how much).
+#: yarn beats ntk, llama3 and linear in every measurement so far (docs/results.md says by how much).
 DEFAULT_METHOD = "yarn"
 #: --agg names: how qroar aggregates a pair's sensitivity over layers (rope/sensitivity.py).
 AGGREGATIONS = ("max", "mean")

@@ -281,7 +281,7 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
                    "the plan applied, in --imatrix-ctx windows (cached). Never the text you evaluate on.")
 @click.option("--imatrix-ctx", type=click.IntRange(min=16), default=None,
               help=f"--imatrix-text: window in tokens. Default: {IMATRIX_SHORT_WINDOW}, as llama.cpp's matrices are "
-                   "usually made (README compares windows of the target context).")
+                   "usually made (docs/results.md compares windows of the target context).")
 @click.option("--imatrix-chunks", type=click.IntRange(min=1), default=None,
               help=f"--imatrix-text: windows of the text to use (fewer if the text runs out). Default: as many as "
                    f"make {DEFAULT_IMATRIX_TOKENS} tokens.")
@@ -301,8 +301,9 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
                    "scales barely change 4-bit weight error, so a search over them measures noise).")
 @click.option("--search", is_flag=True,
               help="Search per-band factors (and scales, with --search-space), starting from --method, on --dev-text "
-                   "for the quantized file (cached). `--search` alone is the configuration README measures at 4x; "
-                   "each candidate is a full-context evaluation (README gives the time it takes).")
+                   "for the quantized file (cached). `--search` alone is the configuration docs/results.md "
+                   "measures at 4x; each candidate is a full-context evaluation (docs/results.md gives the time "
+                   "it takes).")
 @click.option("--dev-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help=f"--search: UTF-8 text to measure candidates on. Default: Jane Austen's {DEFAULT_DEV_TEXT} "
                    "(public domain, from Debian's r-cran-janeaustenr).")

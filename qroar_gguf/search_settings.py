@@ -17,8 +17,8 @@ DEFAULT_DEV_CHUNKS = 1  # one full-context window per candidate (minutes each)
 #: Band scales a search tries are non-symmetric unless asked (both W_Q and W_K *= a): symmetric scales
 #: (W_K /= a) barely change 4-bit weight error, so a search over them measures noise.
 SEARCH_SYMMETRIC = False
-# The configuration README's search section measures: from yarn, band factors only, five candidates (why
-# factors only and why five: README, "What the tables say").
+# The configuration docs/results.md's band-search section measures: from yarn, band factors only, five candidates (why
+# factors only and why five: docs/results.md).
 DEFAULT_BUDGET = 5
 DEFAULT_SPACE = "factors"
 

@@ -13,7 +13,7 @@ W_Q/W_K's block scales), the key form (`patch --attn-factor-key`, the form patch
 attention scale as rope.scaling.attn_factor) and the unscaled model. The stock shift runs (the build's
 patches/0002 switched off with QROAR_STOCK_KSHIFT=1): what Ollama runs.
 
-Writes JSON (default tools/results/context_shift_bench.json); README renders it.
+Writes JSON (default tools/results/context_shift_bench.json); docs/results.md renders it.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ files and measurements the first built are reused. Each bench keeps its folder u
 `--matrices-only` builds the F16 files and computes the matrices one at a time, timing each (what
 tools/results/imatrix_cost.json records), then stops.
 
-The JSON (default tools/results/imatrix_bench.json; README's `imatrix` sections are rendered from it)
+The JSON (default tools/results/imatrix_bench.json; docs/results.md's `imatrix` sections are rendered from it)
 keeps the shape of this script's earlier, stand-alone version: one entry per row under `runs`, with its
 file size, KLD, PPL over the F16 file's and the paired comparisons (vs_none, vs_short, vs_attn_default).
 """
@@ -141,7 +141,7 @@ def main() -> None:
               "evaluation": args.evaluation, "imatrix_tokens": args.imatrix_tokens, "workers": args.workers,
               "evaluator": args.evaluator, "bench": "qroar-gguf bench (evaluate/bench.py)",
               "references": [], "matrices": [], "runs": []}
-    if len(scales) == 1 and len(plans) == 1:  # the single-scale, single-plan form README reads
+    if len(scales) == 1 and len(plans) == 1:  # the single-scale, single-plan form docs/results.md reads
         result.update(method=plans[0], target_ctx=ctx_of(scales[0]))
 
     def save() -> None:

@@ -12,7 +12,7 @@
    cache: CMakeLists.txt's tools build (whose libllama the bindings also load, as the set-up does) plus
    the bindings-only wheel, against the bindings' own portable wheel build (what the set-up did before).
 
-Writes JSON (default tools/results/llama_tools_bench.json); README's `llama-tools` section is rendered
+Writes JSON (default tools/results/llama_tools_bench.json); docs/results.md's `llama-tools` section is rendered
 from it.
 """
 

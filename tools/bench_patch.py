@@ -10,7 +10,7 @@
    perplexity of each at the target context on the same window of Emma, and the paired per-token
    difference in standard errors.
 
-Writes JSON (default tools/results/patch_bench.json); README's `patch` section is rendered from it.
+Writes JSON (default tools/results/patch_bench.json); docs/results.md's `patch` section is rendered from it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark runs behind README's quality section: SmolLM2-135M (trained context 8192) on Jane
+# The benchmark runs behind docs/results.md's quality section: SmolLM2-135M (trained context 8192) on Jane
 # Austen, every plan side by side. Results land in bench/<run>/results.{json,md} and ppl_vs_ctx.png;
 # built files and finished evaluations are cached there too, so a rerun only fills in what is missing.
 #

@@ -5,7 +5,7 @@ formula. The definition below is OURS.
 
 Definition
 ----------
-Notation as in README's "Plans" table: trained context ``L``, rotary pairs ``k = 0..P-1``, Hugging Face layout
+Notation as in docs/plans.md: trained context ``L``, rotary pairs ``k = 0..P-1``, Hugging Face layout
 (rotate_half: pair ``k`` of a head is dims ``(k, k + P)``). Given a text, a short context ``S <= L``
 and a long context ``L' > L``:
 

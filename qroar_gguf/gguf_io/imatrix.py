@@ -1,6 +1,6 @@
 """Importance matrices computed with llama.cpp's llama-imatrix, on the unquantized file with the plan
 already applied: the activations of the long-context model. The window defaults to llama.cpp's usual
-512 tokens: README's measurement (tools/bench_imatrix.py) found matrices from windows of the target
+512 tokens: docs/results.md's measurement (tools/bench_imatrix.py) found matrices from windows of the target
 context no better, at 2x and 4x, for several times the cost; a window can still be asked for.
 
 A matrix is cached under ``$QROAR_CACHE/imatrix`` by the digests of the model file and the text, the

@@ -4,7 +4,7 @@ Styled after transformers' ``modeling_rope_utils.py``: every plan is one pure fu
 ``(facts, **options) -> RopePlan`` with its own validation, all registered in :data:`PLANS`, and
 :func:`make_plan` is the one validating entry point the CLI uses. No I/O here.
 
-Conventions (README's "Plans" table): ``n_rot`` rotary dims, ``P = n_rot/2`` pairs, base ``b``,
+Conventions (docs/plans.md): ``n_rot`` rotary dims, ``P = n_rot/2`` pairs, base ``b``,
 ``w_k = b**(-2k/n_rot)``, wavelength ``lam_k = 2*pi/w_k``, trained context ``L``, target ``L'``,
 ``r = L'/L``. llama.cpp turns pair ``k`` by ``m * w_k / f_k`` where ``f_k = rope_freqs.weight[k]``, so
 ``f_k = 1`` leaves a pair alone and ``f_k = r`` is linear position interpolation for it. An attention
