@@ -18,15 +18,12 @@ import ast
 import collections
 import importlib.util
 import os
-import signal
-import subprocess
 import sys
-import threading
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
+
 import gguf
 import numpy as np
 from tqdm import tqdm
@@ -37,7 +34,7 @@ from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io.imatrix import compute_imatrix, default_chunks
 from qroar_gguf.gguf_io.quantize import quantize_gguf
-from qroar_gguf.llama_tools import reference_converter
+from qroar_gguf.llama_tools import reference_converter, run_program
 from qroar_gguf.outputs import (
     check_destination,
     check_free_space,
@@ -56,7 +53,6 @@ from qroar_gguf.source.checkpoint import Checkpoint, open_checkpoint
 NEEDS = ("torch", "transformers")
 INSTALL_HINT = "pip install 'qroar-gguf[test]' (or: pip install torch transformers)"
 _BYTES = {"f32": 4, "f16": 2, "bf16": 2}
-_STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 @dataclass
@@ -201,42 +197,19 @@ def run_converter(src: Delegated, out: Path, outtype: str, options) -> None:
         command += ["--metadata", str(options.metadata)]
     total = sum(int(np.prod(src.ckpt.info(n).shape, dtype=np.int64)) for n in src.ckpt.names) * _BYTES[outtype]
     log: collections.deque[str] = collections.deque(maxlen=200)
-    # A stop while Popen starts the child (it has exec'd, Popen has not returned) would leave it running with
-    # no one to kill it: stops wait until the child is ours, and the child starts with the mask it would have had.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
-    try:
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 env=env, text=True, errors="replace",
-                                 preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, old_mask))
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        raise
-    reader = threading.Thread(target=lambda: log.extend(line.rstrip() for line in child.stdout), daemon=True)
-    bar = None
-    try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a stop that came meanwhile is raised here
-        reader.start()
-        bar = tqdm(total=total, desc=f"convert ({src.gguf_arch or src.hf_architecture}, llama.cpp)", unit="B",
-                   unit_scale=True, disable=not options.progress, leave=False)
-        while child.poll() is None:
+    with tqdm(total=total, desc=f"convert ({src.gguf_arch or src.hf_architecture}, llama.cpp)", unit="B",
+              unit_scale=True, disable=not options.progress, leave=False) as bar:
+
+        def show_progress() -> None:
             try:
                 bar.n = min(out.stat().st_size, total)
                 bar.refresh()
-            except OSError:
+            except OSError:  # not written yet
                 pass
-            time.sleep(0.2)
-        reader.join()
-    finally:
-        if child.poll() is None:  # we are being stopped: the child must not finish the file
-            child.kill()
-            child.wait()
-        if reader.is_alive():
-            reader.join(timeout=5)
-        child.stdout.close()
-        if bar is not None:
-            bar.close()
-    if child.returncode != 0:
-        raise QroarError(_converter_failure(src, child.returncode, list(log)))
+
+        status = run_program(command, log, env=env, while_running=show_progress)
+    if status != 0:
+        raise QroarError(_converter_failure(src, status, list(log)))
 
 
 def _converter_failure(src: Delegated, status: int, log: list[str]) -> str:

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -276,26 +277,39 @@ def _cmake() -> str:
 
 
 def run_program(command: list[str], log: deque | list, on_line: Callable[[str], None] | None = None, *,
-                cwd: Path | None = None, timeout: float | None = None) -> int | None:
-    """Run a child process (one of llama.cpp's programs, the build, pip, the quantizer's child), its
-    output and errors line by line into `log` (and `on_line`); a stop (Ctrl-C, SIGTERM as Stopped, an
-    error) kills it first. Returns its status, or None when it ran past `timeout` seconds (killed)."""
-    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, errors="replace", cwd=cwd)
+                cwd: Path | None = None, timeout: float | None = None, env: dict[str, str] | None = None,
+                while_running: Callable[[], None] | None = None) -> int | None:
+    """Run a child process (one of llama.cpp's programs, the build, pip, the quantizer's child, llama.cpp's
+    converter), its output and errors line by line into `log` (and `on_line`); a stop (Ctrl-C, SIGTERM as
+    Stopped, an error) kills it first. `while_running` is called about five times a second until it ends
+    (a progress bar). Returns its status, or None when it ran past `timeout` seconds (killed)."""
+    child, let_stops_through = _start_child(command, cwd, env)
     late = threading.Event()
 
     def time_out() -> None:
         late.set()
         child.kill()
 
-    timer = None if timeout is None else threading.Timer(timeout, time_out)
-    try:
-        if timer is not None:
-            timer.start()
+    def read() -> None:
         for line in child.stdout:
             log.append(line.rstrip("\n"))
             if on_line is not None:
                 on_line(line)
+
+    timer = None if timeout is None else threading.Timer(timeout, time_out)
+    reader = None if while_running is None else threading.Thread(target=read, daemon=True)
+    try:
+        let_stops_through()  # a stop that came while the child started is raised here: the finally kills it
+        if timer is not None:
+            timer.start()
+        if reader is None:
+            read()
+        else:
+            reader.start()
+            while child.poll() is None:
+                while_running()
+                time.sleep(0.2)
+            reader.join()
         status = child.wait()
         return None if late.is_set() else status
     finally:
@@ -304,7 +318,32 @@ def run_program(command: list[str], log: deque | list, on_line: Callable[[str], 
         if child.poll() is None:  # stopped: do not leave it running, nor let it finish a file
             child.kill()
             child.wait()
+        if reader is not None and reader.is_alive():
+            reader.join(timeout=5)
         child.stdout.close()
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _start_child(command: list[str], cwd: Path | None,
+                 env: dict[str, str] | None) -> tuple[subprocess.Popen, Callable[[], None]]:
+    """Popen, without the window in which a stop lands after the child exists but before Popen returns it
+    (no one would kill it): on the main thread, where Python handles signals, stops are held until the
+    child is ours, and the child starts with the signal mask it would have had. Returns the child and what
+    lets the held stops through: call it where a stop kills the child."""
+    if threading.current_thread() is not threading.main_thread():
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", cwd=cwd, env=env), lambda: None
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, errors="replace", cwd=cwd, env=env,
+                                 preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, old_mask))
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise
+    return child, lambda: signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _run_logged(command: list[str], step: Callable[[int, int], None], log: deque) -> None:
