@@ -51,6 +51,11 @@ QUANTIZERS = ("libllama", "llama-quantize")
 METHODS = ("none", "linear", "ntk", "yarn", "llama3", "qroar")
 #: yarn beats ntk, llama3 and linear in every measurement so far (docs/results.md says by how much).
 DEFAULT_METHOD = "yarn"
+#: The demo's novel and quantization: a novel the committed band searches never saw (their dev text was
+#: Emma), and the type they were run for (on SmolLM2, Q4_K_M is mostly Q5_0). tests/test_demo.py holds
+#: them against demo.py's COMMITTED_SEARCHES.
+DEMO_TEXT = "Persuasion"
+DEMO_QTYPE = "Q4_0"
 #: --agg names: how qroar aggregates a pair's sensitivity over layers (rope/sensitivity.py).
 AGGREGATIONS = ("max", "mean")
 #: qroar's defaults, wherever a default is taken (plans, sensitivity, measure, plot, the command line):

@@ -19,6 +19,8 @@ from qroar_gguf.choices import (
     DEFAULT_BETA,
     DEFAULT_IMATRIX_TOKENS,
     DEFAULT_METHOD,
+    DEMO_QTYPE,
+    DEMO_TEXT,
     IMATRIX_AXIS,
     IMATRIX_SHORT_WINDOW,
     KEY_CACHE_TYPES,
@@ -670,23 +672,30 @@ def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tu
               help="RoPE plan to demonstrate.")
 @click.option("--ctx", "target_ctx", type=click.IntRange(min=1), default=None,
               help="Target context. Default: 2x the trained context (16384 for SmolLM2).")
-@click.option("--qtype", type=QTYPE, default="Q4_K_M", show_default=True, metavar="TYPE",
-              help="Quantization, convert's names (`qroar-gguf convert --help` lists them).")
-@click.option("--text", "text_title", default="Emma", show_default=True,
-              help="Which Jane Austen novel to measure on.")
+@click.option("--qtype", type=QTYPE, default=DEMO_QTYPE, show_default=True, metavar="TYPE",
+              help="Quantization, convert's names (`qroar-gguf convert --help` lists them); the default is the "
+                   "type the committed band searches were run for.")
+@click.option("--text", "text_title", default=DEMO_TEXT, show_default=True,
+              help="Which Jane Austen novel to measure on; the default is one the band searches never saw "
+                   "(their dev text is Emma).")
 @click.option("--threads", type=THREADS, default=os.cpu_count() or 1, show_default=True)
 @click.option("--perplexity/--no-perplexity", "measure", default=True, show_default=True,
               help="Measure perplexity (minutes); --no-perplexity stops after converting.")
+@click.option("--full", is_flag=True,
+              help="Also compare the committed band search at its other context (4x, 32768 tokens): two more "
+                   "windows, about a quarter of an hour more on two cores.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def demo(method: str, target_ctx: int | None, qtype: str, text_title: str, threads: int, measure: bool,
-         quiet: bool) -> None:
-    """Convert the embedded SmolLM2-135M model and show it working beyond its trained context
-    (perplexity in llama.cpp on a Jane Austen novel at 8k and 16k tokens: minutes on two cores;
+         full: bool, quiet: bool) -> None:
+    """Convert the embedded SmolLM2-135M model and show it working beyond its trained context, and what
+    Q-ROAR adds: perplexity in llama.cpp on a Jane Austen novel at 8k and 16k tokens, unscaled, yarn and
+    the committed band search's plan against yarn on the same tokens (about 10 minutes on two cores;
     --no-perplexity stops after converting)."""
     from qroar_gguf.demo import run_demo
     from qroar_gguf.file_types import canonical_qtype
 
-    run_demo(method, target_ctx, canonical_qtype(qtype), text_title, threads, _show_progress(quiet), measure=measure)
+    run_demo(method, target_ctx, canonical_qtype(qtype), text_title, threads, _show_progress(quiet), measure=measure,
+             full=full)
 
 
 @main.group(invoke_without_command=True)
