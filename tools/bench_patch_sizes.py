@@ -5,12 +5,15 @@ A keys-only arch (qwen3: llama.cpp's rope keys, YaRN's temperature folded into t
 `Qwen3-*-Q8_0.gguf` files look: Qwen3's vocabulary size (151936 tokens and 151387 merges, synthetic
 strings), Qwen3-0.6B's shapes for the smallest size and Qwen3-8B's above it, with the layer count chosen to
 reach the size; every matrix Q8_0 (valid blocks, one random pattern repeated), norms F32. Each size's file
-is written once; then `cp` and `patch --method yarn --scale 4` alternate, each writing a fresh output
-(removed and `sync`ed between runs, outside the timing), so the machine's load and page cache treat both
-alike. Wall time and peak RSS per process (benchlib.measure: GNU time), the load average around each size,
-and `qroar-gguf --version` (the interpreter's and the command line's own start-up).
+is written once; then `cp` and `patch --method yarn --scale 4` (and, with ``--baseline``, another
+checkout's patch) alternate, each writing a fresh output (removed and `sync`ed between runs, outside the
+timing), so the machine's load and page cache treat them alike. Wall time and peak RSS per process
+(benchlib.measure: GNU time), the space the file system's use grew by (after a sync: shared blocks take
+none), the load average around each size, and `qroar-gguf --version` (the interpreter's and the command
+line's own start-up).
 
-    python tools/bench_patch_sizes.py --sizes 0.5,4,16 --repeats 3 --work /work/bigtmp
+    python tools/bench_patch_sizes.py --sizes 0.5,4,16 --repeats 3 --work /work/bigtmp --baseline ../before
+    python tools/bench_patch_sizes.py --sizes 4 --work /mnt/xfs --out tools/results/patch_sizes_xfs.json
 
 Writes JSON (default tools/results/patch_sizes.json); docs/results.md's `patch` section shows it.
 """
@@ -26,7 +29,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchlib import QROAR, RESULTS, machine, measure
+from benchlib import QROAR, REPO, RESULTS, machine, measure
 
 import gguf
 import numpy as np
@@ -115,28 +118,38 @@ def _sync() -> None:
     subprocess.run(["sync"], check=True)
 
 
-def bench_size(gib: float, work: Path, repeats: int) -> dict:
+def _used_mib(folder: Path) -> float:
+    """The file system's used space (after a sync), for blocks shared or not."""
+    _sync()
+    st = os.statvfs(folder)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize / 2**20
+
+
+def bench_size(gib: float, work: Path, repeats: int, baseline: Path | None) -> dict:
     source = work / f"qwen3-{gib:g}g.gguf"
     shape = synthetic_qwen3(source, gib)
-    _sync()
-    runs: dict[str, list[dict]] = {"cp": [], "patch": []}
+    tools = ("cp", "patch") + (("patch_baseline",) if baseline else ())
+    runs: dict[str, list[dict]] = {tool: [] for tool in tools}
     load_before = os.getloadavg()
     out = work / "out.gguf"
+    patch = ["patch", source, "-o", out, "--method", "yarn", "--scale", "4", "-q"]
     for _ in range(repeats):
-        for tool in ("cp", "patch"):
+        for tool in tools:
             out.unlink(missing_ok=True)
-            _sync()
-            cmd = (["cp", source, out] if tool == "cp"
-                   else [*QROAR, "patch", source, "-o", out, "--method", "yarn", "--scale", "4", "-q"])
-            runs[tool].append({**measure(cmd), "load1": os.getloadavg()[0]})
+            used = _used_mib(work)
+            cmd = ["cp", source, out] if tool == "cp" else [*QROAR, *patch]
+            run = measure(cmd, cwd=baseline if tool == "patch_baseline" else REPO)
+            runs[tool].append({**run, "load1": os.getloadavg()[0], "grew_mib": _used_mib(work) - used})
     out.unlink(missing_ok=True)
     source.unlink()
-    median = {tool: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib")}
+    median = {tool: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib", "grew_mib")}
               for tool, rs in runs.items()}
     return {"gib": gib, "file_mib": shape["bytes"] / 2**20, **shape, "runs": runs, "median": median,
             "load_before": load_before, "load_after": os.getloadavg(),
             "ratio_patch_over_cp": median["patch"]["seconds"] / median["cp"]["seconds"],
-            "patch_minus_cp_seconds": median["patch"]["seconds"] - median["cp"]["seconds"]}
+            "patch_minus_cp_seconds": median["patch"]["seconds"] - median["cp"]["seconds"],
+            **({"ratio_baseline_over_cp": median["patch_baseline"]["seconds"] / median["cp"]["seconds"]}
+               if baseline else {})}
 
 
 def main() -> None:
@@ -145,20 +158,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, required=True, help="a folder on the file system to measure")
     parser.add_argument("--out", type=Path, default=RESULTS / "patch_sizes.json")
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. a git worktree of the commit "
+                        "before a change) whose patch runs too, alternating with this one's and cp")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    fs = subprocess.run(["stat", "-f", "-c", "%T", args.work], capture_output=True, text=True).stdout.strip()
-    startup = [measure([*QROAR, "--version"])["seconds"] for _ in range(args.repeats)]
+    fs = subprocess.run(["findmnt", "-no", "FSTYPE", "--target", args.work], capture_output=True,
+                        text=True).stdout.strip()
+    startup = [measure([*QROAR, "--version"], cwd=REPO)["seconds"] for _ in range(args.repeats)]
+    baseline_commit = None
+    if args.baseline:
+        baseline_commit = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"],
+                                         capture_output=True, text=True).stdout.strip()
     sizes = []
     for gib in (float(s) for s in args.sizes.split(",")):
-        sizes.append(bench_size(gib, args.work, args.repeats))
+        sizes.append(bench_size(gib, args.work, args.repeats, args.baseline))
         print(json.dumps({k: sizes[-1][k] for k in ("gib", "median", "ratio_patch_over_cp")}), flush=True)
     result = {"benchmark": "qroar-gguf patch --method yarn --scale 4 against cp, synthetic qwen3 Q8_0 files, "
                            "fresh output each run, alternating",
               "machine": {**machine(), "file_system": fs, "ram_gib": os.sysconf("SC_PHYS_PAGES")
                           * os.sysconf("SC_PAGE_SIZE") / 2**30},
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": args.repeats,
-              "startup_seconds": statistics.median(startup), "sizes": sizes}
+              "commit": subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip(),
+              "baseline_commit": baseline_commit, "startup_seconds": statistics.median(startup), "sizes": sizes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
