@@ -119,10 +119,21 @@ def _sync() -> None:
 
 
 def _used_mib(folder: Path) -> float:
-    """The file system's used space (after a sync), for blocks shared or not."""
-    _sync()
-    st = os.statvfs(folder)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize / 2**20
+    """The file system's used space, for blocks shared or not: after a sync, once two readings a second
+    apart agree (XFS frees a removed file's blocks in the background)."""
+    def used() -> float:
+        _sync()
+        st = os.statvfs(folder)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize / 2**20
+
+    last = used()
+    for _ in range(30):
+        time.sleep(1)
+        now = used()
+        if abs(now - last) < 1:
+            return now
+        last = now
+    return last
 
 
 def bench_size(gib: float, work: Path, repeats: int, baseline: Path | None) -> dict:
