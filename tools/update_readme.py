@@ -203,7 +203,7 @@ def _patch_sizes() -> str:
         r = _tool_result(name)
         if r is None:
             continue
-        base = f", and the patch of commit {r['baseline_commit']} (before its fixed-cost cuts)" if r["baseline_commit"] else ""
+        base = f", and the patch of commit {r['baseline_commit']} (before the cuts and block sharing)" if r["baseline_commit"] else ""
         lines = ["", f"`python tools/bench_patch_sizes.py` → `tools/results/{name}` ({r['machine']['cpus']} cores, "
                  f"{r['machine']['ram_gib']:.0f} GiB RAM, {r['machine']['file_system']}, commit {r['commit']}, "
                  f"{r['when']}): synthetic qwen3 Q8_0 files (a keys-only arch), `patch --method yarn --scale 4` "
@@ -213,7 +213,7 @@ def _patch_sizes() -> str:
         names = {"cp": "cp", "patch": "patch", "patch_baseline": f"patch ({r['baseline_commit']})"}
         lines.append("| file | " + " | ".join(f"{names[t]} wall" for t in tools) + " | patch / cp | "
                      + (f"{names['patch_baseline']} / cp | " if r["baseline_commit"] else "")
-                     + "patch peak RSS | space used by patch's output | load |")
+                     + "patch peak RSS | space taken by the output: cp, patch | load |")
         lines.append("|---|" + "---|" * (len(tools) + 4 + bool(r["baseline_commit"])))
         for size in r["sizes"]:
             m = size["median"]
@@ -222,7 +222,7 @@ def _patch_sizes() -> str:
                          + " | ".join(f"{m[t]['seconds']:.2f} s" for t in tools)
                          + f" | {size['ratio_patch_over_cp']:.2f}x | "
                          + (f"{size['ratio_baseline_over_cp']:.2f}x | " if r["baseline_commit"] else "")
-                         + f"{m['patch']['peak_rss_mib']:.0f} MiB | {m['patch']['grew_mib']:.0f} MiB | "
+                         + f"{m['patch']['peak_rss_mib']:.0f} MiB | {m['cp']['grew_mib']:.0f}, {m['patch']['grew_mib']:.0f} MiB | "
                          f"{min(loads):.1f}-{max(loads):.1f} |")
         parts.append("\n".join(lines) + "\n")
     return "".join(parts)
