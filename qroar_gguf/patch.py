@@ -3,7 +3,8 @@
 The stages mirror conversion's: read the source and its facts (`read_gguf_source`), make the plan
 (`make_patch_plan`; qroar measures the file's own W_Q/W_K, dequantized), write (every key kept but the
 context length, every tensor copied byte for byte but the few that carry the attention scale, the plan's
-factors added or multiplied into the file's own), publish under the output's lock by rename. The family of
+factors added or multiplied into the file's own; on btrfs or XFS the copied tensors share the input's blocks, as
+`cp`'s copies do, see `gguf_io.rewrite`), publish under the output's lock by rename. The family of
 the file's arch (arch/) says where the factors go: `rope_freqs.weight`, phi3's `rope_factors_long/short`,
 or llama.cpp's rope keys (`_patch_keys`); in which row order its pairs lie; which tensors carry the
 temperature; what the file is rewritten as (qwen2 -> llama).

@@ -6,9 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
+import subprocess
 import tempfile
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -347,3 +350,111 @@ def test_the_input_is_never_written(smollm2_gguf: Path, tmp_path: Path):
     before = digest(tmp_path / "in")
     patch_ok(tmp_path / "in" / "copy.gguf", tmp_path / "out.gguf", "--ctx", "16384")
     assert digest(tmp_path / "in") == before
+
+
+# 5. Copy-on-write file systems: the copied tensors' blocks shared, the same bytes -----------------------
+
+def _spread_gguf(path: Path) -> Path:
+    """A small llama GGUF whose copied tensors span many blocks, with odd-sized tensors between them and
+    their padding filled with non-zero bytes (which a patched file must not carry over)."""
+    rng = np.random.default_rng(1)
+
+    def extra(w: gguf.GGUFWriter) -> None:
+        w.add_tensor("output.weight", rng.standard_normal((4000, 64)).astype(np.float32))
+        w.add_tensor("blk.0.ffn_norm.weight", np.ones(65, dtype=np.float32))  # 260 bytes: 28 of padding
+        w.add_tensor("blk.0.ffn_down.weight", rng.standard_normal((3000, 64)).astype(np.float32))
+
+    small_gguf(path, extra=extra)
+    layout = read_layout(path)
+    ends = sorted((t.data_offset + t.n_bytes, t.data_offset) for t in layout.tensors)
+    starts = sorted(t.data_offset for t in layout.tensors)
+    with open(path, "r+b") as f:
+        for (end, _), start in zip(ends, starts[1:]):
+            f.seek(end)
+            f.write(b"\xab" * (start - end))
+    return path
+
+
+def _clone_by_copying(calls: list):
+    """FICLONERANGE done as a copy of the range: the bytes a file system that shares blocks leaves."""
+    from qroar_gguf.gguf_io import rewrite
+
+    def ioctl(fd: int, request: int, arg: bytes) -> int:
+        assert request == rewrite._FICLONERANGE
+        src, start, length, dest = struct.unpack("<qQQQ", arg)
+        assert start % rewrite.CLONE_BLOCK == 0 and dest % rewrite.CLONE_BLOCK == 0
+        os.pwrite(fd, os.pread(src, length, start), dest)
+        calls.append((start, length, dest))
+        return 0
+    return ioctl
+
+
+@pytest.mark.parametrize("method", ["yarn", "linear"])
+def test_a_cloned_patch_has_the_bytes_of_a_copied_one(inputs: Path, tmp_path: Path, monkeypatch, method: str):
+    """The output's bytes never depend on whether its blocks could be shared: the copied tensors cloned as one
+    range, then the header, rope_freqs, the rescaled W_Q/W_K and the padding written over it."""
+    from qroar_gguf.gguf_io import rewrite
+
+    source = _spread_gguf(inputs / "spread.gguf")
+    copied, cloned = tmp_path / "copied.gguf", tmp_path / "cloned.gguf"
+    options = PatchOptions(plan=PlanSpec(method=method), target_ctx=1024, progress=False)
+
+    def unsupported(*_):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(rewrite, "fcntl", SimpleNamespace(ioctl=unsupported))
+    patch(source, copied, options)
+    calls: list = []
+    monkeypatch.setattr(rewrite, "fcntl", SimpleNamespace(ioctl=_clone_by_copying(calls)))
+    patch(source, cloned, options)
+    assert len(calls) == 1 and calls[0][1] >= 1 << 20
+    assert cloned.read_bytes() == copied.read_bytes()
+    assert tensor_bytes(cloned)["output.weight"] == tensor_bytes(source)["output.weight"]
+
+
+def test_copied_tensors_lie_where_they_lay_modulo_a_block(inputs: Path, tmp_path: Path):
+    """qroar.padding puts every copied tensor at its input offset modulo 4096 (so a file system can share
+    its blocks), and is neither provenance nor carried into a second patch as it was."""
+    from qroar_gguf.gguf_io.rewrite import CLONE_BLOCK
+
+    source = _spread_gguf(inputs / "spread.gguf")
+    out, again = tmp_path / "out.gguf", tmp_path / "again.gguf"
+    patch_ok(source, out, "--method", "linear", "--ctx", "1024")
+    patch_ok(out, again, "--method", "linear", "--ctx", "2048", "--force")
+    before = {t.name: t.data_offset for t in read_layout(source).tensors}
+    for path in (out, again):
+        layout = read_layout(path)
+        assert {name: t.data_offset % CLONE_BLOCK for name, t in ((t.name, t) for t in layout.tensors)
+                if name in before and name != "blk.0.attn_q.weight"} == \
+            {name: offset % CLONE_BLOCK for name, offset in before.items() if name != "blk.0.attn_q.weight"}
+        assert list(layout.fields)[-1] == "qroar.padding" and "padding" not in read_provenance(layout)
+        assert sum(name == "qroar.padding" for name in layout.fields) == 1
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def test_blocks_are_shared_on_a_copy_on_write_file_system(smollm2_gguf: Path, tmp_path: Path):
+    """With $QROAR_COW_DIR on btrfs or XFS (reflink=1): the patched file shares all but a few of its
+    blocks with the input (filefrag's `shared`), and has the bytes of the same patch made on this one."""
+    cow = os.environ.get("QROAR_COW_DIR")
+    if not cow or shutil.which("filefrag") is None:
+        pytest.skip("set QROAR_COW_DIR to a folder on btrfs or XFS (reflink) to check sharing")
+    folder = Path(tempfile.mkdtemp(dir=cow))
+    try:
+        source = folder / smollm2_gguf.name
+        shutil.copyfile(smollm2_gguf, source)
+        here = tmp_path / "in"
+        here.mkdir()
+        shutil.copyfile(smollm2_gguf, here / smollm2_gguf.name)
+        patch_ok(source, folder / "out.gguf", "--method", "yarn", "--ctx", "16384")
+        patch_ok(here / smollm2_gguf.name, tmp_path / "out.gguf", "--method", "yarn", "--ctx", "16384")
+        assert _sha256(folder / "out.gguf") == _sha256(tmp_path / "out.gguf")
+        extents = subprocess.run(["filefrag", "-v", folder / "out.gguf"], capture_output=True, text=True).stdout
+        shared = sum(int(line.split(":")[3]) for line in extents.splitlines()
+                     if line.strip()[:1].isdigit() and "shared" in line)
+        assert shared * 4096 > 0.5 * (folder / "out.gguf").stat().st_size
+    finally:
+        shutil.rmtree(folder)

@@ -11,7 +11,8 @@ which file holds which section (every one must have its markers):
   tail      from tools/results/tail_inflation.json (tools/bench_tail.py)
   weights   from tools/results/band_weight_error.json (tools/bench_band_weight_error.py)
   search    from tools/results/search_*.json (`bash tools/bench_smollm2.sh search`)
-  patch     from tools/results/patch_bench.json (tools/bench_patch.py)
+  patch     from tools/results/patch_bench.json (tools/bench_patch.py) and patch_sizes*.json
+            (tools/bench_patch_sizes.py)
   tools     from tools/results/llama_tools_bench.json (tools/bench_llama_tools.py)
   imatrix   from tools/results/imatrix_bench.json (tools/bench_imatrix.py)
   imatrix-gpu  from tools/results/imatrix_gpu.json (tools/gpu_session.sh on a GPU machine)
@@ -193,7 +194,39 @@ def patch_section() -> str:
             f"{q.get('attention_scale', 'as `attn_factor`, the form patch wrote when this was measured')}) has PPL "
             f"{q['ppl_patched']:.3f}, the file convert makes (scale folded into W_Q/W_K "
             f"before quantizing) {q['ppl_converted']:.3f}; per-token NLL difference {p['mean_diff']:+.4f} "
-            f"nats ({p['z']:+.2f} standard errors).\n")
+            f"nats ({p['z']:+.2f} standard errors).\n" + _patch_sizes())
+
+
+def _patch_sizes() -> str:
+    """patch against cp by file size (tools/bench_patch_sizes.py), on ext4 and on a copy-on-write file system."""
+    parts = []
+    for name in ("patch_sizes.json", "patch_sizes_xfs.json"):
+        r = _tool_result(name)
+        if r is None:
+            continue
+        base = f", and the patch of commit {r['baseline_commit']} (before the cuts and block sharing)" if r["baseline_commit"] else ""
+        lines = ["", f"`python tools/bench_patch_sizes.py` → `tools/results/{name}` ({r['machine']['cpus']} cores, "
+                 f"{r['machine']['ram_gib']:.0f} GiB RAM, {r['machine']['file_system']}, commit {r['commit']}, "
+                 f"{r['when']}): synthetic qwen3 Q8_0 files (a keys-only arch), `patch --method yarn --scale 4` "
+                 f"against `cp`{base}, alternating, fresh output each run, median of {r['repeats']}; load "
+                 "average (1 min) during the runs as measured:", ""]
+        tools = ["cp", "patch"] + (["patch_baseline"] if r["baseline_commit"] else [])
+        names = {"cp": "cp", "patch": "patch", "patch_baseline": f"patch ({r['baseline_commit']})"}
+        lines.append("| file | " + " | ".join(f"{names[t]} wall" for t in tools) + " | patch / cp | "
+                     + (f"{names['patch_baseline']} / cp | " if r["baseline_commit"] else "")
+                     + "patch peak RSS | space taken by the output: cp, patch | load |")
+        lines.append("|---|" + "---|" * (len(tools) + 4 + bool(r["baseline_commit"])))
+        for size in r["sizes"]:
+            m = size["median"]
+            loads = [run["load1"] for runs in size["runs"].values() for run in runs]
+            lines.append(f"| {size['file_mib'] / 1024:.2f} GiB ({size['n_layer']} layers of {size['shapes_of']}) | "
+                         + " | ".join(f"{m[t]['seconds']:.2f} s" for t in tools)
+                         + f" | {size['ratio_patch_over_cp']:.2f}x | "
+                         + (f"{size['ratio_baseline_over_cp']:.2f}x | " if r["baseline_commit"] else "")
+                         + f"{m['patch']['peak_rss_mib']:.0f} MiB | {m['cp']['grew_mib']:.0f}, {m['patch']['grew_mib']:.0f} MiB | "
+                         f"{min(loads):.1f}-{max(loads):.1f} |")
+        parts.append("\n".join(lines) + "\n")
+    return "".join(parts)
 
 
 def context_shift_section() -> str:

@@ -61,11 +61,19 @@ class _Bytes:
 
     def skip_strings(self, count: int) -> None:
         """Past ``count`` strings without copying them (a vocabulary holds 100k and more)."""
-        for _ in range(count):
-            self.ensure(8)
-            n = struct.unpack_from("<Q", self.buf, self.pos)[0]
-            self.ensure(8 + n)
-            self.pos += 8 + n
+        length, buf, pos = struct.Struct("<Q").unpack_from, self.buf, self.pos
+        for _ in range(count):  # the buffer is extended only when a string runs past it (rarely)
+            if pos + 8 > len(buf):
+                self.pos = pos
+                self.ensure(8)
+                buf = self.buf
+            end = pos + 8 + length(buf, pos)[0]
+            if end > len(buf):
+                self.pos = pos
+                self.ensure(end - pos)
+                buf = self.buf
+            pos = end
+        self.pos = pos
 
     def unpack(self, fmt: str):
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]

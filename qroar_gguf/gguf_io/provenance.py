@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 
 from qroar_gguf.gguf_io.layout import GgufLayout
+from qroar_gguf.gguf_io.rewrite import PADDING  # spaces a rewrite writes to line tensors up: not provenance
 
 PREFIX = "qroar."
 VERSION = "qroar.version"
@@ -86,7 +87,7 @@ def provenance_problems(reader: GgufLayout) -> list[str]:
 def _read(reader: GgufLayout) -> tuple[dict | None, list[str]]:
     provenance, problems = {}, []
     for key, field in reader.fields.items():
-        if not key.startswith(PREFIX):
+        if not key.startswith(PREFIX) or key == PADDING:  # spaces that line tensors up (gguf_io.rewrite)
             continue
         value = _checked(field)
         if value is _MALFORMED:
