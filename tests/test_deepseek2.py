@@ -130,6 +130,7 @@ def test_the_files_own_attn_factor_is_kept_and_nothing_is_folded():
         spec = PlanSpec(method)
         facts = rope_facts_for(16, 10000.0, TRAINED, method, TARGET, None)
         for own in (1.0, 1.25):
-            keys = keys_plan(family, FileRope(ARCH, "none", 1.0, own, False, False), spec, spec.plan(facts, None), facts)
+            file = FileRope(ARCH, "none", 1.0, own, False, False)
+            keys = keys_plan(family, file, spec, spec.plan(facts, None), facts)
             assert keys.fold == 1.0 and keys.attn_factor == (None if own == 1.0 else own)
             assert "cancels" not in keys.describe()
