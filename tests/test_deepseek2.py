@@ -106,6 +106,19 @@ def test_the_keys_alone_are_written(source: Path, extended: dict[str, Path]):
         llm.close()
 
 
+def test_convert_of_the_checkpoint_equals_patch_of_the_converted_file(source: Path, extended: dict[str, Path],
+                                                                     tokens: list[int], tmp_path: Path):
+    """`convert` takes DeepseekV3ForCausalLM through llama.cpp's converter, then patch's keys step."""
+    out = tmp_path / "converted.F32.gguf"
+    result = run_cli(source.parent / "ckpt", "-o", out, "--method", "yarn", "--ctx", TARGET, "--qtype", "F32", "-q")
+    assert result.returncode == 0, result.stderr
+    assert tensor_bytes(out) == tensor_bytes(extended["yarn"])
+    rope = {k: v for k, v in fields(out).items() if k.startswith(f"{ARCH}.rope") or k == f"{ARCH}.context_length"}
+    assert rope == {k: v for k, v in fields(extended["yarn"]).items() if k in rope}
+    np.testing.assert_array_equal(prompt_logits(out, tokens, n_ctx=N_CTX),
+                                  prompt_logits(extended["yarn"], tokens, n_ctx=N_CTX))
+
+
 def test_per_pair_plans_and_the_attn_factor_key_are_refused(source: Path, tmp_path: Path):
     (tmp_path / "out").mkdir()
     for args in (["--method", "qroar"], ["--method", "llama3"], ["--method", "linear", "--band-factors", "1,1,2,2"]):
