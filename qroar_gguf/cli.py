@@ -73,8 +73,8 @@ def _route_list() -> str:
         "GLM-4, Granite, ...) goes through it (from the pinned llama.cpp; needs torch and transformers), then "
         "through patch's plan step: per-pair factors as rope_freqs where the GGUF arch's loader reads them, "
         "llama.cpp's rope keys elsewhere (yarn, linear, ntk; YaRN's temperature folded into the q/k rows; Gemma 3: "
-        "linear or ntk, its sliding layers keep no YaRN temperature exact). Refused with the reason: deepseek2 (MLA), "
-        "multimodal RoPE, arches without RoPE.", 78)
+        "linear or ntk, its sliding layers keep no YaRN temperature exact; deepseek2: the keys alone, llama.cpp builds "
+        "its temperature from them). Refused with the reason: multimodal RoPE, arches without RoPE.", 78)
     return "\n".join(lines + [""])
 
 

@@ -288,6 +288,9 @@ def _patch_keys(src: GgufSource, output: Path, options: PatchOptions, start: flo
     the q/k rows (``rope.scaling_keys``), every other tensor copied byte for byte."""
     arch, family = src.hp.architecture, src.family
     refuse_per_pair(arch, family, options.plan)
+    if options.attn_factor_key and family.temperature_in == "kq_scale":
+        raise QroarError(f"--attn-factor-key: llama.cpp's {arch} graph builds YaRN's temperature from the rope keys "
+                         "themselves (its kq_scale), so patch writes no attn_factor for it")
     if options.attn_factor_key:
         raise QroarError(f"--attn-factor-key: a {arch} file carries YaRN's temperature in its q/k rows, and its attn_factor "
                          "key only cancels the kernel's own factor (the form a context shift keeps exact)")

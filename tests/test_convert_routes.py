@@ -206,7 +206,7 @@ def test_missing_torch_is_found_before_converting(monkeypatch):
 @pytest.mark.parametrize(("architecture", "needle"), [
     ("NoSuchModelForCausalLM", "neither qroar-gguf nor llama.cpp's converter"),
     ("BertModel", "bert has no RoPE"),
-    ("DeepseekV3ForCausalLM", "deepseek2 (MLA)"),
+    ("Qwen2VLForConditionalGeneration", "multimodal RoPE"),
 ])
 def test_architectures_llama_cpp_does_not_take_or_we_cannot_extend(tiny, tmp_path: Path, architecture: str,
                                                                    needle: str):

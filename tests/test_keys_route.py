@@ -379,9 +379,10 @@ def test_every_registered_family_answers_the_gguf_side():
             assert family.refusal, arch
         else:
             assert family.pair_route in PAIR_ROUTES and family.row_order in ROW_ORDERS and not family.refusal, arch
-        assert family.qk_tensors in ("split", "fused") and family.temperature_in in ("projections", "qk_norm")
+        assert family.qk_tensors in ("split", "fused", "mla")
+        assert family.temperature_in in ("projections", "qk_norm", "kq_scale")
     adjacent = {a for a, f in registered_gguf().items() if f.pair_route and f.row_order == "adjacent"}
-    assert adjacent == {"llama", "mistral3", "granite", "granitemoe", "arcee", "minicpm"}
+    assert adjacent == {"llama", "mistral3", "granite", "granitemoe", "arcee", "minicpm", "deepseek2"}
     assert gguf_family("qwen2").rewrite_as == "llama" and gguf_family("qwen3").needs_patch
     assert gguf_family("phi3").route() == "rope_factors" and gguf_family("phi3").route(per_pair=False) == "keys"
     assert gguf_family("qwen3").route() == "keys" and gguf_family("qwen3").route(True) == "rope_freqs"

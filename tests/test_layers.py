@@ -23,7 +23,8 @@ LAYERS = [
      "assets.austen", "assets.smollm2", "llama_tools"],
     # 2. model families: hyperparameters, tensor names and shapes, vocabularies
     ["arch.base", "arch.llama", "arch.qwen2", "arch.qwen3", "arch.gemma", "arch.glm4", "arch.olmo2", "arch.phi3",
-     "arch.llama_like", "arch.refused", "arch.families", "arch.pretokenizer", "arch.vocab", "arch.temperature"],
+     "arch.deepseek2", "arch.llama_like", "arch.refused", "arch.families", "arch.pretokenizer", "arch.vocab",
+     "arch.temperature"],
     # 3. RoPE math: plans, sensitivity, bands, diagnostics, measuring weights
     ["rope.plans", "rope.layout", "rope.sensitivity", "rope.bands", "rope.diagnostics", "rope.measure",
      "rope.spec", "rope.scaling_keys"],

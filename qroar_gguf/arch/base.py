@@ -81,10 +81,12 @@ class GgufFamily:
     pair_route: ClassVar[str | None] = "keys"
     #: The row order of rotary pairs in W_Q/W_K (a key of ROW_ORDERS); None: no RoPE.
     row_order: ClassVar[str | None] = "neox"
-    #: "split" (attn_q/attn_k, with optional biases) or "fused" (attn_qkv: Q rows, then K, then V).
+    #: "split" (attn_q/attn_k, with optional biases), "fused" (attn_qkv: Q rows, then K, then V) or "mla"
+    #: (deepseek2's latent attention: rotary query rows in attn_q/attn_q_b, one shared key part in attn_kv_a_mqa).
     qk_tensors: ClassVar[str] = "split"
     #: Where an attention temperature is folded: "projections" (the rotary rows of the q/k tensors and their
-    #: biases) or "qk_norm" (the attn_q_norm/attn_k_norm weights, which would normalise a projection's scale away).
+    #: biases), "qk_norm" (the attn_q_norm/attn_k_norm weights, which would normalise a projection's scale away)
+    #: or "kq_scale" (nowhere: llama.cpp's graph builds it from the rope keys themselves, deepseek2).
     temperature_in: ClassVar[str] = "projections"
     #: The arch its files are rewritten as (keys renamed, Q/K rows reordered), or None.
     rewrite_as: ClassVar[str | None] = None

@@ -1,18 +1,9 @@
-"""GGUF arches llama.cpp runs that `patch` refuses, each with its reason: no RoPE to extend, multimodal
-RoPE, or an attention scale the file cannot carry (deepseek2)."""
+"""GGUF arches llama.cpp runs that `patch` refuses, each with its reason: no RoPE to extend, or multimodal
+RoPE."""
 
 from __future__ import annotations
 
 from qroar_gguf.arch.base import GgufFamily, register
-
-
-@register("deepseek2")
-class Deepseek2Family(GgufFamily):
-    pair_route = None
-    row_order = "adjacent"
-    context_shift = False  # Ollama starts llama-server without --context-shift for it
-    refusal = ("(MLA) builds its attention scale kq_scale from YaRN's mscale with yarn_log_mul, and ropes "
-               "a separate shared key part: the temperature cannot be moved into the weights exactly")
 
 
 @register("qwen2vl", "qwen3vl", "qwen3vlmoe", "hunyuan_vl")

@@ -57,7 +57,9 @@ class ShiftState:
     def describe(self) -> str:
         """One line for inspect: shift-safe or not, and why."""
         if not self.shifted:
-            return f"not shifted: Ollama runs {self.arch} without --context-shift"
+            what = ("" if self.exact else f" (a llama-server --context-shift would multiply cached keys' rotary part "
+                                          f"by {self.shift_factor:.6g} at each shift)")
+            return f"not shifted: Ollama runs {self.arch} without --context-shift{what}"
         if self.exact:
             where = "" if self.scaling_type != "yarn" else " (yarn's own factor cancelled by attn_factor)"
             return f"exact: a context shift only rotates cached keys{where}"

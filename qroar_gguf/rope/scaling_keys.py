@@ -8,7 +8,9 @@ Per-pair plans (llama3, qroar, band factors) have no key form and are refused wi
 YaRN's temperature must survive a context shift, which re-ropes every cached key with the context's
 attention factor: the kernel's own ``1 + 0.1 ln factor`` (``m``) is cancelled by ``rope.scaling.attn_factor =
 1/m``, and the plan's temperature (with any attn_factor the file had) is folded into the q/k rows instead
-(``fold``), so a shift only rotates.
+(``fold``), so a shift only rotates. Families whose graph builds the temperature from the keys themselves
+(``temperature_in`` "kq_scale": deepseek2) get the keys alone, the file's attn_factor kept: what llama.cpp's
+runtime flags compute, by the same code.
 """
 
 from __future__ import annotations
@@ -45,13 +47,15 @@ class KeysPlan:
     keys: dict[str, tuple[VT, object]]  # key name -> (type, value) to write
     attn_factor: float | None  # rope.scaling.attn_factor to write (None: drop it)
     fold: float  # multiplied into the rotary q/k rows (1: none)
+    kept_attn_factor: bool = False  # attn_factor is the file's own, kept (the graph builds the temperature)
 
     def describe(self) -> str:
         """One line for the command line: the keys as written."""
         parts = [f"{name.split('.', 1)[1]} {value:.6g}" if isinstance(value, float) else f"{name.split('.', 1)[1]} {value}"
                  for name, (_, value) in self.keys.items()]
         if self.attn_factor is not None:
-            parts.append(f"rope.scaling.attn_factor {self.attn_factor:.6g} (cancels the kernel's YaRN factor)")
+            why = "the file's own, kept" if self.kept_attn_factor else "cancels the kernel's YaRN factor"
+            parts.append(f"rope.scaling.attn_factor {self.attn_factor:.6g} ({why})")
         return ", ".join(parts) or "none (the context only)"
 
 
@@ -104,10 +108,15 @@ def keys_plan(family: type[GgufFamily], file: FileRope, spec: PlanSpec, plan: Ro
         keys[rope.SCALING_TYPE.format(arch=arch)] = (VT.STRING, "yarn")
         keys[rope.SCALING_FACTOR.format(arch=arch)] = (VT.FLOAT32, float(facts.scale))
         keys[rope.SCALING_ORIG_CTX_LEN.format(arch=arch)] = (VT.UINT32, int(facts.trained_ctx))
-        if facts.scale > 1.0:
+        if facts.scale > 1.0 and family.temperature_in != "kq_scale":
             # ggml's rope_yarn multiplies by this (in float32) whenever ext_factor != 0; the key cancels it
             kernel = float(np.float32(1.0 + 0.1 * math.log(np.float32(facts.scale))))
             attn_factor = float(np.float32(1.0 / kernel))
     elif plan.method != "none":
         raise QroarError(f"--method {plan.method} has no form in llama.cpp's rope keys")
+    if family.temperature_in == "kq_scale":
+        # deepseek2: the graph builds YaRN's temperature from these keys (kq_scale and the kernel), and the
+        # file's own attn_factor is one of its inputs: kept as it is, nothing folded (arch/deepseek2.py)
+        kept = None if file.attn_factor == 1.0 else float(np.float32(file.attn_factor))
+        return KeysPlan(keys, kept, 1.0, kept_attn_factor=True)
     return KeysPlan(keys, attn_factor, float(temperature))
