@@ -8,8 +8,8 @@
 - llama.cpp's convert_hf_to_gguf.py alone (--outtype f16), which neither extends nor quantizes.
 
 The checkpoint is a random Qwen3 built by transformers (F32, a few hundred MB) with SmolLM2's tokenizer,
-unless --model. Each run is one child process: wall time and peak RSS (os.wait4's ru_maxrss, which on
-Linux is the largest of the process and its waited-for descendants: the converter's child, the quantizer's).
+unless --model. Each run is one child process: wall time and peak RSS (benchlib.measure: GNU time's, the
+largest of the process and its waited-for descendants: the converter's child, the quantizer's).
 Runs alternate, --repeats times; the median is reported. The checkpoint is built in a child process of
 its own: a forked child's ru_maxrss starts at its parent's resident size, so a parent holding torch would
 put its own size under every measurement. Writes JSON (default
@@ -28,29 +28,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchlib import RESULTS, measure
 
-from qroar_gguf.llama_tools import reference_converter  # noqa: E402
+from qroar_gguf.llama_tools import reference_converter
+from qroar_gguf.outputs import publish_text
 
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
              num_key_value_heads=4, head_dim=64, max_position_embeddings=4096, rope_theta=1000000.0,
              tie_word_embeddings=True)
 
 
-def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall seconds and peak resident memory (MiB) of one child process and its descendants."""
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    stderr = proc.stderr.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{stderr[-2000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """benchlib.measure's wall time and peak RSS, as this benchmark's JSON names them."""
+    got = measure(cmd, env=env)
+    return {"wall_s": round(got["seconds"], 2), "peak_rss_mib": round(got["peak_rss_mib"], 1)}
 
 
 def build_qwen3(directory: Path) -> Path:
@@ -81,7 +74,7 @@ def main() -> None:
     parser.add_argument("--qtypes", nargs="+", default=["F16", "Q4_K_M"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "convert_routes.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "convert_routes.json")
     parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # the child that builds the checkpoint
     args = parser.parse_args()
     if args.build is not None:
@@ -112,7 +105,7 @@ def main() -> None:
         samples: dict[str, list[dict]] = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, (cmd, run_env) in runs.items():
-                samples[name].append(measure(cmd, run_env))
+                samples[name].append(timed(cmd, run_env))
                 print(name, samples[name][-1], flush=True)
         results = {name: {"wall_s": statistics.median(s["wall_s"] for s in got),
                           "peak_rss_mib": statistics.median(s["peak_rss_mib"] for s in got), "samples": got}
@@ -134,7 +127,7 @@ def main() -> None:
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    publish_text(args.out, json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -28,14 +28,14 @@ def qroar(*args) -> None:
     subprocess.run([*QROAR, *(str(a) for a in args), "-q"], check=True)
 
 
-def measure(cmd: list, cwd: Path | None = None) -> dict:
+def measure(cmd: list, cwd: Path | None = None, env: dict | None = None) -> dict:
     """Wall seconds and peak resident memory (MiB) of one command (run in ``cwd``: `python -m` imports the
     package of the folder it runs in). GNU time starts it: a child forked from this process would report
     this process's memory as its own peak when this one is the larger (Linux keeps the high-water mark
     across exec, and os.wait4's ru_maxrss reads it)."""
     start = time.monotonic()
     proc = subprocess.run(["/usr/bin/time", "-f", "%M", *(str(c) for c in cmd)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, cwd=cwd)
+                          stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
     wall = time.monotonic() - start
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{proc.stderr[-2000:]}")
