@@ -88,11 +88,13 @@ def test_the_folded_file_is_as_close_as_folding_before_quantization(smollm2_dir:
 
 @pytest.fixture(scope="module")
 def f32(smollm2_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    """SmolLM2 as an unscaled F32 file, patched for 2x with yarn (the scale folded), and in the key form:
-    with F32 weights only float rounding separates two runs that compute the same thing."""
+    """SmolLM2 as an unscaled F32 file, patched for 2x with yarn (the scale folded), in the key form, and
+    converted for 2x (the scale folded before writing): with F32 weights only float rounding separates two
+    runs that compute the same thing."""
     folder = tmp_path_factory.mktemp("f32")
-    files = {name: folder / f"{name}.F32.gguf" for name in ("none", "folded", "keyed")}
+    files = {name: folder / f"{name}.F32.gguf" for name in ("none", "folded", "keyed", "converted")}
     convert_ok(smollm2_dir, "-o", files["none"], "--method", "none", "--qtype", "F32")
+    convert_ok(smollm2_dir, "-o", files["converted"], "--method", "yarn", "--ctx", "16384", "--qtype", "F32")
     patch_ok(files["none"], files["folded"], "--method", "yarn", "--ctx", "16384")
     patch_ok(files["none"], files["keyed"], "--method", "yarn", "--ctx", "16384", "--attn-factor-key")
     return files
@@ -270,13 +272,13 @@ def chat_with_shifts(model: Path, prompt: str, folder: Path, n_predict: int = 28
     return prompt_ids, answer["completion_probabilities"], n_ctx, folder / "slot.bin", answer["id_slot"]
 
 
-@pytest.mark.parametrize("name,exact", [("folded", True), ("none", True), ("keyed", False)])
+@pytest.mark.parametrize("name,exact", [("folded", True), ("converted", True), ("none", True), ("keyed", False)])
 def test_llama_server_stays_exact_through_context_shifts(f32: dict[str, Path], tmp_path: Path, name: str,
                                                          exact: bool):
     """Every answered token's log-probability from llama-server, and every key its cache holds at the end
     (the slot saved to a file, read back), against the same generation replayed in the bindings with a
     gap at each shift instead of a move (same cache contents, same distances, nothing re-roped). patch's
-    file and the unscaled one match it (F32 weights and cache: rounding apart) through every shift; the
+    file, convert's and the unscaled one match it (F32 weights and cache: rounding apart) through every shift; the
     key form, what patch wrote before, does not: each shift multiplies every cached key by its
     attn_factor again."""
     from qroar_gguf.assets.austen import austen_text
