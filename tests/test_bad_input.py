@@ -328,6 +328,7 @@ def test_output_under_a_file_is_not_a_missing_folder(tiny, tmp_path: Path):
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not silu"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
     ({"architectures": []}, "config.json names no architectures (model_type 'llama')"),
+    ({"architectures": [[]]}, "architectures must be a list of class names"),  # found by the config fuzzer
 ])
 def test_config_the_llama_arch_cannot_honour(scratch: Path, tmp_path: Path, changes: dict, needle: str):
     _edit_config(scratch, **changes)

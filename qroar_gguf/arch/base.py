@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import gguf
 import numpy as np
 
+from qroar_gguf.display import printable
 from qroar_gguf.errors import QroarError
 
 
@@ -34,8 +35,8 @@ def config_architectures(config: dict) -> list:
     archs = config.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
-    if not isinstance(archs, list):
-        raise QroarError(f"config.json: architectures must be a list of class names, got {archs!r}")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise QroarError(f"config.json: architectures must be a list of class names, got {printable(repr(archs)[:200])}")
     return archs
 
 
