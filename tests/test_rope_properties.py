@@ -26,7 +26,7 @@ def facts_strategy(draw, min_scale: int = 1) -> RopeFacts:
     n_rot = 2 * draw(st.integers(1, 128))
     theta = draw(st.floats(1.5, 1e7, allow_nan=False, allow_infinity=False))
     trained = draw(st.integers(16, 1 << 20))
-    target = draw(st.integers(trained * min_scale, trained * 64))
+    target = draw(st.integers(max(trained * min_scale, trained + 1), trained * 64))  # a plan extends: L' > L
     return RopeFacts(n_rot=n_rot, theta=theta, trained_ctx=trained, target_ctx=target)
 
 
