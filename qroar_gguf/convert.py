@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -27,14 +27,14 @@ from qroar_gguf.arch.vocab import read_vocab, write_vocab
 from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
-from qroar_gguf.gguf_io.imatrix import ImatrixRequest, compute_imatrix, default_chunks
+from qroar_gguf.gguf_io.imatrix import ImatrixRequest
 from qroar_gguf.gguf_io.layout import read_layout
 from qroar_gguf.gguf_io.quantize import (
     TypeOverrides,
     check_quantization,
     check_type_fits_model,
     check_types_fit,
-    quantize_gguf,
+    quantize_planned,
 )
 from qroar_gguf.gguf_io.writer import PlannedTensor, write_streaming
 from qroar_gguf.llama_converter import Delegated, convert_delegated, delegated_source
@@ -161,15 +161,9 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
             check_free_space(first, sum(t.nbytes for t in tensors), "the unquantized file")
             write_streaming(first, writer, tensors, progress=options.progress)
             if not unquantized:
-                overrides = options.overrides
-                if options.imatrix_from is not None:
-                    asked = options.imatrix_from
-                    window = asked.ctx or facts.target_ctx
-                    overrides = replace(overrides, imatrix=compute_imatrix(
-                        first, asked.text, ctx=window, chunks=asked.chunks or default_chunks(window),
-                        threads=options.threads, progress=options.progress))
-                quantize_gguf(first, final_tmp, options.qtype, options.threads, progress=options.progress,
-                              quantizer=options.quantizer, overrides=overrides)
+                quantize_planned(first, final_tmp, options.qtype, options.threads, target_ctx=facts.target_ctx,
+                                 imatrix_from=options.imatrix_from, overrides=options.overrides,
+                                 quantizer=options.quantizer, progress=options.progress)
             os.replace(final_tmp, output)
             if keep_f16 is not None and not unquantized:
                 os.replace(first, keep_f16)

@@ -20,7 +20,7 @@ import importlib.util
 import os
 import sys
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -32,8 +32,7 @@ from qroar_gguf.arch.base import config_architectures
 from qroar_gguf.arch.families import gguf_family, refusal
 from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.errors import QroarError
-from qroar_gguf.gguf_io.imatrix import compute_imatrix, default_chunks
-from qroar_gguf.gguf_io.quantize import quantize_gguf
+from qroar_gguf.gguf_io.quantize import quantize_planned
 from qroar_gguf.llama_tools import reference_converter, run_program
 from qroar_gguf.outputs import (
     check_destination,
@@ -254,15 +253,9 @@ def convert_delegated(src: Delegated, output: Path, options):
             result = _plan_step(src, converted, planned, options)
             converted.unlink()
             if not unquantized:
-                overrides = options.overrides
-                if options.imatrix_from is not None:
-                    asked = options.imatrix_from
-                    window = asked.ctx or result.target_ctx
-                    overrides = replace(overrides, imatrix=compute_imatrix(
-                        planned, asked.text, ctx=window, chunks=asked.chunks or default_chunks(window),
-                        threads=options.threads, progress=options.progress))
-                quantize_gguf(planned, final_tmp, options.qtype, options.threads, progress=options.progress,
-                              quantizer=options.quantizer, overrides=overrides)
+                quantize_planned(planned, final_tmp, options.qtype, options.threads, target_ctx=result.target_ctx,
+                                 imatrix_from=options.imatrix_from, overrides=options.overrides,
+                                 quantizer=options.quantizer, progress=options.progress)
             os.replace(final_tmp, output)
             if keep_f16 is not None and not unquantized:
                 os.replace(planned, keep_f16)

@@ -19,7 +19,7 @@ import shutil
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from qroar_gguf.choices import EXPERTS_ONLY, FILE_TYPES, NEEDS_IMATRIX, QUANTIZERS, TERNARY, UNQUANTIZED
 from qroar_gguf.errors import QroarError
+from qroar_gguf.gguf_io.imatrix import ImatrixRequest, compute_imatrix, default_chunks
 from qroar_gguf.llama_tools import find_tool, run_program
 
 #: ggml's tensor types by name (--tensor-type and friends), from gguf-py's table of the same enum.
@@ -135,6 +136,20 @@ def check_types_fit(row_lengths: dict[str, int], overrides: TypeOverrides) -> No
 def _check_tensor_type(name: str, option: str) -> None:
     if name.upper() not in TENSOR_TYPES:
         raise QroarError(f"{option} {name}: not a ggml type; use one of {', '.join(t.lower() for t in TENSOR_TYPES)}")
+
+
+def quantize_planned(planned: Path, target: Path, qtype: str, threads: int, *, target_ctx: int,
+                     imatrix_from: ImatrixRequest | None, overrides: TypeOverrides, quantizer: str,
+                     progress: bool) -> None:
+    """A conversion's quantize step: where asked, an importance matrix first, on the plan-applied
+    unquantized file (windows of ``imatrix_from.ctx``, else of the target context), then
+    :func:`quantize_gguf`. Both routes of `convert` end with it."""
+    if imatrix_from is not None:
+        window = imatrix_from.ctx or target_ctx
+        overrides = replace(overrides, imatrix=compute_imatrix(
+            planned, imatrix_from.text, ctx=window, chunks=imatrix_from.chunks or default_chunks(window),
+            threads=threads, progress=progress))
+    quantize_gguf(planned, target, qtype, threads, progress=progress, quantizer=quantizer, overrides=overrides)
 
 
 def quantize_gguf(source: Path, target: Path, qtype: str, threads: int, progress: bool = True, *,
