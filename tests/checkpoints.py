@@ -150,3 +150,16 @@ def convert_with_llama_cpp(checkpoint: Path, out: Path, outtype: str = "f32") ->
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+def loads_beyond(path, target: int, trained: int, past: int) -> None:
+    """The file loads in llama-cpp-python at its own context (n_ctx 0 reads context_length), which is
+    ``target``, and evaluates ``past`` tokens beyond the trained context."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, verbose=False)
+    try:
+        assert llm.n_ctx() == target
+        llm.eval(list(range(100, 100 + trained + past)))
+    finally:
+        llm.close()

@@ -42,3 +42,17 @@ def fail_cleanly(args: list, out_dir: Path, needle: str, protect: Path | None = 
     if protect:
         assert digest(protect) == before_input, "the input was modified"
     return result.stderr.strip()
+
+
+def processes_naming(program: str, folder: Path) -> list[int]:
+    """Processes whose command line holds ``program`` and a path in ``folder`` (a child a stop must kill)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if program in cmdline and str(folder) in cmdline:
+                found.append(int(entry.name))
+    return found

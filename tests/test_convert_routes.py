@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from checkpoints import convert_with_llama_cpp, gguf_tensors
-from runs import assert_clean_failure, fail_cleanly, run_cli
+from checkpoints import convert_with_llama_cpp, gguf_tensors, loads_beyond
+from runs import assert_clean_failure, fail_cleanly, processes_naming, run_cli
 from test_convert import prompt_logits
 from test_keys_route import FAMILIES, N_CTX, TARGET, TRAINED, runtime_options
 from test_patch import fields
@@ -101,14 +101,7 @@ def test_the_delegated_file_carries_the_keys_and_the_raised_context(delegated):
         f"FROM ./{out.name}", f"PARAMETER num_ctx {TARGET}"]
     summary = json.loads(run_cli("inspect", out, "--json").stdout)["context_shift"]
     assert summary["exact"], summary
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=0, verbose=False)
-    try:
-        assert llm.n_ctx() == TARGET
-        llm.eval(list(range(100, 100 + TRAINED + 32)))  # beyond the trained context
-    finally:
-        llm.close()
+    loads_beyond(out, TARGET, TRAINED, 32)
 
 
 def test_a_quantized_delegated_file_keeps_the_intermediate_only_when_asked(delegated, tmp_path: Path):
@@ -248,20 +241,6 @@ def test_a_checkpoint_that_already_scales_rope_is_refused_before_converting(qwen
                  "already scales RoPE its own way (rope_scaling 'yarn')", protect=ckpt)
 
 
-def _converter_processes(folder: Path) -> list[int]:
-    """Processes whose command line runs llama.cpp's converter into ``folder``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if "convert_hf_to_gguf.py" in cmdline and str(folder) in cmdline:
-                found.append(int(entry.name))
-    return found
-
-
 def test_sigterm_to_the_main_process_alone_kills_llama_cpps_converter(qwen3, tmp_path: Path):
     """`kill PID` while llama.cpp's converter runs: the converter goes too, nothing is left in the folder."""
     import signal
@@ -275,7 +254,7 @@ def test_sigterm_to_the_main_process_alone_kills_llama_cpps_converter(qwen3, tmp
     proc = subprocess.Popen([sys.executable, "-m", "qroar_gguf", str(ckpt), "-o", str(out / "x.gguf"), "--ctx",
                              str(TARGET), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not _converter_processes(out):
+    while not processes_naming("convert_hf_to_gguf.py", out):
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline, "the converter never started"
         time.sleep(0.01)
@@ -283,7 +262,7 @@ def test_sigterm_to_the_main_process_alone_kills_llama_cpps_converter(qwen3, tmp
     proc.communicate(timeout=60)
     assert proc.returncode == 143
     time.sleep(0.2)
-    assert _converter_processes(out) == [] and list(out.iterdir()) == []
+    assert processes_naming("convert_hf_to_gguf.py", out) == [] and list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize(("dtype", "qtype", "method", "expected"), [

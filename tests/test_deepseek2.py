@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from checkpoints import loads_beyond
 from runs import fail_cleanly, run_cli
 from test_convert import prompt_logits
 from test_keys_route import N_CTX, RUNTIME, TARGET, TRAINED, ntk_base
@@ -96,14 +97,7 @@ def test_the_keys_alone_are_written(source: Path, extended: dict[str, Path]):
     m = 1.0 + 0.1 * math.log(TARGET / TRAINED)
     assert summary["summary"].startswith("not shifted: Ollama runs deepseek2 without --context-shift")
     assert summary["factor_per_shift"] == pytest.approx(m, rel=1e-6)  # the kernel's factor on the cached k_pe
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=0, verbose=False)
-    try:
-        assert llm.n_ctx() == TARGET
-        llm.eval(list(range(100, 100 + TRAINED + 64)))  # beyond the trained context
-    finally:
-        llm.close()
+    loads_beyond(out, TARGET, TRAINED, 64)
 
 
 def test_convert_of_the_checkpoint_equals_patch_of_the_converted_file(source: Path, extended: dict[str, Path],

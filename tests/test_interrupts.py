@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints import gguf_tensors
-from runs import convert_ok, run_cli
+from runs import convert_ok, processes_naming, run_cli
 
 
 def _foreground_signals() -> None:
@@ -51,20 +51,6 @@ def _temporaries(folder: Path, suffix: str) -> list[Path]:
 
 def _growing(folder: Path, suffix: str):
     return lambda: any(p.stat().st_size > 0 for p in _temporaries(folder, suffix) if p.exists())
-
-
-def _quantizer_processes(folder: Path) -> list[int]:
-    """Processes of ours whose command line names a file in `folder` (the quantizer's child)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if "quantize_child" in cmdline and str(folder) in cmdline:
-                found.append(int(entry.name))
-    return found
 
 
 def _handles(proc: subprocess.Popen, signum: int):
@@ -101,7 +87,7 @@ def test_a_signal_stops_the_run_and_leaves_nothing(smollm2_dir: Path, tmp_path: 
         ["interrupted"] if signum == signal.SIGINT else [f"stopped by {signal.Signals(signum).name}"]), stderr
     assert list(out.iterdir()) == [], "something was left or published"
     time.sleep(0.2)
-    assert _quantizer_processes(out) == [], "the quantizer outlived the run"
+    assert processes_naming("quantize_child", out) == [], "the quantizer outlived the run"
 
 
 def test_sigterm_to_the_main_process_alone_kills_the_quantizer(smollm2_dir: Path, tmp_path: Path):
@@ -113,7 +99,7 @@ def test_sigterm_to_the_main_process_alone_kills_the_quantizer(smollm2_dir: Path
     proc.communicate(timeout=60)
     assert proc.returncode == 143
     time.sleep(0.2)
-    assert list(out.iterdir()) == [] and _quantizer_processes(out) == []
+    assert list(out.iterdir()) == [] and processes_naming("quantize_child", out) == []
 
 
 def test_sigterm_during_a_search_removes_its_folder(tiny, tmp_path: Path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from checkpoints import gguf_tensors
+from checkpoints import gguf_tensors, loads_beyond
 from runs import fail_cleanly, run_cli
 from test_convert import prompt_logits
 from test_patch import fields, tensor_bytes
@@ -154,14 +154,7 @@ def test_yarn_keys_are_written_with_the_temperature_in_the_rows(family, extended
     assert changed == expected
     summary = json.loads(run_cli("inspect", out, "--json").stdout)["context_shift"]
     assert summary["exact"], summary
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=0, verbose=False)
-    try:
-        assert llm.n_ctx() == TARGET
-        llm.eval(list(range(100, 100 + TRAINED + 64)))  # beyond the trained context
-    finally:
-        llm.close()
+    loads_beyond(out, TARGET, TRAINED, 64)
 
 
 def test_only_rotary_rows_carry_the_temperature(family, extended: dict[str, Path]):
@@ -354,14 +347,7 @@ def test_phi3_per_pair_route(family, tokens: list[int], unscaled: np.ndarray, tm
     assert np.abs(unscaled - theirs).max() > 0.05 * scale  # the factors and the temperature show
     assert error <= 2 * baseline + 1e-5 * scale
     np.testing.assert_allclose(prompt_logits(out, tokens, n_ctx=TARGET), ours, rtol=0, atol=1e-5 * scale)  # long set
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=0, verbose=False)
-    try:
-        assert llm.n_ctx() == TARGET
-        llm.eval(list(range(100, 100 + TRAINED + 64)))  # beyond the trained context
-    finally:
-        llm.close()
+    loads_beyond(out, TARGET, TRAINED, 64)
 
 
 def test_every_registered_family_answers_the_gguf_side():
