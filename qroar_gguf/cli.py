@@ -40,6 +40,7 @@ from qroar_gguf.search_settings import (
     DEFAULT_SPACE,
     OBJECTIVES,
     SPACES,
+    STRATEGIES,
 )
 
 THREADS = click.IntRange(min=1, max=512)  # ggml's GGML_MAX_N_THREADS: more crash its thread pool
@@ -316,7 +317,23 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
                    "of each candidate is a full-context evaluation).")
 @click.option("--search-budget", type=click.IntRange(min=1), default=DEFAULT_BUDGET, show_default=True,
               help="--search: candidate evaluations at most (the starting plan included).")
-@click.option("--search-seed", type=int, default=0, show_default=True, help="--search: seed (order of moves).")
+@click.option("--search-seed", type=int, default=0, show_default=True,
+              help="--search: seed (descent: order of moves; cmaes: its samples).")
+@click.option("--search-strategy", type=click.Choice(STRATEGIES), default="descent", show_default=True,
+              help="--search: coordinate descent on a grid of 0.8..1.25, or CMA-ES (a population search inside "
+                   "the same range, generations of independent candidates).")
+@click.option("--search-population", type=click.IntRange(min=2), default=None,
+              help="--search-strategy cmaes: candidates per generation. Default: CMA-ES's 4 + 3 ln(coordinates).")
+@click.option("--search-workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--search-strategy cmaes: candidates measured at a time, each with --threads (a generation's "
+                   "candidates are independent: on a GPU with memory for several, they run side by side). The "
+                   "same search at any number.")
+@click.option("--search-time", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="--search: start no candidate later than this many seconds after the start (with "
+                   "--search-budget, whichever comes first).")
+@click.option("--gpu-layers", type=click.IntRange(min=-1), default=None,
+              help="--search: layers on the GPU while measuring (-1: all). Default: all where llama.cpp was "
+                   "built with a GPU back-end, none otherwise.")
 @click.option("--search-objective", type=click.Choice(OBJECTIVES), default="ppl", show_default=True,
               help="--search: perplexity, or KL divergence against each candidate's unquantized file.")
 @click.option("--search-space", type=click.Choice(SPACES), default=DEFAULT_SPACE,
@@ -348,7 +365,9 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
             token_embedding_type: str | None, keep_f16: Path | None, beta: float | None, agg: str | None, base: str | None,
             attn_scale: bool | None, bands: int, band_factors: str | None, band_scales: str | None,
             symmetric: bool | None, search: bool, dev_text: Path | None, dev_ctx: int | None, dev_chunks: int | None,
-            search_budget: int, search_seed: int, search_objective: str, search_space: str, search_type_k: str,
+            search_budget: int, search_seed: int, search_strategy: str, search_population: int | None,
+            search_workers: int, search_time: float | None, gpu_layers: int | None, search_objective: str,
+            search_space: str, search_type_k: str,
             search_report: Path | None, name: str | None, metadata_file: Path | None, allow_patched_runtime: bool,
             converter: str, modelfile: Path | None, force: bool, quiet: bool) -> None:
     """Convert MODEL (a .safetensors file with config.json and tokenizer beside it, a
@@ -356,8 +375,12 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
     from qroar_gguf.convert import ConvertOptions
     from qroar_gguf.convert import convert as run_convert
 
-    if not search and any(v is not None for v in (dev_text, dev_ctx, dev_chunks, search_report)):
-        raise click.UsageError("--dev-text, --dev-ctx, --dev-chunks and --search-report apply to --search only")
+    if not search and any(v is not None for v in (dev_text, dev_ctx, dev_chunks, search_report, search_population,
+                                                  search_time, gpu_layers)):
+        raise click.UsageError("--dev-text, --dev-ctx, --dev-chunks, --search-report, --search-population, "
+                               "--search-time and --gpu-layers apply to --search only")
+    if (search_population is not None or search_workers > 1) and search_strategy != "cmaes":
+        raise click.UsageError("--search-population and --search-workers apply to --search-strategy cmaes only")
     if symmetric is not None and band_scales is None and not search:
         raise click.UsageError("--symmetric/--no-symmetric applies to --band-scales or --search only")
     if output is not None and not output.name:
@@ -397,7 +420,10 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
         given = {k: v for k, v in dict(dev_text=dev_text, dev_ctx=dev_ctx, dev_chunks=dev_chunks).items()
                  if v is not None}  # the rest is the search's own default
         settings = SearchSettings(**given, budget=search_budget, seed=search_seed, objective=search_objective,
-                                  space=search_space, type_k=search_type_k, report=search_report)
+                                  space=search_space, type_k=search_type_k, report=search_report,
+                                  strategy=search_strategy, population=search_population, time_budget=search_time,
+                                  workers=search_workers,
+                                  gpu_layers=gpu_layers)
         result = search_and_convert(model, output, options, settings, log=None if quiet else click.echo)
     else:
         result = run_convert(model, output, options)
@@ -575,11 +601,15 @@ def plot(model: Path, output: Path, target_ctx: int | None, agg: str, beta: floa
 @click.option("--type-k", type=click.Choice(KEY_CACHE_TYPES), default="f16", show_default=True,
               help="KV cache type of keys (llama.cpp type_k).")
 @click.option("--threads", type=THREADS, default=os.cpu_count() or 1, show_default=True)
+@click.option("--gpu-layers", type=click.IntRange(min=-1), default=None,
+              help="Layers on the GPU (-1: all). Default: all where llama.cpp was built with a GPU back-end, "
+                   "none otherwise.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write all results to this JSON file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, reference: Path | None, passkey: bool,
-                 passkey_trials: int, type_k: str, threads: int, json_out: Path | None, quiet: bool) -> None:
+                 passkey_trials: int, type_k: str, threads: int, gpu_layers: int | None, json_out: Path | None,
+                 quiet: bool) -> None:
     """Perplexity of MODEL (a GGUF) on a text as llama.cpp's llama-perplexity computes it, and
     optionally KL divergence against a reference GGUF and passkey retrieval."""
     from qroar_gguf.evaluate.report import evaluate_file
@@ -587,7 +617,8 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
     if json_out is not None:  # before minutes of evaluation
         check_destination(json_out, force=True, what="--json", inputs=[p for p in (model, text_path, reference) if p])
     result = evaluate_file(model, text_path, ctx, chunks=chunks, reference=reference, passkey_trials=passkey_trials
-                           if passkey else 0, type_k=type_k, threads=threads, progress=_show_progress(quiet))
+                           if passkey else 0, type_k=type_k, threads=threads, progress=_show_progress(quiet),
+                           gpu_layers=gpu_layers)
     for line in result["lines"]:
         click.echo(line)
     if json_out is not None:
@@ -628,8 +659,9 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
                    "llama-perplexity (its PPLs and --kl-divergence against the F16 file's saved "
                    "log-probabilities; the paired ratios from the per-token log-probabilities it saves, in 16-bit "
                    "steps).")
-@click.option("--gpu-layers", type=click.IntRange(min=-1), default=-1, show_default=True,
-              help="Layers on the GPU of a GPU build of llama.cpp, for either evaluator (-1: all).")
+@click.option("--gpu-layers", type=click.IntRange(min=-1), default=None,
+              help="Layers on the GPU, for either evaluator (-1: all). Default: all where llama.cpp was built "
+                   "with a GPU back-end, none otherwise.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Rows evaluated at a time (each with --threads); each file is still built once. With more "
                    "than one, a stop (Ctrl-C) starts no new row but waits for the running ones.")
@@ -647,7 +679,7 @@ def eval_command(model: Path, text_path: Path, ctx: int, chunks: int | None, ref
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def bench(model: Path, ctxs: tuple[int, ...], qtypes: tuple[str, ...], plans: tuple[str, ...], text_path: Path,
           chunks: int, type_ks: tuple[str, ...], imatrixes: tuple[str, ...], imatrix_text: Path | None,
-          imatrix_tokens: int | None, attn_types: tuple[str, ...], evaluator: str, gpu_layers: int, workers: int,
+          imatrix_tokens: int | None, attn_types: tuple[str, ...], evaluator: str, gpu_layers: int | None, workers: int,
           deadline: float | None, passkey_trials: int, passkey_depths: tuple[float, ...], threads: int,
           out: Path, quiet: bool) -> None:
     """Build every plan's GGUF from MODEL (HF checkpoint) and compare them all on the same chunks.

@@ -5,7 +5,10 @@ is the **quantized** file that `convert` would write (the `--qtype` being produc
 llama.cpp at `--dev-ctx` on the dev text: perplexity (`ppl`, minimising the mean NLL) or the mean KL
 divergence against the candidate's own unquantized file (`kld`: same plan, same band values, F16).
 
-Search: deterministic coordinate descent on a grid.
+Two strategies (`--search-strategy`), both deterministic under `--search-seed`, both starting from the same
+incumbent and sharing the cache (a candidate is keyed by what it is, not by who proposed it):
+
+**descent** (the default): coordinate descent on a grid.
 
 * Start: the formula plan (`--method`, every band multiplier 1, every scale 1). It is evaluated first
   and is the incumbent; a candidate replaces the incumbent only when its objective is strictly lower,
@@ -22,10 +25,21 @@ Search: deterministic coordinate descent on a grid.
   Candidates whose effective values equal one already measured (e.g. a multiplier below 1 on a band
   whose factors are all 1, which the never-below-1 rule turns back into 1) are not measured again and
   cost nothing.
-* Prior: pair sensitivity ``S_k`` (W_Q/W_K row norms, rope/measure.py) as ``z_k = S_k/mean(S)``, and the
-  base plan's interpolation pressure ``pressure_k`` (rope/sensitivity.py). Bands are searched in
+* Prior (descent's band order): pair sensitivity ``S_k`` (W_Q/W_K row norms, rope/measure.py) as
+  ``z_k = S_k/mean(S)``, and the base plan's interpolation pressure ``pressure_k`` (rope/sensitivity.py). Bands are searched in
   decreasing ``mean_band(z_k * pressure_k)`` (where the plan compresses outlier-heavy pairs most),
   ties broken by decreasing ``mean_band(z_k)``, then by band index.
+
+**cmaes**: CMA-ES (population.py) over the same coordinates, every one in ``[grid[0], grid[-1]]``, starting at
+1 (the formula plan) with step size CMAES_SIGMA, candidates rounded to CMAES_RESOLUTION. A generation is
+``--search-population`` candidates (default: CMA-ES's 4 + floor(3 ln n) for n coordinates), independent of each
+other. It stops at the budget, or when a whole generation brings no new candidate (it has converged on candidates
+already measured). The start is measured first and the incumbent rule is the same, so it is never worse.
+
+Both: `--search-time` is a budget in seconds (no new candidate starts after it); a candidate that llama.cpp
+cannot run (a context it cannot allocate, e.g. a GPU out of memory) fails with llama.cpp's reason, ranks last
+and is not cached, and the search goes on; the record counts failures and keeps their reasons. The start must
+run: without it there is nothing to compare with.
 
 Cache: every measured candidate is one JSON file under ``cache_dir()/search/<key>.json``; the key hashes
 everything that determines the measurement (qroar-gguf and llama-cpp-python versions, the source files'
@@ -42,6 +56,7 @@ import json
 import math
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -56,13 +71,15 @@ from qroar_gguf.digests import sha256_file
 from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.kld import kl_divergence
 from qroar_gguf.evaluate.perplexity import perplexity
-from qroar_gguf.evaluate.runtime import Runtime, bindings_version
+from qroar_gguf.evaluate.runtime import Runtime, bindings_version, gpu_layers_for
 from qroar_gguf.outputs import check_destination, publish_text
 from qroar_gguf.paths import cache_dir
+from qroar_gguf.population import CmaEs, default_population
 from qroar_gguf.rope.bands import apply_band_factors, band_starts, pair_bands
 from qroar_gguf.rope.measure import measure_sensitivity
 from qroar_gguf.rope.sensitivity import interpolation_pressure
-from qroar_gguf.search_settings import DEFAULT_DEV_TEXT, OBJECTIVES, SEARCH_SYMMETRIC, SPACES, SearchSettings
+from qroar_gguf.search_settings import (CMAES_RESOLUTION, CMAES_SIGMA, DEFAULT_DEV_TEXT, OBJECTIVES,
+                                        SEARCH_SYMMETRIC, SPACES, STRATEGIES, SearchSettings)
 from qroar_gguf.source.text import read_text
 
 CACHE_VERSION = 1
@@ -80,6 +97,7 @@ class Evaluation:
     seconds: float
     key: str
     cached: bool = False  # read from the cache rather than measured in this run
+    failed: str | None = None  # why llama.cpp could not measure it (objective inf, never cached)
 
     def label(self) -> str:
         return f"factors {_fmt(self.factors)} scales {_fmt(self.scales)}"
@@ -172,6 +190,7 @@ class _Searcher:
         self.on_evaluate = on_evaluate
         self.text = read_text(settings.dev_text)
         self.text_sha = sha256_file(Path(settings.dev_text))
+        self.gpu_layers = gpu_layers_for(settings.gpu_layers)
         self.ctx = _Context(self.source, options, settings)
         self.dev_ctx = int(settings.dev_ctx or self.ctx.facts.target_ctx)
         self.cache = Path(settings.cache) if settings.cache is not None else cache_dir() / "search"
@@ -179,6 +198,8 @@ class _Searcher:
         self.visited: dict[str, Evaluation] = {}  # key -> evaluation (distinct candidates)
         self.history: list[Evaluation] = []
         self.new = 0
+        self.t0 = time.monotonic()
+        self.stopped_by = "converged"  # or "budget", "time"
 
     # -- one candidate --------------------------------------------------------------------------
 
@@ -196,22 +217,57 @@ class _Searcher:
 
     def evaluate(self, factors: tuple[float, ...], scales: tuple[float, ...]) -> tuple[Evaluation, bool]:
         """The candidate's evaluation and whether it is new to this search (counts against the budget)."""
-        key, inputs = self.key(factors, scales)
-        if key in self.visited:
-            return self.visited[key], False
-        path = self.cache / f"{key}.json"
-        ev = _read_cache(path, key, factors, scales)
-        if ev is None:
-            ev = self.measure(factors, scales, key)
+        return self.evaluate_many([(factors, scales)], timed=False)[0]  # its caller checked the budget
+
+    def evaluate_many(self, candidates: list[tuple[tuple[float, ...], tuple[float, ...]]], *, timed: bool = True
+                      ) -> list[tuple[Evaluation, bool]]:
+        """Candidates in order, each with whether it is new to this search. Those neither visited nor cached are
+        measured `--search-workers` at a time, each cached as soon as it is measured; none starts once the
+        time budget is spent, and the list then ends before the first candidate that was not measured. The
+        search's own record (history, budget, on_evaluate) is kept in the candidates' order, whatever order
+        they finished in, so a search is the same at any number of workers."""
+        keyed = [(f, s, *self.key(f, s)) for f, s in candidates]
+        cached = {key: _read_cache(self.cache / f"{key}.json", key, f, s) for f, s, key, _ in keyed
+                  if key not in self.visited}
+        pending = {key: (f, s, inputs) for f, s, key, inputs in keyed if key in cached and cached[key] is None}
+
+        def measure(item):
+            key, (f, s, inputs) = item
+            if timed and self._time_spent():
+                return key, None
+            return key, self._measure_and_cache(f, s, key, inputs)
+
+        workers = max(1, min(self.settings.workers, len(pending)))
+        if workers == 1:
+            measured = dict(map(measure, pending.items()))
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                measured = dict(pool.map(measure, pending.items()))
+        results = []
+        for f, s, key, _ in keyed:
+            if key in self.visited:
+                results.append((self.visited[key], False))
+                continue
+            ev = cached[key] or measured.get(key)
+            if ev is None:  # the time budget ran out before it started
+                break
+            if not ev.cached:
+                self.new += 1
+                if self.on_evaluate is not None:
+                    self.on_evaluate(ev)
+            self.visited[key] = ev
+            self.history.append(ev)
+            results.append((ev, True))
+        return results
+
+    def _measure_and_cache(self, factors, scales, key: str, inputs: dict) -> Evaluation:
+        ev = self.measure(factors, scales, key)
+        if ev.failed is None:  # a failure is not kept: the next run tries it again
             record = {"key": key, "inputs": inputs, **dataclasses.asdict(ev)}
             record.pop("cached", None)
-            publish_text(path, json.dumps(record, indent=1, default=_json_default) + "\n")
-            self.new += 1
-            if self.on_evaluate is not None:
-                self.on_evaluate(ev)
-        self.visited[key] = ev
-        self.history.append(ev)
-        return ev, True
+            record.pop("failed", None)
+            publish_text(self.cache / f"{key}.json", json.dumps(record, indent=1, default=_json_default) + "\n")
+        return ev
 
     def measure(self, factors, scales, key: str) -> Evaluation:
         o, s = self.options, self.settings
@@ -221,49 +277,126 @@ class _Searcher:
             opts = dataclasses.replace(o, plan=o.plan.with_bands(tuple(factors), tuple(scales)), band_search=None,
                                        keep_f16=ref if s.objective == "kld" else None, force=True, progress=False)
             convert(self.source, cand, opts)
-            with Runtime(cand, n_ctx=self.dev_ctx, threads=o.threads, type_k=s.type_k) as rt:
-                if s.objective == "ppl":
-                    res = perplexity(rt, self.text, max_chunks=s.dev_chunks, quiet=True)
-                    objective, ppl, kld = res.mean_nll, res.ppl, None
-                    n_scored, n_tokens = res.n_scored, res.n_text_tokens
-                else:
-                    with Runtime(ref, n_ctx=self.dev_ctx, threads=o.threads) as ref_rt:
-                        res = kl_divergence(rt, ref_rt, self.text, max_chunks=s.dev_chunks, quiet=True)
-                    objective, ppl, kld = res.mean, res.ppl, res.mean
-                    n_scored = res.n_scored
-                    n_tokens = int(len(rt.tokenize(self.text, add_special=True, parse_special=False)))
+            try:
+                objective, ppl, kld, n_scored, n_tokens = self._objective(cand, ref)
+            except QroarError as exc:  # llama.cpp could not run this candidate: the search goes on without it
+                return self._failure(factors, scales, key, str(exc), t0)
         if not math.isfinite(objective):
-            raise QroarError(f"the dev objective of candidate {_fmt(factors)} / {_fmt(scales)} is not finite")
+            return self._failure(factors, scales, key, "its dev objective is not finite", t0)
         return Evaluation(factors=tuple(factors), scales=tuple(scales), objective=float(objective), ppl=float(ppl),
                           kld=None if kld is None else float(kld), n_scored=int(n_scored),
                           n_text_tokens=int(n_tokens), seconds=time.monotonic() - t0, key=key)
 
-    # -- the descent -------------------------------------------------------------------------------
+    def _objective(self, candidate: Path, reference: Path) -> tuple[float, float, float | None, int, int]:
+        """(objective, ppl, kld or None, scored tokens, text tokens) of one written candidate."""
+        o, s = self.options, self.settings
+        runtime = dict(n_ctx=self.dev_ctx, threads=o.threads, n_gpu_layers=self.gpu_layers)
+        with Runtime(candidate, type_k=s.type_k, **runtime) as rt:
+            if s.objective == "ppl":
+                res = perplexity(rt, self.text, max_chunks=s.dev_chunks, quiet=True)
+                return res.mean_nll, res.ppl, None, res.n_scored, res.n_text_tokens
+            with Runtime(reference, **runtime) as ref_rt:
+                res = kl_divergence(rt, ref_rt, self.text, max_chunks=s.dev_chunks, quiet=True)
+            n_tokens = int(len(rt.tokenize(self.text, add_special=True, parse_special=False)))
+            return res.mean, res.ppl, res.mean, res.n_scored, n_tokens
+
+    @staticmethod
+    def _failure(factors, scales, key: str, reason: str, t0: float) -> Evaluation:
+        return Evaluation(factors=tuple(factors), scales=tuple(scales), objective=math.inf, ppl=math.nan, kld=None,
+                          n_scored=0, n_text_tokens=0, seconds=time.monotonic() - t0, key=key, failed=reason)
+
+    # -- the strategies ----------------------------------------------------------------------------
 
     def run(self) -> SearchResult:
         s = self.settings
         grid = tuple(float(g) for g in s.grid)
-        one = grid.index(1.0)
-        state = _Descent(grid, {"factor": [one] * self.ctx.n_bands, "scale": [one] * self.ctx.n_bands})
-        rng = np.random.default_rng(s.seed)
         kinds = {"both": ("factor", "scale"), "factors": ("factor",), "scales": ("scale",)}[s.space]
-        coordinates = [(b, kind) for b in self.ctx.band_order for kind in kinds]
         pairs = ", ".join(f"{a}-{b - 1}" for a, b in zip(self.ctx.starts, self.ctx.starts[1:]))
-        self.log(f"search: {self.ctx.n_bands} bands (pairs {pairs}), order {self.ctx.band_order}, "
-                 f"objective {s.objective} at ctx {self.dev_ctx}, budget {s.budget}")
-        start, _ = self.evaluate(*state.values(state.current))
+        how = (f"order {self.ctx.band_order}" if s.strategy == "descent"
+               else f"CMA-ES, {self._population(kinds)} per generation")
+        self.log(f"search: {self.ctx.n_bands} bands (pairs {pairs}), {how}, objective {s.objective} at ctx "
+                 f"{self.dev_ctx}, budget {s.budget}" + (f" or {s.time_budget:g} s" if s.time_budget else ""))
+        ones = (1.0,) * self.ctx.n_bands
+        start, _ = self.evaluate(ones, ones)
+        if start.failed is not None:
+            raise QroarError(f"the starting plan could not be measured, so there is nothing to compare with: "
+                             f"{start.failed}")
         self._report(start, start, "start")
-        state.best = start
+        if s.strategy == "descent":
+            best = self._descend(start, grid, kinds)
+        else:
+            best = self._evolve(start, grid, kinds)
+        failed = [e for e in self.history if e.failed is not None]
+        self.log(f"search: best {best.label()}: {self._value(best)} (start {self._value(start)}), "
+                 f"{len(self.history)} candidates, {self.new} measured now"
+                 + (f", {len(failed)} failed" if failed else "") + f"; stopped: {self.stopped_by}")
+        return SearchResult(start=start, best=best, history=list(self.history), new_evaluations=self.new,
+                            band_order=list(self.ctx.band_order), record=self._record(start, best, grid, kinds))
+
+    def _descend(self, start: Evaluation, grid: tuple[float, ...], kinds: tuple[str, ...]) -> Evaluation:
+        one = grid.index(1.0)
+        state = _Descent(grid, {"factor": [one] * self.ctx.n_bands, "scale": [one] * self.ctx.n_bands}, best=start)
+        rng = np.random.default_rng(self.settings.seed)
+        coordinates = [(b, kind) for b in self.ctx.band_order for kind in kinds]
         while self._sweep(state, coordinates, rng):  # until a whole sweep improves nothing, or the budget ends
             pass
-        best = state.best
-        self.log(f"search: best {best.label()}: {self._value(best)} (start {self._value(start)}), "
-                 f"{len(self.history)} candidates, {self.new} measured now")
-        return SearchResult(start=start, best=best, history=list(self.history), new_evaluations=self.new,
-                            band_order=list(self.ctx.band_order), record=self._record(start, best, grid))
+        return state.best
+
+    def _population(self, kinds: tuple[str, ...]) -> int:
+        return self.settings.population or default_population(self.ctx.n_bands * len(kinds))
+
+    def _evolve(self, start: Evaluation, grid: tuple[float, ...], kinds: tuple[str, ...]) -> Evaluation:
+        """CMA-ES over the searched kinds' band values, one generation after another."""
+        n = self.ctx.n_bands
+        es = CmaEs(mean=np.ones(n * len(kinds)), sigma=CMAES_SIGMA, lower=grid[0], upper=grid[-1],
+                   population=self._population(kinds), seed=self.settings.seed, resolution=CMAES_RESOLUTION)
+        best = start
+
+        def band_values(point: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+            values = {kind: tuple(round(float(v), 6) for v in point[i * n:(i + 1) * n]) for i, kind in enumerate(kinds)}
+            return values.get("factor", (1.0,) * n), values.get("scale", (1.0,) * n)
+
+        while self._budget_left():
+            points = es.ask()
+            results = self.evaluate_many(self._affordable([band_values(p) for p in points]))
+            for i, (ev, fresh) in enumerate(results):
+                if fresh:
+                    self._report(ev, best, f"generation {es.generation + 1} #{i + 1}")
+                if ev.objective < best.objective:
+                    best = ev
+            if len(results) < len(points):  # the budget (in candidates or in time) ended inside the generation
+                self._budget_left()
+                return best
+            if not any(fresh for _, fresh in results):
+                self.stopped_by = "converged"
+                return best
+            es.tell(points, [ev.objective for ev, _ in results])
+        return best
+
+    def _affordable(self, candidates: list) -> list:
+        """The longest prefix of ``candidates`` whose candidates new to this search fit in the budget left."""
+        left, seen = self.settings.budget - len(self.history), set()
+        for i, (factors, scales) in enumerate(candidates):
+            key, _ = self.key(factors, scales)
+            if key not in self.visited and key not in seen:
+                if len(seen) == left:
+                    return candidates[:i]
+                seen.add(key)
+        return candidates
 
     def _budget_left(self) -> bool:
-        return len(self.history) < self.settings.budget
+        """Whether another candidate may start (and if not, says why in ``stopped_by``)."""
+        if len(self.history) >= self.settings.budget:
+            self.stopped_by = "budget"
+            return False
+        if self._time_spent():
+            self.stopped_by = "time"
+            return False
+        return True
+
+    def _time_spent(self) -> bool:
+        limit = self.settings.time_budget
+        return limit is not None and time.monotonic() - self.t0 >= limit
 
     def _sweep(self, state: _Descent, coordinates, rng) -> bool:
         """One pass over the coordinates, each tried in a random first direction; whether any improved."""
@@ -294,10 +427,16 @@ class _Searcher:
             step += d
         return moved
 
-    def _record(self, start: Evaluation, best: Evaluation, grid: tuple[float, ...]) -> dict:
+    def _record(self, start: Evaluation, best: Evaluation, grid: tuple[float, ...], kinds: tuple[str, ...]) -> dict:
         """What provenance keeps of the search."""
         s = self.settings
-        return {
+        failed = [e for e in self.history if e.failed is not None]
+        strategy = {"strategy": s.strategy, "stopped_by": self.stopped_by, "time_budget": s.time_budget,
+                    "failed": len(failed), "failures": sorted({e.failed for e in failed})}
+        if s.strategy == "cmaes":
+            strategy.update(population=self._population(kinds), sigma=CMAES_SIGMA, resolution=CMAES_RESOLUTION,
+                            workers=s.workers)
+        return {**strategy,
             "objective": s.objective, "objective_unit": "mean NLL, nats/token" if s.objective == "ppl"
             else "mean KL divergence, nats/token", "start": start.objective, "reached": best.objective,
             "start_ppl": start.ppl, "ppl": best.ppl, "dev_text_sha256": self.text_sha,
@@ -308,6 +447,8 @@ class _Searcher:
         }
 
     def _value(self, ev: Evaluation) -> str:
+        if ev.failed is not None:
+            return f"failed ({ev.failed})"
         if self.settings.objective == "kld":
             return f"KLD {ev.kld:.6f} (ppl {ev.ppl:.4f})"
         return f"ppl {ev.ppl:.4f}"
@@ -357,6 +498,14 @@ def _validate(options, settings: SearchSettings) -> None:
         raise QroarError(f"unknown search space {settings.space!r}; choose one of {', '.join(SPACES)}")
     if isinstance(settings.budget, bool) or int(settings.budget) < 1:
         raise QroarError(f"--search-budget must be at least 1, got {settings.budget!r}")
+    if settings.strategy not in STRATEGIES:
+        raise QroarError(f"unknown search strategy {settings.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if settings.population is not None and (isinstance(settings.population, bool) or int(settings.population) < 2):
+        raise QroarError(f"--search-population must be at least 2, got {settings.population!r}")
+    if isinstance(settings.workers, bool) or int(settings.workers) < 1:
+        raise QroarError(f"--search-workers must be at least 1, got {settings.workers!r}")
+    if settings.time_budget is not None and not (math.isfinite(settings.time_budget) and settings.time_budget > 0):
+        raise QroarError(f"--search-time must be a positive number of seconds, got {settings.time_budget!r}")
     grid = [float(g) for g in settings.grid]
     if 1.0 not in grid or sorted(grid) != grid or any(not (math.isfinite(g) and g > 0) for g in grid):
         raise QroarError("the search grid must be increasing positive numbers that include 1")
@@ -381,9 +530,11 @@ def run_search(source: str | Path, options, settings: SearchSettings, *, log: Ca
 def write_report(result: SearchResult, path: Path, base: dict) -> None:
     """The search record (what goes into provenance), the base plan it started from (``base``: method, plan
     options, qtype, target context; provenance holds those apart) and every candidate visited, in order, as JSON."""
-    candidates = [{"factors": list(ev.factors), "scales": list(ev.scales), "objective": ev.objective, "ppl": ev.ppl,
-                   "kld": ev.kld, "seconds": round(ev.seconds, 1), "best_so_far": min(
-                       e.objective for e in result.history[: i + 1])} for i, ev in enumerate(result.history)]
+    candidates = [{"factors": list(ev.factors), "scales": list(ev.scales),
+                   "objective": None if ev.failed else ev.objective, "ppl": None if ev.failed else ev.ppl,
+                   "kld": ev.kld, "seconds": round(ev.seconds, 1), **({"failed": ev.failed} if ev.failed else {}),
+                   "best_so_far": min(e.objective for e in result.history[: i + 1])}
+                  for i, ev in enumerate(result.history)]
     report = {**result.record, "base": base, "start_factors": list(result.start.factors), "start_scales": list(result.start.scales),
               "best_factors": list(result.best.factors), "best_scales": list(result.best.scales),
               "candidates": candidates}

@@ -11,6 +11,11 @@ from pathlib import Path
 GRID = (0.8, 0.9, 1.0, 1.1, 1.25)
 OBJECTIVES = ("ppl", "kld")
 SPACES = ("both", "factors", "scales")
+#: How candidates are chosen: coordinate descent on GRID, or CMA-ES (population.py) inside GRID's ends.
+STRATEGIES = ("descent", "cmaes")
+#: CMA-ES's first step size, in band-multiplier units (one GRID step), and the rounding of its candidates.
+CMAES_SIGMA = 0.1
+CMAES_RESOLUTION = 0.01
 #: The Jane Austen novel (assets/austen.py) candidates are measured on when no dev text is given.
 DEFAULT_DEV_TEXT = "Emma"
 DEFAULT_DEV_CHUNKS = 1  # one full-context window per candidate (minutes each)
@@ -36,3 +41,8 @@ class SearchSettings:
     grid: tuple[float, ...] = GRID
     cache: Path | None = None  # None: cache_dir()/search
     report: Path | None = None  # where to write the search's record and every candidate as JSON
+    strategy: str = "descent"
+    population: int | None = None  # cmaes: candidates per generation (None: CMA-ES's default for the dimension)
+    workers: int = 1  # candidates measured at a time (each with the conversion's --threads)
+    time_budget: float | None = None  # seconds after which no new candidate starts (None: no limit)
+    gpu_layers: int | None = None  # layers on the GPU while measuring (None: all where libllama has a GPU back-end)

@@ -132,6 +132,21 @@ def test_eval_reports_ppl_kld_and_passkey(tiny256: Path, text: Path, tmp_path: P
     assert 0 <= data["passkey"]["accuracy"] <= 1
     assert "KLD mean" in result.stdout and "passkey accuracy" in result.stdout
 
+    # what it ran on: every layer on the GPU where this libllama has a GPU back-end, none otherwise
+    from qroar_gguf.evaluate.runtime import gpu_offload_supported
+
+    gpu = gpu_offload_supported()
+    assert data["device"]["gpu_offload"] is gpu and data["device"]["device"] == ("gpu" if gpu else "cpu")
+    assert data["device"]["gpu_layers"] == (-1 if gpu else 0) and "CPU" in data["device"]["system_info"]
+    if not gpu:  # asking this build for GPU layers is one line, before any evaluation
+        for command in (["eval", quant, "--text", text, "--ctx", "512"],
+                        ["bench", tiny256, "--ctx", "512", "--qtype", "Q8_0", "--plans", "yarn", "--text", text,
+                         "--out", tmp_path / "bench", "-q"]):
+            refused = run_cli(*command, "--gpu-layers", "4")
+            assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+            assert "--gpu-layers 4: this llama.cpp build has no GPU back-end" in refused.stderr
+            assert not (tmp_path / "bench").exists()
+
 
 @pytest.mark.parametrize("case", ["missing", "not_gguf", "too_short"])
 def test_eval_errors_are_one_line(case: str, tiny256: Path, text: Path, tmp_path: Path):

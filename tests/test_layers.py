@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qroar_gguf"
 
 LAYERS = [
     # 0. facts every layer may use
-    ["qroar_gguf", "errors", "display", "paths", "digests", "choices", "search_settings", "gguf_io.quantize_child",
+    ["qroar_gguf", "errors", "display", "paths", "digests", "choices", "search_settings", "population", "gguf_io.quantize_child",
      "modelfile"],
     # 1. reading what the user gives, writing files safely, the packaged assets
     ["source.checkpoint", "source.safetensors_lazy", "source.text", "gguf_io.reader", "gguf_io.layout", "gguf_io.rewrite", "gguf_io.blockscale",

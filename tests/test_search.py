@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from runs import run_cli
@@ -181,3 +182,103 @@ def test_a_library_caller_gets_the_command_lines_defaults(monkeypatch, tmp_path:
     asked = _options(plan=PlanSpec("yarn", bands=BandSpec(symmetric=True)))
     options, again = search._with_defaults(asked, settings, said.append)
     assert options.plan.bands.symmetric is True and again == settings and len(said) == 1
+
+
+def test_cmaes_is_deterministic_never_worse_resumes_and_shares_the_descents_cache(band_model: Path, dev_text: Path,
+                                                                                  tmp_path: Path):
+    from qroar_gguf.search import run_search
+
+    cmaes = dict(strategy="cmaes", population=3, space="both", budget=7)
+    cache_a, cache_b = tmp_path / "a", tmp_path / "b"
+    first = run_search(band_model, _options(), _settings(dev_text, cache_a, **cmaes))
+    again = run_search(band_model, _options(), _settings(dev_text, cache_b, **cmaes, workers=2))  # side by side
+    assert _trace(first) == _trace(again) and first.new_evaluations == first.evaluations == 7
+    resumed = run_search(band_model, _options(), _settings(dev_text, cache_a, **cmaes))
+    assert resumed.new_evaluations == 0 and _trace(resumed) == _trace(first)
+
+    start = first.history[0]
+    assert start.factors == (1.0,) * 4 and start.scales == (1.0,) * 4
+    assert first.best.objective == min(e.objective for e in first.history) <= start.objective
+    assert len({e.key for e in first.history}) == 7
+    for ev in first.history[1:]:  # candidates in the grid's range, on its 0.01 resolution, both kinds moved
+        values = np.array(ev.factors + ev.scales)
+        assert values.min() >= 0.8 and values.max() <= 1.25 and np.allclose(values * 100, np.round(values * 100))
+    assert any(ev.scales != (1.0,) * 4 for ev in first.history) and any(ev.factors != (1.0,) * 4
+                                                                       for ev in first.history)
+    record = first.record
+    assert record["strategy"] == "cmaes" and record["population"] == 3 and record["stopped_by"] == "budget"
+    assert record["failed"] == 0 and record["evaluations"] == 7
+
+    # the descent's start is the same candidate: read from the population search's cache, not measured again
+    descent = run_search(band_model, _options(), _settings(dev_text, cache_a, space="both", budget=1))
+    assert descent.new_evaluations == 0 and descent.start.objective == start.objective
+
+
+def test_a_time_budget_stops_the_search_after_its_start(band_model: Path, dev_text: Path, tmp_path: Path):
+    from qroar_gguf.search import run_search
+
+    for strategy in ("descent", "cmaes"):
+        result = run_search(band_model, _options(), _settings(dev_text, tmp_path / "cache", strategy=strategy,
+                                                               time_budget=1e-6))
+        assert result.evaluations == 1 and result.record["stopped_by"] == "time"
+        assert result.record["time_budget"] == 1e-6 and result.best is result.start
+
+
+def test_a_candidate_llama_cpp_cannot_run_fails_and_the_search_goes_on(band_model: Path, dev_text: Path,
+                                                                       tmp_path: Path, monkeypatch):
+    """The second candidate gets a context llama.cpp cannot allocate (what a GPU out of memory looks like to
+    the search): it fails with llama.cpp's reason, is not cached, and the search measures the rest."""
+    import qroar_gguf.search as search
+
+    real_runtime, opened = search.Runtime, []
+
+    def runtime(path, **kw):
+        opened.append(path)
+        if len(opened) == 2:
+            kw["n_ctx"] = 1 << 26  # a KV cache of 64 GiB: more than the machine has
+        return real_runtime(path, **kw)
+
+    monkeypatch.setattr(search, "Runtime", runtime)
+    cache = tmp_path / "cache"
+    report = tmp_path / "report.json"
+    result = search.run_search(band_model, _options(), _settings(dev_text, cache, strategy="cmaes", population=3,
+                                                                 budget=4, report=report))
+    failed = [ev for ev in result.history if ev.failed]
+    assert len(failed) == 1 and failed[0] is result.history[1] and result.evaluations == 4
+    assert failed[0].objective == float("inf") and "llama.cpp" in failed[0].failed
+    assert result.record["failed"] == 1 and result.record["failures"] == [failed[0].failed]
+    assert len(list(cache.glob("*.json"))) == 3 and result.best is not failed[0]
+    written = json.loads(report.read_text())["candidates"][1]
+    assert written["objective"] is None and written["failed"] == failed[0].failed
+
+    opened.clear()
+    monkeypatch.setattr(search, "Runtime", lambda path, **kw: real_runtime(path, **{**kw, "n_ctx": 1 << 26}))
+    with pytest.raises(search.QroarError, match="starting plan could not be measured"):
+        search.run_search(band_model, _options(), _settings(dev_text, tmp_path / "other", budget=2))
+
+
+def test_search_settings_that_make_no_sense_are_refused(band_model: Path, dev_text: Path, tmp_path: Path,
+                                                        monkeypatch):
+    from qroar_gguf.evaluate.runtime import gpu_layers_for, gpu_offload_supported
+    from qroar_gguf.search import QroarError, run_search
+
+    for bad, match in ((dict(strategy="anneal"), "unknown search strategy"), (dict(population=1), "at least 2"),
+                       (dict(time_budget=0.0), "positive number of seconds"), (dict(budget=0), "at least 1"),
+                       (dict(strategy="cmaes", workers=0), "--search-workers")):
+        with pytest.raises(QroarError, match=match):
+            run_search(band_model, _options(), _settings(dev_text, tmp_path / "cache", **bad))
+    monkeypatch.setenv("QROAR_CACHE", str(tmp_path / "cache"))
+    base = [band_model, "-o", tmp_path / "out.gguf", "--ctx", str(TARGET), "--qtype", "Q4_0", "--search",
+            "--dev-text", dev_text]
+    for args in (["--search-budget", "0"], ["--search-time", "0"], ["--search-time", "-5"],
+                 ["--search-population", "3"], ["--search-workers", "2"],
+                 ["--search-strategy", "cmaes", "--search-population", "1"]):
+        result = run_cli(*base, *args)
+        assert result.returncode == 2 and result.stderr.startswith("Error:"), (args, result.stderr)
+        assert args[-2] in result.stderr and "search [" not in result.stdout, (args, result.stderr)
+    if gpu_offload_supported():
+        pytest.skip("this libllama has a GPU back-end: --gpu-layers is allowed")
+    assert gpu_layers_for(None) == 0 and gpu_layers_for(0) == 0
+    result = run_cli(*base, "--gpu-layers", "8")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "no GPU back-end" in result.stderr and "search [" not in result.stdout

@@ -12,7 +12,8 @@
 # persuasion16kq4km and persuasion32k (a second held-out novel), symmetric (symmetric band scales on Pride
 # with f16 and q4_0 key caches), search32k (band factors searched on yarn at 32768, on Emma; writes
 # tools/results/search_emma32k_q4_0.json), searched32k (that result on Pride and Persuasion at 32768),
-# emma32k (32768 on Emma).
+# emma32k (32768 on Emma), population (stage search's space, base and budget, searched by CMA-ES; writes
+# tools/results/population_emma16k_q4_0.json).
 # A 16k window takes minutes on two cores (about 3 with its F16 reference, 8-10 with a q4_0 key cache; 32k:
 # about 13): THREADS (default: all cores) and a bigger machine help.
 set -euo pipefail
@@ -37,6 +38,13 @@ stage_search() {
         --no-symmetric --search --search-space both --dev-text "$(text Emma)" --dev-chunks 1 --search-budget 14 \
         --threads "$THREADS" \
         --search-report tools/results/search_emma16k_q4_0.json
+}
+# The same space, base and budget as stage search, chosen by CMA-ES (generations of 6) instead of the descent
+stage_population() {
+    "${QG[@]}" convert "$MODEL" -o "$OUT/population-emma16k.Q4_0.gguf" --force --method qroar --ctx 16384 --qtype Q4_0 \
+        --no-symmetric --search --search-strategy cmaes --search-population 6 --search-space both \
+        --dev-text "$(text Emma)" --dev-chunks 1 --search-budget 14 --threads "$THREADS" \
+        --search-report tools/results/population_emma16k_q4_0.json
 }
 stage_pride16k() { bench --ctx 16384 --qtype Q4_0 --plans "${CONTENDERS[@]}" "$SEARCHED" --text "$(text 'Pride & Prejudice')" --chunks 1 --out "$OUT/smollm2-pride-16k"; }
 stage_pride32k() { bench --ctx 32768 --qtype Q4_0 --plans linear yarn qroar "$SEARCHED" --text "$(text 'Pride & Prejudice')" --chunks 1 --out "$OUT/smollm2-pride-32k"; }
@@ -70,7 +78,7 @@ stage_emma32k() { bench --ctx 32768 --qtype Q4_0 --plans linear yarn qroar "$SEA
 
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(emma16k emma16kq4km search pride16k pride32k keycache pride16kq4km passkey persuasion16k symmetric
-    persuasion16kq4km persuasion32k search32k searched32k emma32k)
+    persuasion16kq4km persuasion32k search32k searched32k emma32k population)
 for s in "${stages[@]}"; do
     echo "== stage $s ($(date +%T))" >&2
     "stage_$s"

@@ -287,7 +287,8 @@ def weights_section() -> str:
 
 
 def search_section() -> str:
-    paths = sorted((REPO / "tools" / "results").glob("search_*.json"))
+    results = REPO / "tools" / "results"
+    paths = sorted(results.glob("search_*.json")) + sorted(results.glob("population_*.json"))
     if not paths:
         return "_No search committed yet: run `bash tools/bench_smollm2.sh search`._\n"
     parts = []
@@ -296,18 +297,25 @@ def search_section() -> str:
         seconds = sum(c["seconds"] for c in r["candidates"])
         scales = f"{'symmetric' if r.get('symmetric') else 'non-symmetric'} band scales"
         searched = {"factors": "band factors only", "scales": scales, "both": f"band factors and {scales}"}[r["space"]]
-        parts += [f"`{path.relative_to(REPO)}`: from `{r['base']['method']}`, {searched}, objective {r['objective']} at "
+        strategy = ("CMA-ES, generations of " + str(r["population"]) if r.get("strategy") == "cmaes"
+                    else "coordinate descent")
+        stopped = f", stopped by its {r['stopped_by']}" if "stopped_by" in r else ""
+        order = f"; bands searched in the order {r['band_order']}" if r.get("strategy", "descent") == "descent" else ""
+        parts += [f"`{path.relative_to(REPO)}`: {strategy} from `{r['base']['method']}`, {searched}, objective "
+                  f"{r['objective']} at "
                   f"{r['dev_ctx']} tokens, "
                   f"{r['dev_chunks'] or 'all'} window(s) of the dev text ({r['dev_scored_tokens']} scored tokens), "
-                  f"budget {r['budget']}, {r['evaluations']} candidates, {seconds / 60:.0f} min of measurement on "
-                  f"two cores; bands searched in the order {r['band_order']}. Dev PPL {r['start_ppl']:.3f} → "
+                  f"budget {r['budget']}, {r['evaluations']} candidates{stopped}, {seconds / 60:.0f} min of "
+                  f"measurement on two cores{order}. Dev PPL {r['start_ppl']:.3f} → "
                   f"{r['ppl']:.3f} ({(r['ppl'] / r['start_ppl'] - 1) * 100:+.2f}%).", "",
                   "| # | band factors | band scales | dev PPL | best so far |", "|---|---|---|---|---|"]
         best = None
         for i, c in enumerate(r["candidates"], 1):
-            best = c if best is None or c["objective"] < best["objective"] else best
+            ran = c["objective"] is not None  # a failed candidate has no objective (its reason is in the JSON)
+            best = c if ran and (best is None or c["objective"] < best["objective"]) else best
+            ppl = f"{c['ppl']:.3f}" if ran else "failed"
             parts.append(f"| {i} | {', '.join(f'{v:g}' for v in c['factors'])} | "
-                         f"{', '.join(f'{v:g}' for v in c['scales'])} | {c['ppl']:.3f} | {best['ppl']:.3f} |")
+                         f"{', '.join(f'{v:g}' for v in c['scales'])} | {ppl} | {best['ppl']:.3f} |")
         parts.append("")
     return "\n".join(parts)
 

@@ -54,7 +54,7 @@ from qroar_gguf.evaluate.paired import paired_compare
 from qroar_gguf.evaluate.passkey import DEFAULT_DEPTHS, passkey
 from qroar_gguf.evaluate.perplexity import n_scored_per_chunk, ppl_standard_error
 from qroar_gguf.evaluate.perplexity_tool import kl_divergence_summary, save_logits, saved_nll
-from qroar_gguf.evaluate.runtime import Runtime
+from qroar_gguf.evaluate.runtime import Runtime, device_summary, gpu_layers_for
 from qroar_gguf.gguf_io.imatrix import TextTooShort, compute_imatrix, default_chunks, tools_identity
 from qroar_gguf.gguf_io.quantize import TENSOR_TYPES, TypeOverrides, quantize_gguf
 from qroar_gguf.gguf_io.reader import field_value
@@ -413,7 +413,7 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
               progress: bool = True, passkey_depths: list[float] | None = None, imatrix: str | list[str] = "none",
               imatrix_text: Path | None = None, imatrix_tokens: int | None = None,
               attn_types: list[str] | None = None, evaluator: str = "bindings", workers: int = 1,
-              deadline: float | None = None, gpu_layers: int = -1) -> dict:
+              deadline: float | None = None, gpu_layers: int | None = None) -> dict:
     """Every (key cache, ctx, plan, qtype, imatrix, attn type) row, evaluated `workers` at a time; rows not
     started `deadline` seconds after the start are listed under "skipped" instead."""
     specs = [PlanSpec.parse(p) for p in plans]
@@ -429,6 +429,7 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
     if workers < 1:
         raise QroarError(f"--workers {workers}: give at least 1")
     tokens = imatrix_tokens or DEFAULT_IMATRIX_TOKENS
+    gpu_layers = gpu_layers_for(gpu_layers)
     bench = Bench(model, text, out, threads, progress and workers == 1, chunks, passkey_trials, passkey_depths,
                   imatrix_text, tokens, evaluator=evaluator, gpu_layers=gpu_layers)
 
@@ -467,7 +468,7 @@ def run_bench(model: Path, ctxs: list[int], qtypes: list[str], plans: list[str],
     _add_ratios(bench, rows)
     results = {"version": __version__, "model": str(model), "text": text.name, "text_sha": bench.text_digest,
                "chunks": chunks, "type_k": ", ".join(type_ks), "type_ks": type_ks, "ctxs": ctxs, "qtypes": qtypes,
-               "plans": plans, "imatrixes": imatrixes, "rows": rows}
+               "plans": plans, "imatrixes": imatrixes, "device": device_summary(gpu_layers), "rows": rows}
     if imatrix_text is not None:
         results.update(imatrix_text=imatrix_text.name, imatrix_text_sha=bench.imatrix_digest, imatrix_tokens=tokens,
                        matrices=bench.matrices)

@@ -8,22 +8,27 @@ from qroar_gguf.errors import QroarError
 from qroar_gguf.evaluate.kld import kl_divergence
 from qroar_gguf.evaluate.passkey import passkey
 from qroar_gguf.evaluate.perplexity import perplexity
-from qroar_gguf.evaluate.runtime import Runtime
+from qroar_gguf.evaluate.runtime import Runtime, device_summary, gpu_layers_for
 from qroar_gguf.gguf_io.layout import read_layout
 from qroar_gguf.source.text import read_text
 
 
 def evaluate_file(model: Path, text_path: Path, ctx: int, *, chunks: int | None = None, reference: Path | None = None,
-                  passkey_trials: int = 0, type_k: str = "f16", threads: int = 2, progress: bool = True) -> dict:
-    """Perplexity (and KLD against `reference`, passkey accuracy) of `model`; returns printable lines and JSON."""
+                  passkey_trials: int = 0, type_k: str = "f16", threads: int = 2, progress: bool = True,
+                  gpu_layers: int | None = None) -> dict:
+    """Perplexity (and KLD against `reference`, passkey accuracy) of `model`; returns printable lines and JSON.
+    ``gpu_layers``: `--gpu-layers` as given (None: all layers where libllama has a GPU back-end)."""
     text = read_text(text_path)
     _require_gguf(model)
+    n_gpu_layers = gpu_layers_for(gpu_layers)
     lines: list[str] = []
-    out: dict = {"model": str(model), "text": str(text_path), "ctx": ctx, "type_k": type_k}
-    with Runtime(model, n_ctx=ctx, threads=threads, type_k=type_k) as rt:
+    out: dict = {"model": str(model), "text": str(text_path), "ctx": ctx, "type_k": type_k,
+                 "device": device_summary(n_gpu_layers)}
+    runtime = dict(n_ctx=ctx, threads=threads, type_k=type_k, n_gpu_layers=n_gpu_layers)
+    with Runtime(model, **runtime) as rt:
         if reference is not None:
             _require_gguf(reference)
-            with Runtime(reference, n_ctx=ctx, threads=threads, type_k=type_k) as ref:
+            with Runtime(reference, **runtime) as ref:
                 res = kl_divergence(rt, ref, text, max_chunks=chunks, quiet=not progress)
             d = res.to_dict()
             out["kld"] = d

@@ -85,6 +85,37 @@ def bindings_version() -> str:
     return _lib().__version__
 
 
+def gpu_offload_supported() -> bool:
+    """Whether the bindings' libllama was built with a GPU back-end (llama.cpp's llama_supports_gpu_offload)."""
+    return bool(_lib().llama_supports_gpu_offload())
+
+
+def gpu_layers_for(requested: int | None) -> int:
+    """The ``n_gpu_layers`` to load with for a `--gpu-layers` given as ``requested`` (None: not given).
+
+    Not given: every layer (-1) where libllama has a GPU back-end, none otherwise. Given on a build without
+    one: refused, since the user asked for something this build cannot do (0 is always allowed).
+    """
+    if requested is None:
+        return -1 if gpu_offload_supported() else 0
+    if isinstance(requested, bool) or int(requested) < -1:
+        raise QroarError(f"--gpu-layers {requested!r}: give a number of layers, or -1 for all of them")
+    if requested != 0 and not gpu_offload_supported():
+        raise QroarError(f"--gpu-layers {requested}: this llama.cpp build has no GPU back-end; leave --gpu-layers "
+                         "out, or rebuild with one (QROAR_CMAKE_ARGS=-DGGML_CUDA=ON bash tools/setup.sh)")
+    return int(requested)
+
+
+def device_summary(n_gpu_layers: int) -> dict:
+    """What a measurement ran on, for a results file: whether libllama can offload, the layers asked for,
+    and llama.cpp's own description of the back-ends it was built with."""
+    lib = _lib()
+    info = lib.llama_print_system_info()
+    return {"gpu_offload": gpu_offload_supported(), "gpu_layers": int(n_gpu_layers),
+            "device": "gpu" if gpu_offload_supported() and n_gpu_layers != 0 else "cpu",
+            "system_info": (info.decode("utf-8", errors="replace") if isinstance(info, bytes) else str(info)).strip()}
+
+
 _GGML_LOG_LEVEL_ERROR = 4
 # llama.cpp's latest error lines, kept while its log is silenced: they say why a load failed.
 _recent_errors: collections.deque[str] = collections.deque(maxlen=4)
