@@ -327,7 +327,8 @@ def _plan_spec(method: str, beta: float | None, agg: str | None, base: str | Non
 @click.option("--search-workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="--search-strategy cmaes: candidates measured at a time, each with --threads (a generation's "
                    "candidates are independent: on a GPU with memory for several, they run side by side). The "
-                   "same search at any number.")
+                   "same search at any number, unless candidates fail for memory. A stop (Ctrl-C) waits for the "
+                   "running ones.")
 @click.option("--search-time", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="--search: start no candidate later than this many seconds after the start (with "
                    "--search-budget, whichever comes first).")
@@ -375,10 +376,12 @@ def convert(model: Path, output: Path | None, target_ctx: int | None, scale: flo
     from qroar_gguf.convert import ConvertOptions
     from qroar_gguf.convert import convert as run_convert
 
-    if not search and any(v is not None for v in (dev_text, dev_ctx, dev_chunks, search_report, search_population,
-                                                  search_time, gpu_layers)):
-        raise click.UsageError("--dev-text, --dev-ctx, --dev-chunks, --search-report, --search-population, "
-                               "--search-time and --gpu-layers apply to --search only")
+    if not search and (any(v is not None for v in (dev_text, dev_ctx, dev_chunks, search_report, search_population,
+                                                   search_time, gpu_layers))
+                       or search_strategy != "descent" or search_workers > 1):
+        raise click.UsageError("--dev-text, --dev-ctx, --dev-chunks, --search-report, --search-strategy, "
+                               "--search-population, --search-workers, --search-time and --gpu-layers apply to "
+                               "--search only")
     if (search_population is not None or search_workers > 1) and search_strategy != "cmaes":
         raise click.UsageError("--search-population and --search-workers apply to --search-strategy cmaes only")
     if symmetric is not None and band_scales is None and not search:

@@ -23,7 +23,7 @@ from qroar_gguf import __version__
 from qroar_gguf.arch import llama
 from qroar_gguf.arch.base import ROPE_FREQS, ModelFamily, config_architectures
 from qroar_gguf.arch.families import family_for, supported_architectures
-from qroar_gguf.arch.vocab import read_vocab, write_vocab
+from qroar_gguf.arch.vocab import write_vocab
 from qroar_gguf.choices import UNQUANTIZED
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io import provenance
@@ -121,7 +121,7 @@ def convert(source: str | Path, output: str | Path, options: ConvertOptions) -> 
         check_destination(keep_f16, force=options.force, what="--keep-f16", inputs=ckpt.source_files)
         if keep_f16.resolve() == output.resolve():
             raise QroarError("--keep-f16 must name a different file than the output")
-    vocab = read_vocab(ckpt.directory, hp.vocab_size)
+    vocab = src.family.read_vocab(ckpt.directory)
     meta = model_metadata(ckpt, src.family, options.name, options.metadata)  # before the plan's measuring
     plan = make_conversion_plan(options, src)
     fold = options.plan.bands.fold(facts, n_head=hp.n_head, n_kv_head=hp.n_kv_head, head_dim=hp.head_dim)

@@ -12,7 +12,9 @@ Conventions here:
   evaluated ("repair"), and the strategy is told the repaired points, so it learns from what was measured.
 * ``resolution`` rounds every evaluated point (0: none), so candidates are readable and a point close to one
   already measured is the same candidate (the caller's cache then answers it).
-* Ranking uses the objective values only; a failed candidate is told ``inf`` and ranks last.
+* Ranking uses the objective values only; a failed candidate is told ``inf`` (or NaN) and ranks last. Only
+  candidates that ran move the strategy: when fewer than half of a generation ran, the recombination weights
+  are those of the ones that did, renormalised, and a generation where none ran changes nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class CmaEs:
     population: int
     seed: int = 0
     resolution: float = 0.0
+    #: Each coordinate's first step relative to ``sigma`` (the starting covariance's square root, diagonal):
+    #: for coordinates whose objective is far steeper than the others'. None: all alike.
+    scales: np.ndarray | None = None
     rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -68,7 +73,10 @@ class CmaEs:
         self.chi_n = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
         self.p_sigma = np.zeros(n)
         self.p_c = np.zeros(n)
-        self.cov = np.eye(n)
+        scales = np.ones(n) if self.scales is None else np.broadcast_to(np.asarray(self.scales, float), (n,))
+        if not np.all(np.isfinite(scales) & (scales > 0)):
+            raise ValueError("the coordinates' scales must be positive numbers")
+        self.cov = np.diag(scales ** 2)
         self.generation = 0
 
     def _repair(self, x: np.ndarray) -> np.ndarray:
@@ -93,10 +101,14 @@ class CmaEs:
             raise ValueError("tell() takes the whole generation that ask() gave")
         f = np.where(np.isnan(f), np.inf, f)
         order = np.argsort(f, kind="stable")[: self.weights.size]
+        order = order[np.isfinite(f[order])]
+        if order.size == 0:  # nothing ran: nothing to learn from
+            return
+        weights = self.weights[: order.size] / self.weights[: order.size].sum()
         n = self.mean.size
         old = self.mean
         steps = (points[order] - old) / self.sigma
-        self.mean = old + self.sigma * (self.weights @ steps)
+        self.mean = old + self.sigma * (weights @ steps)
         eigenvalues, basis = np.linalg.eigh(self.cov)
         inv_sqrt = basis @ np.diag(1 / np.sqrt(np.maximum(eigenvalues, 1e-20))) @ basis.T
         y = (self.mean - old) / self.sigma
@@ -108,7 +120,7 @@ class CmaEs:
         h_sigma = norm / math.sqrt(1 - (1 - self.c_sigma) ** (2 * self.generation)) < (1.4 + 2 / (n + 1)) * self.chi_n
         growth = math.sqrt(self.c_c * (2 - self.c_c) * self.mu_eff) * y if h_sigma else 0.0
         self.p_c = (1 - self.c_c) * self.p_c + growth
-        rank_mu = (steps.T * self.weights) @ steps
+        rank_mu = (steps.T * weights) @ steps
         correction = 0.0 if h_sigma else self.c_1 * self.c_c * (2 - self.c_c)
         self.cov = ((1 - self.c_1 - self.c_mu + correction) * self.cov + self.c_1 * np.outer(self.p_c, self.p_c)
                     + self.c_mu * rank_mu)

@@ -26,20 +26,24 @@ incumbent and sharing the cache (a candidate is keyed by what it is, not by who 
   whose factors are all 1, which the never-below-1 rule turns back into 1) are not measured again and
   cost nothing.
 * Prior (descent's band order): pair sensitivity ``S_k`` (W_Q/W_K row norms, rope/measure.py) as
-  ``z_k = S_k/mean(S)``, and the base plan's interpolation pressure ``pressure_k`` (rope/sensitivity.py). Bands are searched in
-  decreasing ``mean_band(z_k * pressure_k)`` (where the plan compresses outlier-heavy pairs most),
+  ``z_k = S_k/mean(S)``, and the base plan's interpolation pressure ``pressure_k`` (rope/sensitivity.py).
+  Bands are searched in decreasing ``mean_band(z_k * pressure_k)`` (where the plan compresses outlier-heavy pairs most),
   ties broken by decreasing ``mean_band(z_k)``, then by band index.
 
 **cmaes**: CMA-ES (population.py) over the same coordinates, every one in ``[grid[0], grid[-1]]``, starting at
-1 (the formula plan) with step size CMAES_SIGMA, candidates rounded to CMAES_RESOLUTION. A generation is
+1 (the formula plan) with first steps CMAES_SIGMA (factors) and CMAES_SCALE_STEP (scales), candidates rounded
+to CMAES_RESOLUTION. A generation is
 ``--search-population`` candidates (default: CMA-ES's 4 + floor(3 ln n) for n coordinates), independent of each
 other. It stops at the budget, or when a whole generation brings no new candidate (it has converged on candidates
 already measured). The start is measured first and the incumbent rule is the same, so it is never worse.
 
 Both: `--search-time` is a budget in seconds (no new candidate starts after it); a candidate that llama.cpp
-cannot run (a context it cannot allocate, e.g. a GPU out of memory) fails with llama.cpp's reason, ranks last
-and is not cached, and the search goes on; the record counts failures and keeps their reasons. The start must
-run: without it there is nothing to compare with.
+cannot load or make a context for (memory it cannot allocate, e.g. on a GPU already holding other candidates)
+fails with llama.cpp's reason, ranks last and is not cached, and the search goes on; the record counts
+failures and keeps their reasons. The start must run: without it there is nothing to compare with. (An
+out-of-memory inside a decode aborts the process in llama.cpp's CUDA back-end: no search can catch that.)
+Failures that depend on what runs beside the candidate (memory) make a search with failures depend on
+`--search-workers`; one without failures is the same at any number.
 
 Cache: every measured candidate is one JSON file under ``cache_dir()/search/<key>.json``; the key hashes
 everything that determines the measurement (qroar-gguf and llama-cpp-python versions, the source files'
@@ -56,10 +60,11 @@ import json
 import math
 import tempfile
 import time
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -78,8 +83,8 @@ from qroar_gguf.population import CmaEs, default_population
 from qroar_gguf.rope.bands import apply_band_factors, band_starts, pair_bands
 from qroar_gguf.rope.measure import measure_sensitivity
 from qroar_gguf.rope.sensitivity import interpolation_pressure
-from qroar_gguf.search_settings import (CMAES_RESOLUTION, CMAES_SIGMA, DEFAULT_DEV_TEXT, OBJECTIVES,
-                                        SEARCH_SYMMETRIC, SPACES, STRATEGIES, SearchSettings)
+from qroar_gguf.search_settings import (CMAES_RESOLUTION, CMAES_SCALE_STEP, CMAES_SIGMA, DEFAULT_DEV_TEXT,
+                                        OBJECTIVES, SEARCH_SYMMETRIC, SPACES, STRATEGIES, SearchSettings)
 from qroar_gguf.source.text import read_text
 
 CACHE_VERSION = 1
@@ -212,20 +217,27 @@ class _Searcher:
             **self.ctx.effective(factors, scales, o.plan.bands.symmetric),
             "dev_text_sha256": self.text_sha, "dev_ctx": self.dev_ctx, "dev_chunks": self.settings.dev_chunks,
             "objective": self.settings.objective, "type_k": self.settings.type_k,
+            # layers on a GPU (its kernels round differently from the CPU's); absent on the CPU, as before
+            **({"gpu_layers": self.gpu_layers} if self.gpu_layers != 0 else {}),
         }
         return _digest(inputs)[:32], inputs
 
     def evaluate(self, factors: tuple[float, ...], scales: tuple[float, ...]) -> tuple[Evaluation, bool]:
         """The candidate's evaluation and whether it is new to this search (counts against the budget)."""
-        return self.evaluate_many([(factors, scales)], timed=False)[0]  # its caller checked the budget
+        evaluations = self.evaluate_many([(factors, scales)], timed=False)  # its caller checked the budget
+        try:
+            return next(evaluations)
+        finally:
+            evaluations.close()
 
     def evaluate_many(self, candidates: list[tuple[tuple[float, ...], tuple[float, ...]]], *, timed: bool = True
-                      ) -> list[tuple[Evaluation, bool]]:
-        """Candidates in order, each with whether it is new to this search. Those neither visited nor cached are
-        measured `--search-workers` at a time, each cached as soon as it is measured; none starts once the
-        time budget is spent, and the list then ends before the first candidate that was not measured. The
-        search's own record (history, budget, on_evaluate) is kept in the candidates' order, whatever order
-        they finished in, so a search is the same at any number of workers."""
+                      ) -> Iterator[tuple[Evaluation, bool]]:
+        """Each candidate's evaluation, in order, with whether it is new to this search. Those neither visited
+        nor cached are measured `--search-workers` at a time, each cached as soon as it is measured; none
+        starts once the time budget is spent, and the candidates then end before the first one that was not
+        measured. The search's own record (history, budget, on_evaluate) is kept in the candidates' order,
+        whatever order they finished in, so a search that runs every candidate is the same at any number of
+        workers."""
         keyed = [(f, s, *self.key(f, s)) for f, s in candidates]
         cached = {key: _read_cache(self.cache / f"{key}.json", key, f, s) for f, s, key, _ in keyed
                   if key not in self.visited}
@@ -238,27 +250,31 @@ class _Searcher:
             return key, self._measure_and_cache(f, s, key, inputs)
 
         workers = max(1, min(self.settings.workers, len(pending)))
-        if workers == 1:
-            measured = dict(map(measure, pending.items()))
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                measured = dict(pool.map(measure, pending.items()))
-        results = []
-        for f, s, key, _ in keyed:
-            if key in self.visited:
-                results.append((self.visited[key], False))
-                continue
-            ev = cached[key] or measured.get(key)
-            if ev is None:  # the time budget ran out before it started
-                break
-            if not ev.cached:
-                self.new += 1
-                if self.on_evaluate is not None:
-                    self.on_evaluate(ev)
-            self.visited[key] = ev
-            self.history.append(ev)
-            results.append((ev, True))
-        return results
+        with contextlib.ExitStack() as stack:
+            if workers == 1:
+                finished = map(measure, pending.items())
+            else:  # a stop waits for the candidates already running (their threads cannot be interrupted)
+                finished = stack.enter_context(ThreadPoolExecutor(workers)).map(measure, pending.items())
+                stack.callback(finished.close)  # first: cancels the candidates not started yet
+            measured: dict[str, Evaluation | None] = {}
+            for f, s, key, _ in keyed:
+                if key in self.visited:
+                    yield self.visited[key], False
+                    continue
+                ev = cached[key]
+                while ev is None and key not in measured:
+                    done_key, done = next(finished)  # in submission order: the one wanted comes in turn
+                    measured[done_key] = done
+                ev = ev or measured[key]
+                if ev is None:  # the time budget ran out before it started
+                    return
+                if not ev.cached:
+                    self.new += 1
+                    if self.on_evaluate is not None:
+                        self.on_evaluate(ev)
+                self.visited[key] = ev
+                self.history.append(ev)
+                yield ev, True
 
     def _measure_and_cache(self, factors, scales, key: str, inputs: dict) -> Evaluation:
         ev = self.measure(factors, scales, key)
@@ -280,7 +296,7 @@ class _Searcher:
             try:
                 objective, ppl, kld, n_scored, n_tokens = self._objective(cand, ref)
             except QroarError as exc:  # llama.cpp could not run this candidate: the search goes on without it
-                return self._failure(factors, scales, key, str(exc), t0)
+                return self._failure(factors, scales, key, str(exc), t0, (cand, ref))
         if not math.isfinite(objective):
             return self._failure(factors, scales, key, "its dev objective is not finite", t0)
         return Evaluation(factors=tuple(factors), scales=tuple(scales), objective=float(objective), ppl=float(ppl),
@@ -301,7 +317,9 @@ class _Searcher:
             return res.mean, res.ppl, res.mean, res.n_scored, n_tokens
 
     @staticmethod
-    def _failure(factors, scales, key: str, reason: str, t0: float) -> Evaluation:
+    def _failure(factors, scales, key: str, reason: str, t0: float, files: tuple[Path, ...] = ()) -> Evaluation:
+        for path in files:  # the temporary folder's name says nothing and differs between runs
+            reason = reason.replace(str(path), path.name)
         return Evaluation(factors=tuple(factors), scales=tuple(scales), objective=math.inf, ppl=math.nan, kld=None,
                           n_scored=0, n_text_tokens=0, seconds=time.monotonic() - t0, key=key, failed=reason)
 
@@ -316,6 +334,10 @@ class _Searcher:
                else f"CMA-ES, {self._population(kinds)} per generation")
         self.log(f"search: {self.ctx.n_bands} bands (pairs {pairs}), {how}, objective {s.objective} at ctx "
                  f"{self.dev_ctx}, budget {s.budget}" + (f" or {s.time_budget:g} s" if s.time_budget else ""))
+        if s.strategy == "cmaes" and s.budget < 1 + self._population(kinds):
+            self.log(f"search: a budget of {s.budget} ends inside the first generation "
+                     f"({self._population(kinds)} candidates after the start), so CMA-ES samples without learning "
+                     f"from them: give --search-budget {1 + 2 * self._population(kinds)} or more for two generations")
         ones = (1.0,) * self.ctx.n_bands
         start, _ = self.evaluate(ones, ones)
         if start.failed is not None:
@@ -348,8 +370,11 @@ class _Searcher:
     def _evolve(self, start: Evaluation, grid: tuple[float, ...], kinds: tuple[str, ...]) -> Evaluation:
         """CMA-ES over the searched kinds' band values, one generation after another."""
         n = self.ctx.n_bands
+        steps = np.concatenate([np.full(n, 1.0 if kind == "factor" else CMAES_SCALE_STEP / CMAES_SIGMA)
+                                for kind in kinds])
         es = CmaEs(mean=np.ones(n * len(kinds)), sigma=CMAES_SIGMA, lower=grid[0], upper=grid[-1],
-                   population=self._population(kinds), seed=self.settings.seed, resolution=CMAES_RESOLUTION)
+                   population=self._population(kinds), seed=self.settings.seed, resolution=CMAES_RESOLUTION,
+                   scales=steps)
         best = start
 
         def band_values(point: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -358,8 +383,9 @@ class _Searcher:
 
         while self._budget_left():
             points = es.ask()
-            results = self.evaluate_many(self._affordable([band_values(p) for p in points]))
-            for i, (ev, fresh) in enumerate(results):
+            results = []
+            for i, (ev, fresh) in enumerate(self.evaluate_many(self._affordable([band_values(p) for p in points]))):
+                results.append((ev, fresh))
                 if fresh:
                     self._report(ev, best, f"generation {es.generation + 1} #{i + 1}")
                 if ev.objective < best.objective:
@@ -434,8 +460,8 @@ class _Searcher:
         strategy = {"strategy": s.strategy, "stopped_by": self.stopped_by, "time_budget": s.time_budget,
                     "failed": len(failed), "failures": sorted({e.failed for e in failed})}
         if s.strategy == "cmaes":
-            strategy.update(population=self._population(kinds), sigma=CMAES_SIGMA, resolution=CMAES_RESOLUTION,
-                            workers=s.workers)
+            strategy.update(population=self._population(kinds), sigma=CMAES_SIGMA, scale_step=CMAES_SCALE_STEP,
+                            resolution=CMAES_RESOLUTION)
         return {**strategy,
             "objective": s.objective, "objective_unit": "mean NLL, nats/token" if s.objective == "ppl"
             else "mean KL divergence, nats/token", "start": start.objective, "reached": best.objective,

@@ -13,8 +13,13 @@ OBJECTIVES = ("ppl", "kld")
 SPACES = ("both", "factors", "scales")
 #: How candidates are chosen: coordinate descent on GRID, or CMA-ES (population.py) inside GRID's ends.
 STRATEGIES = ("descent", "cmaes")
-#: CMA-ES's first step size, in band-multiplier units (one GRID step), and the rounding of its candidates.
+#: CMA-ES's first step, in band-multiplier units: for a band factor one GRID step; for a band scale a fifth
+#: of one, since a scale multiplies W_Q and W_K alike (non-symmetric), so the band's logits by its square: the
+#: descent measured band 3's scale at 1.1 raise the dev perplexity 28% where a factor step moved it under 1%
+#: (docs/results.md's band search), and CMA-ES's first generation at 0.1 for both was 1-2.6x worse.
+#: Candidates are rounded to CMAES_RESOLUTION.
 CMAES_SIGMA = 0.1
+CMAES_SCALE_STEP = 0.02
 CMAES_RESOLUTION = 0.01
 #: The Jane Austen novel (assets/austen.py) candidates are measured on when no dev text is given.
 DEFAULT_DEV_TEXT = "Emma"

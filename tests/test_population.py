@@ -98,3 +98,28 @@ def test_default_population_and_bad_settings():
     es = _band_es()
     with pytest.raises(ValueError, match="whole generation"):
         es.tell(es.ask()[:3], [0.0, 1.0, 2.0])
+
+
+def test_only_points_that_ran_move_the_strategy():
+    es = _band_es(seed=2)
+    points = es.ask()
+    values = np.full(8, np.inf)
+    values[[5, 2]] = [0.5, 0.25]  # two of eight ran: fewer than the four a generation recombines
+    es.tell(points, values)
+    w = es.weights[:2] / es.weights[:2].sum()
+    assert np.allclose(es.mean, w[0] * points[2] + w[1] * points[5])
+
+    before = (es.mean.copy(), es.sigma, es.cov.copy(), es.generation)
+    es.tell(es.ask(), np.full(8, np.inf))  # none ran
+    assert np.array_equal(es.mean, before[0]) and es.sigma == before[1] and np.array_equal(es.cov, before[2])
+    assert es.generation == before[3]
+
+
+def test_coordinates_can_start_with_their_own_steps():
+    """A steep coordinate (a band scale) starts with a smaller step than the others."""
+    es = _band_es(seed=4, population=200, resolution=0.0, scales=[1, 1, 0.2, 0.2])
+    points = es.ask()
+    spread = points.std(axis=0)
+    assert np.all(spread[:2] > 0.07) and np.all(spread[2:] < 0.03)
+    with pytest.raises(ValueError, match="scales"):
+        _band_es(scales=[1, 1, 0, 1])

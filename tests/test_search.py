@@ -218,10 +218,13 @@ def test_a_time_budget_stops_the_search_after_its_start(band_model: Path, dev_te
     from qroar_gguf.search import run_search
 
     for strategy in ("descent", "cmaes"):
+        said: list[str] = []
         result = run_search(band_model, _options(), _settings(dev_text, tmp_path / "cache", strategy=strategy,
-                                                               time_budget=1e-6))
+                                                               time_budget=1e-6), log=said.append)
         assert result.evaluations == 1 and result.record["stopped_by"] == "time"
         assert result.record["time_budget"] == 1e-6 and result.best is result.start
+        # a budget of 6 and generations of 8 (4 band factors): said to be sampling without learning
+        assert any("ends inside the first generation" in line for line in said) == (strategy == "cmaes")
 
 
 def test_a_candidate_llama_cpp_cannot_run_fails_and_the_search_goes_on(band_model: Path, dev_text: Path,
@@ -276,6 +279,10 @@ def test_search_settings_that_make_no_sense_are_refused(band_model: Path, dev_te
         result = run_cli(*base, *args)
         assert result.returncode == 2 and result.stderr.startswith("Error:"), (args, result.stderr)
         assert args[-2] in result.stderr and "search [" not in result.stdout, (args, result.stderr)
+    without_search = [a for a in base if a != "--search" and a != dev_text and a != "--dev-text"]
+    for args in (["--search-strategy", "cmaes"], ["--search-workers", "2"], ["--search-time", "60"]):
+        result = run_cli(*without_search, *args)
+        assert result.returncode == 2 and "apply to --search only" in result.stderr, (args, result.stderr)
     if gpu_offload_supported():
         pytest.skip("this libllama has a GPU back-end: --gpu-layers is allowed")
     assert gpu_layers_for(None) == 0 and gpu_layers_for(0) == 0

@@ -299,7 +299,8 @@ def search_section() -> str:
         searched = {"factors": "band factors only", "scales": scales, "both": f"band factors and {scales}"}[r["space"]]
         strategy = ("CMA-ES, generations of " + str(r["population"]) if r.get("strategy") == "cmaes"
                     else "coordinate descent")
-        stopped = f", stopped by its {r['stopped_by']}" if "stopped_by" in r else ""
+        stopped = {"budget": ", all of its budget", "time": ", stopped by its time budget",
+                   "converged": ", stopped when it converged"}.get(r.get("stopped_by"), "")
         order = f"; bands searched in the order {r['band_order']}" if r.get("strategy", "descent") == "descent" else ""
         parts += [f"`{path.relative_to(REPO)}`: {strategy} from `{r['base']['method']}`, {searched}, objective "
                   f"{r['objective']} at "

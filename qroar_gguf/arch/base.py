@@ -11,7 +11,7 @@ A family owns everything about its arch (docs/architecture.md, "one owner per ar
   (qwen2 -> llama); the ``patches/`` file its loader needs for rope_freqs; the refusals.
 * Hugging Face side (``ModelFamily``, read by `convert`): the hooks of llama.cpp's converter model
   classes: the architectures it reads, validated hyperparameters, the tensors it must have, its GGUF
-  keys, each tensor's GGUF name and layout.
+  keys, each tensor's GGUF name and layout, and its vocabulary (``read_vocab``, llama.cpp's ``set_vocab``).
 
 Families register themselves with ``@register(...)``, as llama.cpp's converter classes do with
 ``ModelBase.register``; adding a family is adding one module under arch/ (``arch/families.py`` imports
@@ -21,13 +21,17 @@ them all and answers lookups).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import gguf
 import numpy as np
 
 from qroar_gguf.display import printable
 from qroar_gguf.errors import QroarError
+
+if TYPE_CHECKING:
+    from qroar_gguf.arch.vocab import Vocab
 
 
 def config_architectures(config: dict) -> list:
@@ -99,6 +103,9 @@ class GgufFamily:
     sliding_yarn: ClassVar[str | None] = None
     #: Whether Ollama starts llama-server with --context-shift for it.
     context_shift: ClassVar[bool] = True
+    #: Whether llama.cpp takes YaRN's mscale from ``rope.scaling.yarn_log_multiplier`` (deepseek2's
+    #: get_mscale(f, mscale) in llama-context.cpp) rather than 1, where the file has that key.
+    mscale_from_log_multiplier: ClassVar[bool] = False
     #: Why files of this arch are not patched (with pair_route None).
     refusal: ClassVar[str | None] = None
     #: Plans llama.cpp's rope keys express (yarn, linear, ntk) are written as those keys even though the arch
@@ -242,6 +249,14 @@ class ModelFamily(GgufFamily):
     def layer_of(self, hf_name: str) -> int | None:
         """The block a layer tensor belongs to; None for global tensors."""
         raise NotImplementedError
+
+    def read_vocab(self, directory: Path) -> Vocab:
+        """The checkpoint's tokenizer as the file's ``tokenizer.ggml.*`` keys hold it (llama.cpp's ``set_vocab``):
+        SentencePiece or byte-level BPE, whichever the checkpoint ships, sized to the config's vocab_size
+        (vocab.py). A family whose tokenizer needs more than that overrides this."""
+        from qroar_gguf.arch.vocab import read_vocab  # here: `patch` and `inspect` need no tokenizer libraries
+
+        return read_vocab(directory, self.hparams.vocab_size)
 
     def modify_tensor(self, hf_name: str, values: np.ndarray) -> np.ndarray:
         """The tensor's values in the GGUF arch's layout (rows of Q/K reordered into llama.cpp's pairs)."""

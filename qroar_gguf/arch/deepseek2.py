@@ -33,6 +33,7 @@ class Deepseek2Family(GgufFamily):
     qk_tensors = "mla"
     temperature_in = "kq_scale"
     context_shift = False  # Ollama starts llama-server without --context-shift for it
+    mscale_from_log_multiplier = True
 
     @classmethod
     def qk_rows(cls, layer: int, n_q: int, n_k: int) -> dict[str, tuple[str, int, int]]:

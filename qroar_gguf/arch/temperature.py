@@ -23,6 +23,7 @@ import gguf
 import numpy as np
 
 from qroar_gguf.arch.base import GgufFamily
+from qroar_gguf.arch.families import gguf_family
 from qroar_gguf.errors import QroarError
 from qroar_gguf.gguf_io.layout import GgufLayout, RawTensor
 from qroar_gguf.gguf_io.reader import GgufHparams
@@ -95,7 +96,8 @@ def shift_state(layout: GgufLayout, arch: str, context_length: int | None, shift
             kernel_scale = float(np.float32(1.0 + 0.1 * math.log(factor)))
             log_mul = _key(layout, rope.SCALING_YARN_LOG_MUL.format(arch=arch))
             if log_mul:  # llama-context.cpp: get_mscale(f, mscale) / get_mscale(f, mscale_all_dims)
-                mscale = float(log_mul) if arch == "deepseek2" else 1.0
+                family = gguf_family(arch)
+                mscale = float(log_mul) if family is not None and family.mscale_from_log_multiplier else 1.0
                 context_scale = _mscale(factor, mscale) / _mscale(factor, float(log_mul)) / kernel_scale
             else:
                 context_scale = _mscale(factor, 1.0) / kernel_scale

@@ -119,6 +119,7 @@ def device_summary(n_gpu_layers: int) -> dict:
 _GGML_LOG_LEVEL_ERROR = 4
 # llama.cpp's latest error lines, kept while its log is silenced: they say why a load failed.
 _recent_errors: collections.deque[str] = collections.deque(maxlen=4)
+_load_lock = threading.Lock()
 
 
 def _quiet_log(level, text, user_data):  # pragma: no cover - called from C
@@ -188,10 +189,11 @@ class GgufModel(_Closing):
         _ensure_backend(verbose)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
-        _recent_errors.clear()
-        self._model = lib.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
-        if not self._model:
+        with _load_lock:  # the error lines are the process's: one load at a time reads its own
+            _recent_errors.clear()
+            self._model = lib.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
             reasons = [e for e in _recent_errors if "failed to load model" not in e] or list(_recent_errors)
+        if not self._model:
             reason = reasons[0] if reasons else "not a GGUF it supports"
             raise QroarError(f"llama.cpp could not load {self.path}: {reason}")
         self._vocab = lib.llama_model_get_vocab(self._model)
